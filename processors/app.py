@@ -1,0 +1,87 @@
+"""The processors' faust app: reads tidegate.requests in batches, writes envelopes.
+
+The work itself is `RequestHandler` (processors/handler.py); this module wires it
+to faust: one agent, batches from `take_events`, every output awaited before the
+batch's offsets can be committed, and any failure sent to the dead-letter topic
+rather than skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+from redis.asyncio import Redis
+
+from inference.assets import load_tokenizer
+from processors.faust_tuning import set_fetch_wait_ms
+from processors.handler import STAGE, Incoming, RequestHandler
+from processors.tokens import TokenCounter
+from streams.config import Settings
+from streams.devstack import READY_MARKER
+from streams.outgoing import Outgoing, dead_letter
+
+log = logging.getLogger(__name__)
+
+
+def _incoming(event: Any) -> Incoming:
+    message = event.message
+    return Incoming(
+        value=message.value,
+        key=message.key,
+        headers=list(message.headers or ()),
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+    )
+
+
+def create_app(settings: Settings) -> faust.App:
+    set_fetch_wait_ms(settings.fetch_wait_ms)
+    app = faust.App(
+        settings.processor_group,
+        broker=f"kafka://{settings.bootstrap}",
+        value_serializer="raw",
+        key_serializer="raw",
+        web_enabled=False,
+        web_bind="127.0.0.1",
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=settings.heartbeat_interval_ms / 1000,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.request_partitions,
+        producer_linger=0.002,
+    )
+    requests = app.topic(settings.topics.requests, key_type=bytes, value_type=bytes)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)))
+    wait_s = settings.processor_batch_wait_ms / 1000
+
+    async def send_all(outgoing: list[Outgoing]) -> None:
+        futures = [
+            await app.producer.send(o.topic, o.key, o.value, None, None, o.headers) for o in outgoing
+        ]
+        await asyncio.gather(*futures)
+
+    @app.agent(requests)
+    async def process(stream: Any) -> None:
+        async for events in stream.take_events(settings.processor_batch, within=wait_s):
+            batch = [_incoming(e) for e in events]
+            try:
+                outgoing = await handler.handle(batch)
+            except Exception as exc:  # never commit past a failure silently
+                log.exception("batch of %d failed; dead-lettering it", len(batch))
+                outgoing = [
+                    dead_letter(settings.topics.dead_letter, r.value, r.key, reason=f"processor error: {exc!r}",
+                                source_topic=r.topic, partition=r.partition, offset=r.offset, stage=STAGE)
+                    for r in batch
+                ]
+            await send_all(outgoing)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        log.warning("processor assigned %d partitions", len(assigned))
+        print(READY_MARKER, flush=True)
+
+    return app

@@ -1,0 +1,59 @@
+"""Conversation history in Redis: one list per (tenant, session), turns with token counts.
+
+Keys escape tenant and session ids, so odd characters cannot reach another
+tenant's keys. Every read and write for a batch goes in one pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+KEY_PREFIX = "tidegate:"
+Turn = dict[str, Any]  # {"role", "content", "tokens"}
+
+
+def _escape(part: str) -> str:
+    return quote(part, safe="")  # ':' and '%' are escaped too: no two ids share a key
+
+
+def history_key(tenant: str, session_id: str) -> str:
+    return f"{KEY_PREFIX}history:{_escape(tenant)}:{_escape(session_id)}"
+
+
+def seen_key(request_id: str) -> str:
+    return f"{KEY_PREFIX}seen:{_escape(request_id)}"
+
+
+def encode_turn(turn: Turn) -> bytes:
+    return orjson.dumps({"role": turn["role"], "content": turn["content"], "tokens": turn["tokens"]})
+
+
+def decode_turns(raw: Iterable[bytes]) -> list[Turn]:
+    return [orjson.loads(item) for item in raw]
+
+
+class HistoryWriter:
+    """Queues history commands on a pipeline (sync or async redis alike)."""
+
+    def __init__(self, ttl_s: int, max_turns: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_turns = max_turns
+
+    def append(self, pipe: Any, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
+        if not turns:
+            return
+        key = history_key(tenant, session_id)
+        pipe.rpush(key, *(encode_turn(t) for t in turns))
+        pipe.ltrim(key, -self.max_turns, -1)
+        pipe.expire(key, self.ttl_s)
+
+    def load(self, pipe: Any, tenant: str, session_id: str) -> None:
+        pipe.lrange(history_key(tenant, session_id), 0, -1)
+
+    def claim(self, pipe: Any, request_id: str) -> None:
+        """SET NX: true the first time a request id is seen (dedupe after redelivery)."""
+        pipe.set(seen_key(request_id), b"1", nx=True, ex=self.ttl_s)

@@ -1,0 +1,112 @@
+"""The `tidegate` command.
+
+    tidegate dev up [--model M]     start broker, Redis, a processor and a worker (.tidegate/dev.json)
+    tidegate dev down               stop them
+    tidegate demo [--model M]       a 3-turn conversation and 10 questions, with timings
+    tidegate send TEXT              one request against the running dev stack
+    tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
+    tidegate processor | worker     run one stage in the foreground (TIDEGATE_* settings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from streams.exceptions import TidegateError
+
+MODEL_HELP = "default (SmolLM2-135M-Instruct), tiny (random, for tests), echo (no model), or a Hugging Face path"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidegate", description="LLM inference pipeline on Kafka")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="the embedded dev stack")
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    dev_up = dev_sub.add_parser("up", help="start broker, Redis, one processor and one worker")
+    dev_up.add_argument("--model", default="default", help=MODEL_HELP)
+    dev_sub.add_parser("down", help="stop what `dev up` started")
+    dev_sub.add_parser("status", help="print .tidegate/dev.json")
+
+    demo = sub.add_parser("demo", help="start the dev stack, run a conversation and 10 questions, stop")
+    demo.add_argument("--model", default="default", help=MODEL_HELP)
+
+    send = sub.add_parser("send", help="send one request to the running dev stack and print the reply")
+    send.add_argument("text")
+    send.add_argument("--session", default="cli")
+    send.add_argument("--max-new-tokens", type=int, default=64)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("name", choices=["latency"])
+    bench.add_argument("--json", dest="json_path", help="also write the results to this file")
+    bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
+    bench.add_argument("--requests", type=int, default=100, help="requests per model, for `latency`")
+
+    sub.add_parser("processor", help="run one processor in the foreground")
+    sub.add_parser("worker", help="run one inference worker in the foreground")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    try:
+        return _run(args)
+    except (TidegateError, ValidationError) as exc:
+        print(f"tidegate: {exc}".splitlines()[0] if isinstance(exc, ValidationError) else f"tidegate: {exc}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "dev":
+        from streams import devstack
+
+        if args.action == "up":
+            stack = devstack.up(model=args.model)
+            stack.save()
+            print(f"bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
+            print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
+        elif args.action == "down":
+            stack = devstack.DevStack.load()
+            stack.stop()
+            devstack.STATE_FILE.unlink(missing_ok=True)
+            print("stopped")
+        else:
+            print(devstack.STATE_FILE.read_text() if devstack.STATE_FILE.exists() else "not running")
+        return 0
+    if args.command == "demo":
+        from streams.demo import run_demo
+
+        return run_demo(args.model)
+    if args.command == "send":
+        from streams.demo import send_one
+
+        return asyncio.run(send_one(args.text, args.session, args.max_new_tokens))
+    if args.command == "bench":
+        from streams.benchmarks import run_benchmark
+
+        return run_benchmark(args)
+    if args.command == "processor":
+        from processors.__main__ import main as processor_main
+
+        processor_main()
+        return 0
+    if args.command == "worker":
+        from inference.__main__ import main as worker_main
+
+        worker_main()
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

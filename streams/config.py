@@ -1,0 +1,65 @@
+"""Settings for every tidegate process, read once from TIDEGATE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Topics:
+    """The topic names of one deployment, all under one prefix (tests use a fresh prefix)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.requests = f"{prefix}requests"
+        self.contexts = f"{prefix}contexts"
+        self.replies = f"{prefix}replies"
+        self.pressure = f"{prefix}pressure"
+        self.dead_letter = f"{prefix}dead-letter"
+
+
+class Settings(BaseSettings):
+    """One frozen settings object per process; defaults are the embedded dev stack's."""
+
+    model_config = SettingsConfigDict(env_prefix="TIDEGATE_", frozen=True, extra="ignore")
+
+    bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    topic_prefix: str = "tidegate."
+    request_partitions: int = Field(8, ge=1)
+    context_partitions: int = Field(8, ge=1)
+    reply_partitions: int = Field(4, ge=1)
+    processor_group: str = "tidegate-processors"
+    worker_group: str = "tidegate-workers"
+
+    # Latency of each Kafka hop: the embedded broker re-checks a waiting fetch only
+    # every half of the remaining wait, so this bounds per-hop latency (DESIGN.md).
+    fetch_wait_ms: int = Field(25, ge=1, le=1000)
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+
+    # Requests
+    max_messages: int = Field(64, ge=1)
+    max_prompt_chars: int = Field(16_000, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+
+    # Context
+    token_budget: int = Field(1024, ge=16)
+    system_prompt: str = "You are a helpful assistant."
+    history_ttl_s: int = Field(86_400, ge=1)
+    history_max_turns: int = Field(400, ge=2)
+    default_strategy: str = "window"
+    processor_batch: int = Field(64, ge=1)
+    processor_batch_wait_ms: int = Field(5, ge=0)
+
+    # Inference
+    model: str = "default"
+    max_batch: int = Field(16, ge=1)
+    max_wait_ms: int = Field(20, ge=0)
+    torch_threads: int = Field(2, ge=1)
+
+    @cached_property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)

@@ -1,0 +1,103 @@
+"""confluent-kafka configuration and topic creation, kept to the plain Kafka protocol."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": settings.bootstrap,
+        "enable.idempotence": True,
+        "linger.ms": 2,
+        **overrides,
+    }
+
+
+def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """Classic group protocol with short session timeouts: the embedded broker's
+    group join waits about half the session timeout (DESIGN.md)."""
+    return {
+        "bootstrap.servers": settings.bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": settings.session_timeout_ms,
+        "heartbeat.interval.ms": settings.heartbeat_interval_ms,
+        "partition.assignment.strategy": "roundrobin",
+        "fetch.wait.max.ms": settings.fetch_wait_ms,
+        **overrides,
+    }
+
+
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    t = settings.topics
+    return {
+        t.requests: settings.request_partitions,
+        t.contexts: settings.context_partitions,
+        t.replies: settings.reply_partitions,
+        t.pressure: 1,
+        t.dead_letter: 1,
+    }
+
+
+def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Creates tidegate's topics where missing (the pressure topic compacted).
+
+    Retries until the broker answers, one log line per attempt.
+    """
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    wanted = topic_partitions(settings)
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            existing = set(admin.list_topics(timeout=5).topics)
+            break
+        except KafkaException as exc:
+            log.info("broker=%s attempt=%d not reachable: %s", settings.bootstrap, attempt, exc)
+            if time.monotonic() > deadline:
+                raise
+    new = [
+        NewTopic(
+            name,
+            num_partitions=n,
+            replication_factor=1,
+            config={"cleanup.policy": "compact"} if name == settings.topics.pressure else {},
+        )
+        for name, n in wanted.items()
+        if name not in existing
+    ]
+    if not new:
+        return
+    for name, future in admin.create_topics(new, operation_timeout=10).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+        log.info("topic=%s created", name)
+
+
+def ensure_topic(settings: Settings, name: str, partitions: int = 1) -> None:
+    """Creates one extra topic (e.g. a caller's own reply topic) if it is missing."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    if name in admin.list_topics(timeout=10).topics:
+        return
+    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        try:
+            future.result(timeout=10)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise

@@ -1,0 +1,99 @@
+"""What a stage sends: replies in the caller's encoding, envelopes, and dead letters.
+
+Built here once and sent by whichever Kafka client the stage uses (aiokafka
+inside faust, confluent-kafka in the workers).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas import AVRO, content_type_header, get_codec
+
+REPLY_STATUSES = ("ok", "queue_full", "expired", "rate_limited", "invalid", "error")
+TIMING_FIELDS = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms", "total_ms")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def build_reply(
+    request: Mapping[str, Any],
+    status: str,
+    *,
+    text: str = "",
+    error: str | None = None,
+    retry_after_ms: int | None = None,
+    model: str = "",
+    tokens_in: int = 0,
+    tokens_out: int = 0,
+    cache_hit: bool = False,
+    degraded: bool = False,
+    timings: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """An InferenceReply for `request` (a request or an envelope); total_ms is filled in."""
+    if status not in REPLY_STATUSES:
+        raise ValueError(f"unknown reply status {status!r}")
+    replied = now_ms()
+    stage_timings = {name: 0 for name in TIMING_FIELDS}
+    stage_timings.update(timings or {})
+    created = int(request.get("created_ms") or 0)
+    stage_timings["total_ms"] = max(0, replied - created) if created else 0
+    return {
+        "request_id": request["request_id"],
+        "session_id": request.get("session_id", ""),
+        "status": status,
+        "text": text,
+        "error": error,
+        "retry_after_ms": retry_after_ms,
+        "model": model,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "cache_hit": cache_hit,
+        "degraded": degraded,
+        "timings": stage_timings,
+        "replied_ms": replied,
+    }
+
+
+def reply_message(reply: Mapping[str, Any], reply_to: str, encoding: str = AVRO) -> Outgoing:
+    """The reply as a record for `reply_to`, in the encoding the request came in."""
+    value = get_codec().encode_as("InferenceReply", reply, encoding)
+    return Outgoing(reply_to, str(reply["request_id"]).encode(), value, [content_type_header(encoding)])
+
+
+def dead_letter(
+    topic: str,
+    value: bytes | None,
+    key: bytes | None,
+    *,
+    reason: str,
+    source_topic: str,
+    partition: int,
+    offset: int,
+    stage: str,
+) -> Outgoing:
+    """The original bytes, unchanged, with why and where from in the headers."""
+    headers = [
+        ("error", reason.encode(errors="replace")[:4000]),
+        ("source.topic", source_topic.encode()),
+        ("source.partition", str(partition).encode()),
+        ("source.offset", str(offset).encode()),
+        ("stage", stage.encode()),
+        ("failed.at.ms", str(now_ms()).encode()),
+    ]
+    return Outgoing(topic, key, value or b"", headers)
