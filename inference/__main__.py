@@ -13,7 +13,7 @@ from streams.config import Settings
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
-    runner = load_runner(settings.model, settings.torch_threads)
+    runner = load_runner(settings.model, settings.torch_threads, settings.dtype)
     worker = InferenceWorker(settings, runner)
     worker.warm_up()
 

@@ -62,9 +62,7 @@ def _convert_gguf(target: Path) -> None:
     source = gguf_path()
     log.info("model=%s converting %s to %s (once)", DEFAULT_MODEL_NAME, source, target)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(source.parent), gguf_file=source.name, dtype=torch.bfloat16
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.bfloat16)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)

@@ -90,13 +90,23 @@ class InferenceWorker:
             try:
                 envelope = self.codec.decode(record.value(), "ContextEnvelope")[1]
             except SerializationError as exc:
-                outgoing.append(dead_letter(
-                    self.settings.topics.dead_letter, record.value(), record.key(), reason=str(exc),
-                    source_topic=record.topic(), partition=record.partition(), offset=record.offset(), stage=STAGE,
-                ))
+                outgoing.append(
+                    dead_letter(
+                        self.settings.topics.dead_letter,
+                        record.value(),
+                        record.key(),
+                        reason=str(exc),
+                        source_topic=record.topic(),
+                        partition=record.partition(),
+                        offset=record.offset(),
+                        stage=STAGE,
+                    )
+                )
                 continue
             if envelope["deadline_ms"] and batch_started > envelope["deadline_ms"]:
-                outgoing.append(self._reply(envelope, "expired", batch_started, error="deadline passed before inference"))
+                outgoing.append(
+                    self._reply(envelope, "expired", batch_started, error="deadline passed before inference")
+                )
                 continue
             work.append((envelope, self._prompt(envelope)))
         if work:
@@ -121,21 +131,30 @@ class InferenceWorker:
         inference_ms = int((time.monotonic() - started) * 1000)
         self._append_history(work, generations)
         return [
-            self._reply(envelope, "ok", batch_started, text=g.text, tokens_in=g.tokens_in,
-                        tokens_out=g.tokens_out, inference_ms=inference_ms)
+            self._reply(
+                envelope,
+                "ok",
+                batch_started,
+                text=g.text,
+                tokens_in=g.tokens_in,
+                tokens_out=g.tokens_out,
+                inference_ms=inference_ms,
+            )
             for (envelope, _), g in zip(work, generations, strict=True)
         ]
 
-    def _reply(self, envelope: dict[str, Any], status: str, batch_started: int, *, inference_ms: int = 0,
-               **fields: Any) -> Outgoing:
+    def _reply(
+        self, envelope: dict[str, Any], status: str, batch_started: int, *, inference_ms: int = 0, **fields: Any
+    ) -> Outgoing:
         timings = {
             "queued_ms": envelope["queued_ms"],
             "context_ms": envelope["context_ms"],
             "batch_wait_ms": max(0, batch_started - envelope["forwarded_ms"]),
             "inference_ms": inference_ms,
         }
-        reply = build_reply(envelope, status, model=self.runner.name, degraded=envelope["degraded"],
-                            timings=timings, **fields)
+        reply = build_reply(
+            envelope, status, model=self.runner.name, degraded=envelope["degraded"], timings=timings, **fields
+        )
         return reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
 
     def _append_history(self, work: list[tuple[dict[str, Any], Prompt]], generations: list[Any]) -> None:

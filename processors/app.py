@@ -59,9 +59,7 @@ def create_app(settings: Settings) -> faust.App:
     wait_s = settings.processor_batch_wait_ms / 1000
 
     async def send_all(outgoing: list[Outgoing]) -> None:
-        futures = [
-            await app.producer.send(o.topic, o.key, o.value, None, None, o.headers) for o in outgoing
-        ]
+        futures = [await app.producer.send(o.topic, o.key, o.value, None, None, o.headers) for o in outgoing]
         await asyncio.gather(*futures)
 
     @app.agent(requests)
@@ -73,8 +71,16 @@ def create_app(settings: Settings) -> faust.App:
             except Exception as exc:  # never commit past a failure silently
                 log.exception("batch of %d failed; dead-lettering it", len(batch))
                 outgoing = [
-                    dead_letter(settings.topics.dead_letter, r.value, r.key, reason=f"processor error: {exc!r}",
-                                source_topic=r.topic, partition=r.partition, offset=r.offset, stage=STAGE)
+                    dead_letter(
+                        settings.topics.dead_letter,
+                        r.value,
+                        r.key,
+                        reason=f"processor error: {exc!r}",
+                        source_topic=r.topic,
+                        partition=r.partition,
+                        offset=r.offset,
+                        stage=STAGE,
+                    )
                     for r in batch
                 ]
             await send_all(outgoing)

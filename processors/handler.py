@@ -90,11 +90,18 @@ class RequestHandler:
         try:
             request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
         except SerializationError as exc:
-            log.warning("topic=%s partition=%d offset=%d dead-letter: %s",
-                        record.topic, record.partition, record.offset, exc)
+            log.warning(
+                "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
+            )
             return dead_letter(
-                self.settings.topics.dead_letter, record.value, record.key, reason=str(exc),
-                source_topic=record.topic, partition=record.partition, offset=record.offset, stage=STAGE,
+                self.settings.topics.dead_letter,
+                record.value,
+                record.key,
+                reason=str(exc),
+                source_topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                stage=STAGE,
             )
         if not request["created_ms"]:
             request["created_ms"] = started
@@ -137,7 +144,8 @@ class RequestHandler:
         request = item.request
         budget = self.settings.token_budget
         system_tokens = (
-            self._system_tokens if item.system_prompt == self.settings.system_prompt
+            self._system_tokens
+            if item.system_prompt == self.settings.system_prompt
             else self.counter.count(item.system_prompt)
         )
         strategy = request["strategy"] or self.settings.default_strategy

@@ -49,19 +49,14 @@ class _Schema:
     def __init__(self, name: str, raw: dict[str, Any]) -> None:
         self.name = name
         self.parsed = parse_schema(raw, named_schemas={})
-        self.fingerprint = bytes.fromhex(
-            fingerprint(to_parsing_canonical_form(self.parsed), "CRC-64-AVRO")
-        )
+        self.fingerprint = bytes.fromhex(fingerprint(to_parsing_canonical_form(self.parsed), "CRC-64-AVRO"))
         self.prefix = MARKER + self.fingerprint
         self.defaults = {f["name"]: f["default"] for f in raw["fields"] if "default" in f}
 
 
 def _load_schemas() -> dict[str, _Schema]:
     folder = resources.files("schemas")
-    return {
-        name: _Schema(name, json.loads(folder.joinpath(file).read_text()))
-        for name, file in SCHEMA_FILES.items()
-    }
+    return {name: _Schema(name, json.loads(folder.joinpath(file).read_text())) for name, file in SCHEMA_FILES.items()}
 
 
 class Codec:
@@ -90,9 +85,7 @@ class Codec:
             raise SerializationError("not Avro single-object encoding (no C3 01 marker)")
         schema = self._by_fingerprint.get(data[2:HEADER_LEN])
         if schema is None:
-            raise SerializationError(
-                f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}"
-            )
+            raise SerializationError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
         if expected is not None and schema.name != expected:
             raise SerializationError(f"expected {expected}, got {schema.name}")
         try:
@@ -123,9 +116,7 @@ class Codec:
             raise SerializationError(f"JSON {name} does not match the schema: {exc}") from exc
         return record
 
-    def decode_message(
-        self, data: bytes | None, headers: Headers, expected: str
-    ) -> tuple[Record, str]:
+    def decode_message(self, data: bytes | None, headers: Headers, expected: str) -> tuple[Record, str]:
         """Decodes a message by its content-type header; returns the record and its encoding."""
         if content_type(headers) == JSON_CONTENT_TYPE:
             return self.decode_json(data, expected), JSON

@@ -1,11 +1,11 @@
 """The `tidegate` command.
 
-    tidegate dev up [--model M]     start broker, Redis, a processor and a worker (.tidegate/dev.json)
-    tidegate dev down               stop them
-    tidegate demo [--model M]       a 3-turn conversation and 10 questions, with timings
-    tidegate send TEXT              one request against the running dev stack
-    tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
-    tidegate processor | worker     run one stage in the foreground (TIDEGATE_* settings)
+tidegate dev up [--model M]     start broker, Redis, a processor and a worker (.tidegate/dev.json)
+tidegate dev down               stop them
+tidegate demo [--model M]       a 3-turn conversation and 10 questions, with timings
+tidegate send TEXT              one request against the running dev stack
+tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
+tidegate processor | worker     run one stage in the foreground (TIDEGATE_* settings)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -23,12 +24,19 @@ from streams.exceptions import TidegateError
 MODEL_HELP = "default (SmolLM2-135M-Instruct), tiny (random, for tests), echo (no model), or a Hugging Face path"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tidegate: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tidegate", description="LLM inference pipeline on Kafka")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="tidegate", description="LLM inference pipeline on Kafka")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     dev = sub.add_parser("dev", help="the embedded dev stack")
-    dev_sub = dev.add_subparsers(dest="action", required=True)
+    dev_sub = dev.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dev_up = dev_sub.add_parser("up", help="start broker, Redis, one processor and one worker")
     dev_up.add_argument("--model", default="default", help=MODEL_HELP)
     dev_sub.add_parser("down", help="stop what `dev up` started")
@@ -59,8 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (TidegateError, ValidationError) as exc:
-        print(f"tidegate: {exc}".splitlines()[0] if isinstance(exc, ValidationError) else f"tidegate: {exc}",
-              file=sys.stderr)
+        print(
+            f"tidegate: {exc}".splitlines()[0] if isinstance(exc, ValidationError) else f"tidegate: {exc}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

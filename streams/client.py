@@ -59,7 +59,9 @@ class Client:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    async def __aexit__(
+        self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+    ) -> None:
         await self.close()
 
     async def start(self) -> None:
@@ -78,7 +80,9 @@ class Client:
             raise TidegateError(f"reply topic {self.reply_topic!r} not found on {self.settings.bootstrap}")
         assignment = []
         for p in topic.partitions:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(self.reply_topic, p), timeout=10, cached=False)
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self.reply_topic, p), timeout=10, cached=False
+            )
             assignment.append(TopicPartition(self.reply_topic, p, high))
         self._consumer.assign(assignment)
 
@@ -180,8 +184,11 @@ class Client:
                 loop.call_soon_threadsafe(_fail, delivered, TidegateError(f"request not delivered: {err}"))
 
         self._producer.produce(
-            self.settings.topics.requests, value, request["session_id"].encode(),
-            headers=[content_type_header(AVRO)], on_delivery=on_delivery,
+            self.settings.topics.requests,
+            value,
+            request["session_id"].encode(),
+            headers=[content_type_header(AVRO)],
+            on_delivery=on_delivery,
         )
         await delivered
 
@@ -194,4 +201,3 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1)
     max_wait_ms: int = Field(20, ge=0)
     torch_threads: int = Field(2, ge=1)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     @cached_property
     def topics(self) -> Topics:

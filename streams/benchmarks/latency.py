@@ -1,0 +1,82 @@
+"""`tidegate bench latency`: end-to-end latency of single requests, and where it goes.
+
+For each model a fresh embedded stack (broker, Redis, processor, worker) is started;
+requests are sent one at a time (no queueing), after a few warm-up requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from streams import devstack
+from streams.benchmarks.stats import percentile
+from streams.client import Client
+from streams.config import Settings
+from streams.outgoing import TIMING_FIELDS
+
+WARMUP = 3
+MAX_NEW_TOKENS = 16
+TIME_LIMIT_S = 300.0
+
+
+async def _measure(settings: Settings, requests: int) -> list[dict[str, Any]]:
+    replies = []
+    async with Client(settings=settings) as client:
+        for i in range(WARMUP):
+            await client.generate([{"role": "user", "content": f"warm up {i}"}], f"warm-{i}", max_new_tokens=4)
+        stop_at = time.monotonic() + TIME_LIMIT_S
+        for i in range(requests):
+            if time.monotonic() > stop_at:
+                break
+            reply = await client.generate(
+                [{"role": "user", "content": f"Question {i}: name a colour of the sky."}],
+                f"bench-{i}",
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
+            if reply["status"] != "ok":
+                raise RuntimeError(f"benchmark request failed: {reply['status']} {reply['error']}")
+            replies.append(reply)
+    return replies
+
+
+def summarize(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    totals = [r["timings"]["total_ms"] for r in replies]
+    mean_total = sum(totals) / len(totals)
+    stages = [f for f in TIMING_FIELDS if f != "total_ms"]
+    means = {f: sum(r["timings"][f] for r in replies) / len(replies) for f in stages}
+    accounted = sum(means.values())
+    return {
+        "requests": len(replies),
+        "p50_ms": percentile(totals, 50),
+        "p99_ms": percentile(totals, 99),
+        "mean_ms": round(mean_total, 1),
+        "mean_stage_ms": {k: round(v, 1) for k, v in means.items()},
+        # the rest: Kafka hops to the processor's and back from the worker, client overheads
+        "stage_share": {
+            **{k: round(v / mean_total, 3) for k, v in means.items()},
+            "transport_other": round(max(0.0, mean_total - accounted) / mean_total, 3),
+        },
+        "mean_tokens_out": round(sum(r["tokens_out"] for r in replies) / len(replies), 1),
+    }
+
+
+def run(models: list[str], requests: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"benchmark": "latency", "max_new_tokens": MAX_NEW_TOKENS, "models": {}}
+    for model in models:
+        print(f"== {model}: starting a fresh embedded stack")
+        stack = devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / model)
+        try:
+            settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
+            summary = summarize(asyncio.run(_measure(settings, requests)))
+        finally:
+            stack.stop()
+        results["models"][model] = summary
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in summary["stage_share"].items())
+        print(
+            f"{model:8s} n={summary['requests']} p50 {summary['p50_ms']:.0f} ms  p99 {summary['p99_ms']:.0f} ms"
+            f"  ({shares})"
+        )
+    return results

@@ -1,0 +1,52 @@
+"""The `tidegate` command: dev up / send / down, and clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TIDEGATE = [sys.executable, "-m", "streams.cli"]
+
+
+def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([*TIDEGATE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def test_bad_flag_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    result = run(["bench", "nonsense"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "invalid choice: 'nonsense'" in result.stderr
+    result = run(["send", "hi"], tmp_path)  # no dev stack running here
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "dev up" in result.stderr
+
+
+def test_dev_up_send_down(tmp_path: Path) -> None:
+    up = run(["dev", "up", "--model", "echo"], tmp_path)
+    state_file = tmp_path / ".tidegate" / "dev.json"
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads(state_file.read_text())
+        assert set(state["pids"]) == {"broker", "redis", "processor", "worker"}
+        assert state["bootstrap"].startswith("127.0.0.1:") and state["redis_url"].startswith("redis://127.0.0.1:")
+        sent = run(["send", "ping over kafka", "--max-new-tokens", "8"], tmp_path)
+        assert sent.returncode == 0, sent.stderr
+        assert "[ok]" in sent.stdout and "ping over kafka" in sent.stdout
+    finally:
+        down = run(["dev", "down"], tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert not state_file.exists()
+    assert not any(pid_alive(pid) for pid in state["pids"].values())

@@ -1,0 +1,86 @@
+"""Avro single-object encoding and JSON requests."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from schemas import SerializationError, get_codec
+from schemas.codec import MARKER
+
+REQUEST = {
+    "request_id": "r1",
+    "session_id": "s1",
+    "tenant": "acme",
+    "messages": [{"role": "user", "content": "hi"}],
+    "priority": "normal",
+    "max_new_tokens": 8,
+    "temperature": 0.0,
+    "created_ms": 1,
+    "deadline_ms": 2,
+    "reply_to": "tidegate.replies",
+    "strategy": None,
+    "metadata": {},
+}
+
+
+def test_single_object_encoding_roundtrip_and_header() -> None:
+    codec = get_codec()
+    data = codec.encode("InferenceRequest", REQUEST)
+    assert data[:2] == MARKER
+    assert data[2:10] == codec.fingerprint("InferenceRequest")
+    assert codec.decode(data) == ("InferenceRequest", REQUEST)
+
+
+def test_fingerprints_are_distinct_per_schema() -> None:
+    codec = get_codec()
+    assert len({codec.fingerprint(n) for n in codec.schemas}) == len(codec.schemas)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "marker"),
+        (b"\x00\x01garbage-bytes", "marker"),
+        (MARKER + b"\x01" * 8 + b"body", "unknown schema fingerprint"),
+    ],
+)
+def test_unreadable_bytes_are_refused_with_a_reason(data: bytes, why: str) -> None:
+    with pytest.raises(SerializationError, match=why):
+        get_codec().decode(data)
+
+
+def test_truncated_body_is_refused() -> None:
+    data = get_codec().encode("InferenceRequest", REQUEST)
+    with pytest.raises(SerializationError, match="corrupt InferenceRequest"):
+        get_codec().decode(data[:14])
+
+
+def test_expected_schema_is_enforced() -> None:
+    codec = get_codec()
+    data = codec.encode("InferenceRequest", REQUEST)
+    with pytest.raises(SerializationError, match="expected ContextEnvelope"):
+        codec.decode(data, "ContextEnvelope")
+
+
+def test_json_request_gets_defaults_and_is_validated() -> None:
+    codec = get_codec()
+    record = codec.decode_json(orjson.dumps({"request_id": "r", "session_id": "s", "messages": []}), "InferenceRequest")
+    assert record["priority"] == "normal" and record["reply_to"] == "tidegate.replies"
+    assert record["max_new_tokens"] == 64 and record["strategy"] is None
+    with pytest.raises(SerializationError, match="does not match the schema"):
+        codec.decode_json(orjson.dumps({"request_id": "r", "session_id": 5, "messages": []}), "InferenceRequest")
+    with pytest.raises(SerializationError, match="unknown fields"):
+        codec.decode_json(orjson.dumps({**REQUEST, "colour": "red"}), "InferenceRequest")
+    with pytest.raises(SerializationError, match="invalid JSON"):
+        codec.decode_json(b"{nope", "InferenceRequest")
+
+
+def test_decode_message_picks_the_encoding_from_the_header() -> None:
+    codec = get_codec()
+    record, encoding = codec.decode_message(
+        orjson.dumps(REQUEST), [("content-type", b"application/json")], "InferenceRequest"
+    )
+    assert encoding == "json" and record == REQUEST
+    record, encoding = codec.decode_message(codec.encode("InferenceRequest", REQUEST), None, "InferenceRequest")
+    assert encoding == "avro" and record == REQUEST

@@ -1,0 +1,49 @@
+"""Window compression and oversize turns, with the default model's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference.assets import load_tokenizer
+from processors.compression import CUT_MARKER, compress
+from processors.history import decode_turns, encode_turn, history_key
+from processors.tokens import TokenCounter
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter(load_tokenizer("default"))
+
+
+def turn(counter: TokenCounter, role: str, content: str) -> dict:
+    return {"role": role, "content": content, "tokens": counter.count(content)}
+
+
+def test_window_keeps_the_newest_turns_that_fit(counter: TokenCounter) -> None:
+    history = [turn(counter, "user" if i % 2 == 0 else "assistant", f"turn number {i} " * 5) for i in range(20)]
+    new = [turn(counter, "user", "the question")]
+    budget = 100
+    ctx = compress("window", history, new, budget, counter)
+    assert ctx.tokens_used <= budget
+    assert ctx.turns[-1] == new[0]
+    kept = ctx.turns[:-1]
+    assert kept == history[len(history) - len(kept) :]  # a suffix: the newest, in order
+    assert ctx.turns_dropped == len(history) - len(kept) > 0
+    next_older = history[len(history) - len(kept) - 1]
+    assert ctx.tokens_used + next_older["tokens"] > budget  # nothing more would have fit
+
+
+def test_a_turn_larger_than_the_budget_is_cut_with_a_marker(counter: TokenCounter) -> None:
+    big = turn(counter, "user", "word " * 2000 + "THE END")
+    ctx = compress("window", [], [big], 200, counter)
+    assert len(ctx.turns) == 1
+    content = ctx.turns[0]["content"]
+    assert content.startswith(CUT_MARKER) and content.endswith("THE END")
+    assert ctx.tokens_used <= 200
+
+
+def test_history_keys_cannot_collide_across_tenants() -> None:
+    assert history_key("a:b", "c") != history_key("a", "b:c")
+    assert history_key("a%3Ab", "c") != history_key("a:b", "c")
+    turns = [{"role": "user", "content": "x", "tokens": 6}]
+    assert decode_turns([encode_turn(t) for t in turns]) == turns

@@ -1,0 +1,184 @@
+"""The whole pipeline on the real embedded broker and redis-server (echo model)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import uuid
+
+import orjson
+from confluent_kafka import Producer
+
+from schemas import get_codec
+from streams.client import Client
+from tests.conftest import Pipeline
+from tests.helpers import TopicReader
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    session = f"conv-{uuid.uuid4().hex[:6]}"
+    turns = ["My name is Ada.", "I keep bees.", "What is my name?"]
+
+    async def converse() -> list[dict]:
+        async with Client(settings=settings) as client:
+            return [await client.generate(user(t), session, max_new_tokens=16) for t in turns]
+
+    replies = asyncio.run(converse())
+    assert [r["status"] for r in replies] == ["ok"] * 3
+    assert [r["text"] for r in replies] == turns  # echo answers with the user turn, in order
+
+    reader = TopicReader(settings, settings.topics.contexts)
+    codec = get_codec()
+    envelopes = reader.wait(
+        lambda ms: any(codec.decode(m.value())[1]["request_id"] == replies[2]["request_id"] for m in ms),
+        20,
+        "the third envelope",
+    )
+    reader.close()
+    third = next(
+        e for e in (codec.decode(m.value())[1] for m in envelopes) if e["request_id"] == replies[2]["request_id"]
+    )
+    contents = [(t["role"], t["content"]) for t in third["turns"]]
+    assert contents == [
+        ("user", turns[0]),
+        ("assistant", turns[0]),
+        ("user", turns[1]),
+        ("assistant", turns[1]),
+        ("user", turns[2]),
+    ]
+    assert third["version"] == 1 and third["strategy"] == "window" and not third["degraded"]
+    assert 0 < third["tokens_used"] <= third["token_budget"]
+
+
+def test_200_concurrent_requests_get_exactly_one_ok_reply_each(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    reader = TopicReader(settings, settings.topics.replies)
+    tag = uuid.uuid4().hex[:6]
+
+    async def burst() -> list[dict]:
+        async with Client(settings=settings) as client:
+            return await asyncio.gather(
+                *(
+                    client.generate(user(f"question {i}"), f"{tag}-s{i % 20}", max_new_tokens=8, deadline_s=60)
+                    for i in range(200)
+                )
+            )
+
+    replies = asyncio.run(burst())
+    assert collections.Counter(r["status"] for r in replies) == {"ok": 200}
+    ids = {r["request_id"] for r in replies}
+    assert len(ids) == 200
+    codec = get_codec()
+    # every reply on the topic: exactly one per request, no duplicates
+    on_topic = reader.wait(
+        lambda ms: len({codec.decode(m.value())[1]["request_id"] for m in ms} & ids) == 200, 20, "200 replies"
+    )
+    counts = collections.Counter(codec.decode(m.value())[1]["request_id"] for m in on_topic)
+    assert all(counts[i] == 1 for i in ids)
+    reader.close()
+
+
+def test_undecodable_input_goes_to_dead_letter_and_the_stage_goes_on(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    codec = get_codec()
+    garbage = os.urandom(64)
+    unknown_schema = b"\xc3\x01" + b"\x00" * 8 + b"\x02hi"
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for topic in (settings.topics.requests, settings.topics.contexts):
+        producer.produce(topic, garbage, b"bad-key")
+        producer.produce(topic, unknown_schema, b"bad-key")
+    assert producer.flush(10) == 0
+
+    reader = TopicReader(settings, settings.topics.dead_letter)
+    letters = reader.wait(lambda ms: len(ms) >= 4, 30, "4 dead letters")
+    reader.close()
+    seen = set()
+    for m in letters:
+        headers = dict(m.headers())
+        seen.add((headers["source.topic"].decode(), m.value()))
+        assert headers["error"]
+        assert headers["source.offset"].decode().isdigit() and headers["source.partition"].decode().isdigit()
+    assert seen >= {
+        (t, v) for t in (settings.topics.requests, settings.topics.contexts) for v in (garbage, unknown_schema)
+    }
+    errors = {dict(m.headers())["error"].decode() for m in letters}
+    assert any("unknown schema fingerprint" in e for e in errors)
+    assert any("marker" in e for e in errors)
+
+    async def still_answers() -> dict:
+        async with Client(settings=settings) as client:
+            return await client.generate(user("still there?"), "after-garbage", max_new_tokens=8)
+
+    reply = asyncio.run(still_answers())
+    assert reply["status"] == "ok" and reply["text"] == "still there?"
+    assert codec.decode(codec.encode("InferenceReply", reply))[1] == reply
+
+
+def test_json_request_from_a_plain_producer_gets_a_json_reply(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    request_id = f"json-{uuid.uuid4().hex}"
+    body = {
+        "request_id": request_id,
+        "session_id": "json-session",
+        "messages": [{"role": "user", "content": "hello from json"}],
+        "reply_to": settings.topics.replies,
+        "max_new_tokens": 8,
+    }
+    reader = TopicReader(settings, settings.topics.replies)
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    producer.produce(
+        settings.topics.requests, orjson.dumps(body), b"json-session", headers=[("content-type", b"application/json")]
+    )
+    assert producer.flush(10) == 0
+
+    def is_ours(m: object) -> bool:
+        return request_id.encode() == m.key()  # type: ignore[attr-defined]
+
+    replies = reader.wait(lambda ms: any(is_ours(m) for m in ms), 30, "the JSON reply")
+    reader.close()
+    message = next(m for m in replies if is_ours(m))
+    assert dict(message.headers())["content-type"] == b"application/json"
+    reply = orjson.loads(message.value())
+    assert reply["status"] == "ok" and reply["text"] == "hello from json"
+    assert set(reply["timings"]) == {"queued_ms", "context_ms", "batch_wait_ms", "inference_ms", "total_ms"}
+
+
+def test_bad_requests_get_invalid_replies_that_say_why(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    cases = [
+        ([], "messages is empty"),
+        ([{"role": "wizard", "content": "abracadabra"}], "unknown role 'wizard'"),
+        (user("x" * (settings.max_prompt_chars + 1)), "over the limit"),
+    ]
+
+    async def send_all() -> list[dict]:
+        async with Client(settings=settings) as client:
+            return [await client.generate(messages, "bad-requests", max_new_tokens=8) for messages, _ in cases]
+
+    replies = asyncio.run(send_all())
+    for reply, (_, why) in zip(replies, cases, strict=True):
+        assert reply["status"] == "invalid"
+        assert why in reply["error"]
+
+
+def test_request_past_its_deadline_is_answered_expired(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+
+    async def send_late() -> dict:
+        async with Client(settings=settings) as client:
+            request = client.build_request(user("too late"), "late-session", deadline_s=30)
+            request["deadline_ms"] = request["created_ms"] - 1
+            future = asyncio.get_running_loop().create_future()
+            client._pending[request["request_id"]] = future
+            await client._produce(request)
+            return await asyncio.wait_for(future, 30)
+
+    reply = asyncio.run(send_late())
+    assert reply["status"] == "expired"
+    assert "deadline" in reply["error"]
