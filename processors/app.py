@@ -17,11 +17,14 @@ from redis.asyncio import Redis
 
 from inference.assets import load_tokenizer
 from processors.faust_tuning import set_fetch_wait_ms
-from processors.handler import STAGE, Incoming, RequestHandler
+from processors.handler import STAGE, Admission, Incoming, RequestHandler
 from processors.tokens import TokenCounter
 from streams.config import Settings
 from streams.devstack import READY_MARKER
+from streams.lag import WORKERS
 from streams.outgoing import Outgoing, dead_letter
+from streams.pressure import PressureBoard
+from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,17 @@ def _incoming(event: Any) -> Incoming:
         partition=message.partition,
         offset=message.offset,
     )
+
+
+def downstream_admission(board: PressureBoard) -> Admission:
+    """Refuses a request while the workers' stage is past its cap for its priority:
+    producers that ignore the client-side signal are still stopped here."""
+
+    def admit(request: dict[str, Any]) -> tuple[str, int, int, int] | None:
+        refusal = board.admit([WORKERS], request["priority"])
+        return None if refusal is None else (refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
+
+    return admit
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -55,7 +69,12 @@ def create_app(settings: Settings) -> faust.App:
     )
     requests = app.topic(settings.topics.requests, key_type=bytes, value_type=bytes)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)))
+    admission = None
+    if settings.backpressure:
+        pressure = PressureListener(settings)
+        pressure.start()
+        admission = downstream_admission(pressure.board)
+    handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
     wait_s = settings.processor_batch_wait_ms / 1000
 
     async def send_all(outgoing: list[Outgoing]) -> None:

@@ -5,7 +5,9 @@
         request_id = await client.submit(...)      # the reply comes on the reply topic
 
 One background thread polls the reply consumer and the producer's delivery
-reports. The reply consumer is assigned (no group join), starting at each reply
+reports; another keeps the latest pressure per stage (streams/pressure_feed.py), so
+`QueueFull` is raised before anything is sent, without a broker round trip.
+The reply consumer is assigned (no group join), starting at each reply
 partition's end as listed before the first request: on the embedded broker that
 listing may be a little early, never late, so no reply is missed.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import uuid
 from types import TracebackType
@@ -23,14 +26,18 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
-from streams.exceptions import ReplyTimeout, TidegateError
+from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
 from streams.kafka import consumer_config, producer_config
+from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import now_ms
+from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
 
 Reply = dict[str, Any]
 REPLY_GRACE_S = 5.0
+PATH = [PROCESSORS, WORKERS]  # the stages every request passes
+BACKOFF_FACTOR = 2.0
 
 
 class Client:
@@ -54,6 +61,7 @@ class Client:
         self._consumer: Consumer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._pressure = PressureListener(self.settings) if self.settings.backpressure else None
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -69,6 +77,8 @@ class Client:
         self._producer = Producer(producer_config(self.settings))
         self._consumer = Consumer(consumer_config(self.settings, f"tidegate-client-{uuid.uuid4().hex}"))
         await asyncio.to_thread(self._assign_reply_partitions)
+        if self._pressure is not None:
+            await asyncio.to_thread(self._pressure.start)
         self._thread = threading.Thread(target=self._poll_loop, name="tidegate-client", daemon=True)
         self._thread.start()
 
@@ -88,6 +98,8 @@ class Client:
 
     async def close(self) -> None:
         self._stop.set()
+        if self._pressure is not None:
+            await asyncio.to_thread(self._pressure.close)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
         if self._producer is not None:
@@ -149,16 +161,55 @@ class Client:
             "metadata": metadata or {},
         }
 
-    async def submit(self, messages: list[dict[str, str]], session_id: str, **options: Any) -> str:
-        """Produces the request and returns its id once the broker has it."""
+    def check_pressure(self, priority: str = "normal") -> None:
+        """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
+        if self._pressure is not None:
+            refusal = self._pressure.board.check(PATH, priority)
+            if refusal is not None:
+                raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
+
+    async def _admit(self, request: dict[str, Any], wait: bool) -> None:
+        """Raises QueueFull at once when the path is full for the request's priority;
+        with `wait`, retries with exponential backoff and jitter until the deadline."""
+        if self._pressure is None:
+            return
+        attempt = 0
+        while True:
+            refusal = self._pressure.board.admit(PATH, request["priority"])
+            if refusal is None:
+                return
+            error = QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
+            if not wait:
+                raise error
+            delay_ms = refusal.retry_after_ms * (BACKOFF_FACTOR ** min(attempt, 4)) * random.uniform(0.5, 1.0)
+            if request["deadline_ms"] and now_ms() + delay_ms >= request["deadline_ms"]:
+                raise error
+            attempt += 1
+            await asyncio.sleep(delay_ms / 1000)
+
+    async def submit(
+        self, messages: list[dict[str, str]], session_id: str, *, wait: bool = False, **options: Any
+    ) -> str:
+        """Produces the request and returns its id once the broker has it.
+
+        Raises QueueFull (before sending) when the path is full for its priority;
+        `wait=True` retries with backoff until the deadline instead.
+        """
         request = self.build_request(messages, session_id, **options)
+        await self._admit(request, wait)
         await self._produce(request)
         return str(request["request_id"])
 
-    async def generate(self, messages: list[dict[str, str]], session_id: str, **options: Any) -> Reply:
-        """Produces the request and waits for its reply (any status) until the deadline."""
+    async def generate(
+        self, messages: list[dict[str, str]], session_id: str, *, wait: bool = False, **options: Any
+    ) -> Reply:
+        """Produces the request and waits for its reply (any status) until the deadline.
+
+        Raises QueueFull as `submit` does, and ReplyTimeout when no reply came in time.
+        """
         request = self.build_request(messages, session_id, **options)
         assert self._loop is not None, "use `async with Client(...)`"
+        await self._admit(request, wait)
         future: asyncio.Future[Reply] = self._loop.create_future()
         self._pending[request["request_id"]] = future
         try:

@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     torch_threads: int = Field(2, ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
+    # Backpressure (streams/pressure.py). A cap is a message count, or, when that
+    # is unset, seconds of work at the stage's measured drain rate.
+    backpressure: bool = True
+    processors_cap_messages: int | None = Field(None, ge=1)
+    processors_cap_seconds: float = Field(2.0, gt=0)
+    workers_cap_messages: int | None = Field(None, ge=1)
+    workers_cap_seconds: float = Field(4.0, gt=0)
+    warn_ratio: float = Field(0.8, gt=0, lt=1)
+    pressure_interval_ms: int = Field(200, ge=50)
+    pressure_stale_s: float = Field(3.0, gt=0)
+
     @cached_property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)

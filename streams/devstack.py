@@ -186,7 +186,7 @@ class DevStack:
 
     def stop(self) -> None:
         # Stages first, so they can finish their in-flight work while broker and Redis are up.
-        for role in ("worker", "processor", "redis", "broker"):
+        for role in ("monitor", "worker", "processor", "redis", "broker"):
             pid = self.pids.pop(role, None)
             if pid:
                 stop_pid(pid)
@@ -210,6 +210,8 @@ def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], t
 
 
 READY_MARKER = "tidegate-ready"
+# role -> module run as `python -m MODULE`; each prints READY_MARKER once it has joined
+STAGE_MODULES = {"monitor": "streams.monitor", "processor": "processors", "worker": "inference"}
 
 
 def up(
@@ -232,15 +234,11 @@ def up(
         stack.pids["redis"] = start_redis(rport, log_dir).pid
         env = {**stack.env(), "TIDEGATE_MODEL": model, **(extra_env or {})}
         create_topics(Settings(**{k[9:].lower(): v for k, v in env.items() if k.startswith("TIDEGATE_")}))
-        procs = {
-            "processor": start_stage("processors", env, log_dir),
-            "worker": start_stage("inference", env, log_dir),
-        }
+        procs = {role: start_stage(module, env, log_dir) for role, module in STAGE_MODULES.items()}
         for role, proc in procs.items():
             stack.pids[role] = proc.pid
         for role, proc in procs.items():
-            module = "processors" if role == "processor" else "inference"
-            wait_for_ready(log_dir / f"{module}.log", READY_MARKER, proc, ready_timeout_s)
+            wait_for_ready(log_dir / f"{STAGE_MODULES[role]}.log", READY_MARKER, proc, ready_timeout_s)
     except BaseException:
         stack.stop()
         raise

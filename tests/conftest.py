@@ -61,28 +61,38 @@ def settings_factory(services: tuple[str, str]) -> SettingsFactory:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    return {f"TIDEGATE_{name.upper()}": str(value) for name, value in settings.model_dump().items()}
+    return {
+        f"TIDEGATE_{name.upper()}": str(value) for name, value in settings.model_dump().items() if value is not None
+    }
 
 
 class Pipeline:
-    """One processor and one worker process for a settings object."""
+    """The lag monitor, one processor and one worker process for a settings object."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self.settings = settings
         self.log_dir = log_dir
-        self.pids: list[int] = []
+        self.pids: dict[str, int] = {}
 
-    def start(self) -> None:
+    def start(self, roles: tuple[str, ...] = tuple(devstack.STAGE_MODULES)) -> None:
+        """Starts the given roles (monitor, processor, worker) and waits until each is ready."""
         env = settings_env(self.settings)
-        procs = [devstack.start_stage(module, env, self.log_dir) for module in ("processors", "inference")]
-        self.pids = [p.pid for p in procs]
-        for module, proc in zip(("processors", "inference"), procs, strict=True):
-            devstack.wait_for_ready(self.log_dir / f"{module}.log", devstack.READY_MARKER, proc, 120)
+        procs = {}
+        for role in roles:
+            module = devstack.STAGE_MODULES[role]
+            log_path = self.log_dir / f"{module}.log"
+            log_path.unlink(missing_ok=True)
+            procs[role] = devstack.start_stage(module, env, self.log_dir)
+            self.pids[role] = procs[role].pid
+        for role, proc in procs.items():
+            log_path = self.log_dir / f"{devstack.STAGE_MODULES[role]}.log"
+            devstack.wait_for_ready(log_path, devstack.READY_MARKER, proc, 120)
 
-    def stop(self) -> None:
-        for pid in self.pids:
-            devstack.stop_pid(pid)
-        self.pids = []
+    def stop(self, roles: tuple[str, ...] | None = None) -> None:
+        for role in list(roles or self.pids):
+            pid = self.pids.pop(role, None)
+            if pid is not None:
+                devstack.stop_pid(pid)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +101,12 @@ def pipeline_factory(
 ) -> Iterator[Callable[..., Pipeline]]:
     started: list[Pipeline] = []
 
-    def make(**overrides: object) -> Pipeline:
+    def make(roles: tuple[str, ...] = tuple(devstack.STAGE_MODULES), **overrides: object) -> Pipeline:
         settings = settings_factory(**overrides)
         log_dir = LOG_DIR / f"{request.module.__name__}-{settings.topic_prefix.rstrip('.')}"
         pipeline = Pipeline(settings, log_dir)
         started.append(pipeline)
-        pipeline.start()
+        pipeline.start(roles)
         return pipeline
 
     yield make
@@ -106,4 +116,5 @@ def pipeline_factory(
 
 @pytest.fixture(scope="module")
 def echo_pipeline(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
-    return pipeline_factory(model="echo", max_prompt_chars=2000)
+    # functional tests: caps far above their traffic (backpressure has its own tests)
+    return pipeline_factory(model="echo", max_prompt_chars=2000, workers_cap_messages=10_000)

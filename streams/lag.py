@@ -1,0 +1,121 @@
+"""Where lag is computed: lag(stage) = sum over its partitions of (log end - group's committed offset).
+
+The log end is taken from fetch responses, never from ListOffsets: the embedded
+broker answers ListOffsets "latest" with the base offset of the last record batch
+plus one, which undercounts whenever producers batch (DESIGN.md). A group-less
+consumer therefore reads each stage's topic at its tail; the end of a partition is
+the larger of the fetch response's high watermark and the last offset seen plus one.
+This is right on Apache Kafka too, and needs no live member in the stage's group.
+Committed offsets come from the admin API (OffsetFetch), also right on both brokers.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from streams.config import Settings
+from streams.exceptions import TidegateError
+
+PROCESSORS = "processors"
+WORKERS = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """A stage is a consumer group reading one topic."""
+
+    name: str
+    topic: str
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class StageLag:
+    stage: str
+    lag: int
+    log_end: int  # sum over partitions
+    committed: int  # sum over partitions (log start where the group has not committed)
+
+
+def pipeline_stages(settings: Settings) -> list[Stage]:
+    return [
+        Stage(PROCESSORS, settings.topics.requests, settings.processor_group),
+        Stage(WORKERS, settings.topics.contexts, settings.worker_group),
+    ]
+
+
+class LagReader:
+    """Tracks log ends by tailing the stages' topics; reads committed offsets on demand."""
+
+    def __init__(self, settings: Settings, stages: list[Stage]) -> None:
+        self.stages = stages
+        self._admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+        self._tail = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap,
+                "group.id": f"tidegate-lag-{uuid.uuid4().hex}",  # never joined, never committed
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": settings.fetch_wait_ms,
+                "queued.max.messages.kbytes": 8192,
+            }
+        )
+        self._partitions: dict[str, list[TopicPartition]] = {}
+        self._end: dict[tuple[str, int], int] = {}
+        self._start: dict[tuple[str, int], int] = {}
+        assignment = []
+        for stage in stages:
+            meta = self._tail.list_topics(stage.topic, timeout=10).topics.get(stage.topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise TidegateError(f"topic {stage.topic!r} not found: create the topics first")
+            tps = [TopicPartition(stage.topic, p) for p in sorted(meta.partitions)]
+            self._partitions[stage.topic] = tps
+            for tp in tps:
+                low, high = self._tail.get_watermark_offsets(tp, timeout=10, cached=False)
+                # ListOffsets may answer early (never late): start there and read up to the true end
+                self._end[(tp.topic, tp.partition)] = high
+                self._start[(tp.topic, tp.partition)] = max(0, low)
+                assignment.append(TopicPartition(tp.topic, tp.partition, high))
+        self._tail.assign(assignment)
+
+    def poll(self, timeout_s: float) -> None:
+        """Reads whatever arrived at the tails and updates the log ends."""
+        for message in self._tail.consume(10_000, timeout_s):
+            if message.error() is not None:
+                if message.error().code() != KafkaError._PARTITION_EOF:
+                    raise TidegateError(f"lag tail: {message.error()}")
+                continue
+            key = (message.topic(), message.partition())
+            self._end[key] = max(self._end[key], message.offset() + 1)
+        for tps in self._partitions.values():
+            for tp in tps:
+                _, high = self._tail.get_watermark_offsets(tp, cached=True)
+                key = (tp.topic, tp.partition)
+                if high is not None and high >= 0:
+                    self._end[key] = max(self._end[key], high)
+
+    def committed(self, stage: Stage, timeout_s: float = 5.0) -> dict[int, int]:
+        """The group's committed offset per partition; -1 where it has none."""
+        request = [ConsumerGroupTopicPartitions(stage.group, self._partitions[stage.topic])]
+        result = self._admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[stage.group]
+        return {tp.partition: tp.offset for tp in result.result(timeout_s).topic_partitions}
+
+    def lag(self, stage: Stage) -> StageLag:
+        committed = self.committed(stage)
+        end_sum = done_sum = lag = 0
+        for tp in self._partitions[stage.topic]:
+            key = (tp.topic, tp.partition)
+            end = self._end[key]
+            done = committed.get(tp.partition, -1)
+            if done < 0:  # nothing committed yet: the group starts from the log start
+                done = self._start[key]
+            end_sum += end
+            done_sum += done
+            lag += max(0, end - done)
+        return StageLag(stage.name, lag, end_sum, done_sum)
+
+    def close(self) -> None:
+        self._tail.close()

@@ -1,0 +1,92 @@
+"""The lag monitor: measures each stage's lag and publishes a PressureState per stage.
+
+Runs as its own process (`tidegate monitor`, started by `dev up`), one per
+deployment; a second one only publishes the same states twice. It publishes every
+`pressure_interval_ms` while any lag changes, and at least once a second otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from confluent_kafka import Producer
+
+from schemas import AVRO, content_type_header, get_codec
+from streams.config import Settings
+from streams.devstack import READY_MARKER
+from streams.kafka import producer_config
+from streams.lag import LagReader, pipeline_stages
+from streams.pressure import PressureGauge, stage_caps
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+
+
+class LagMonitor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stages = pipeline_stages(settings)
+        self.reader = LagReader(settings, self.stages)
+        caps = stage_caps(settings)
+        self.gauges = {s.name: PressureGauge(s.name, caps[s.name], settings.warn_ratio) for s in self.stages}
+        self.producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+        self.codec = get_codec()
+        self.stopping = threading.Event()
+
+    def sample(self) -> list[dict]:
+        """One measurement of every stage, as PressureState records."""
+        self.reader.poll(0)
+        states = []
+        for stage in self.stages:
+            lag = self.reader.lag(stage)
+            states.append(self.gauges[stage.name].update(lag.lag, lag.committed))
+        return states
+
+    def publish(self, states: list[dict]) -> None:
+        for state in states:
+            self.producer.produce(
+                self.settings.topics.pressure,
+                self.codec.encode("PressureState", state),
+                state["stage"].encode(),
+                headers=[content_type_header(AVRO)],
+            )
+        self.producer.flush(5)
+
+    def run(self) -> None:
+        interval = self.settings.pressure_interval_ms / 1000
+        last_lags: tuple[int, ...] = ()
+        last_sent = 0.0
+        announced = False
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            states = self.sample()
+            lags = tuple(s["lag"] for s in states)
+            if lags != last_lags or started - last_sent >= HEARTBEAT_S:
+                self.publish(states)
+                last_lags, last_sent = lags, started
+                if not announced:
+                    announced = True
+                    print(READY_MARKER, flush=True)
+            # tail the topics until the next sample: keeps the log ends current
+            self.reader.poll(max(0.0, interval - (time.monotonic() - started)))
+        self.reader.close()
+        self.producer.flush(5)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    monitor = LagMonitor(Settings())
+
+    def stop(signum: int, _frame: object) -> None:
+        monitor.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    monitor.run()
+
+
+if __name__ == "__main__":
+    main()

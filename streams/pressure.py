@@ -1,0 +1,203 @@
+"""Pressure: each stage's lag against its cap, as ok / warn / full, and who may send.
+
+`PressureGauge` (in the lag monitor) turns lag samples into a PressureState with
+hysteresis and a measured drain rate. `PressureBoard` (in clients and processors)
+keeps the latest state per stage in memory and decides, without touching the
+broker, whether a request of a given priority may enter.
+
+Admission rules (per stage on the request's path):
+- `low` is shed at `warn` (lag >= warn_ratio x cap), `normal` at `full` (lag >= cap),
+  `high` only past 1.25 x cap.
+- Between two published states, the board adds the requests it let through itself
+  that the last state cannot have counted yet (admitted later than `TRANSIT_MS`
+  before it was measured), so a burst is cut at the cap, not an update after it.
+- A stage with no update for `pressure_stale_s` counts as `full` for `low` and
+  `warn` for the rest (so `normal` and `high` still pass).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from streams.config import Settings
+from streams.outgoing import now_ms
+
+OK, WARN, FULL = "ok", "warn", "full"
+HIGH_PRIORITY_FACTOR = 1.25
+# hysteresis: a state is left only when lag falls this far below the line that set it
+EXIT_FACTOR = 0.9
+MIN_RETRY_AFTER_MS = 50
+MAX_RETRY_AFTER_MS = 30_000
+DEFAULT_RETRY_AFTER_MS = 1000
+# a request admitted this long before a lag measurement is assumed to be in it
+TRANSIT_MS = 50
+
+
+@dataclass(frozen=True, slots=True)
+class StageCap:
+    """A cap as a message count, or as seconds of work at the measured drain rate."""
+
+    messages: int | None
+    seconds: float
+    floor: int
+
+    def resolve(self, drain_rate: float) -> int:
+        if self.messages is not None:
+            return self.messages
+        return max(self.floor, int(self.seconds * drain_rate))
+
+
+def stage_caps(settings: Settings) -> dict[str, StageCap]:
+    floor = settings.max_batch * 4  # until a drain rate is measured
+    return {
+        "processors": StageCap(settings.processors_cap_messages, settings.processors_cap_seconds, floor),
+        "workers": StageCap(settings.workers_cap_messages, settings.workers_cap_seconds, floor),
+    }
+
+
+class PressureGauge:
+    """One stage's state machine: lag samples in, PressureState records out.
+
+    The drain rate is the committed-offset rate, measured over `window_s` while the
+    stage has work; when the stage is idle the last busy rate is kept, so the cap
+    reflects what the stage can do rather than what it was recently offered.
+    """
+
+    def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 5.0) -> None:
+        self.stage = stage
+        self.cap = cap
+        self.warn_ratio = warn_ratio
+        self.window_s = window_s
+        self.state = OK
+        self.drain_rate = 0.0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def update(self, lag: int, committed: int, at: float | None = None) -> dict[str, Any]:
+        at = time.monotonic() if at is None else at
+        self._samples.append((at, committed))
+        while len(self._samples) > 2 and at - self._samples[0][0] > self.window_s:
+            self._samples.popleft()
+        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
+        if t1 - t0 >= 0.5 and (lag > 0 or c1 > c0):
+            self.drain_rate = max(0.0, (c1 - c0) / (t1 - t0))
+        cap = self.cap.resolve(self.drain_rate)
+        self.state = self._next_state(lag, cap)
+        drain_ms = int(lag / self.drain_rate * 1000) if self.drain_rate > 0 else (0 if lag == 0 else -1)
+        return {
+            "stage": self.stage,
+            "lag": lag,
+            "cap": cap,
+            "state": self.state,
+            "drain_rate": round(self.drain_rate, 3),
+            "drain_time_ms": drain_ms,
+            "updated_ms": now_ms(),
+        }
+
+    def _next_state(self, lag: int, cap: int) -> str:
+        warn_at = self.warn_ratio * cap
+        if lag >= cap:
+            return FULL
+        if self.state == FULL and lag >= EXIT_FACTOR * cap:
+            return FULL
+        if lag >= warn_at:
+            return WARN
+        if self.state in (FULL, WARN) and lag >= EXIT_FACTOR * warn_at:
+            return WARN
+        return OK
+
+
+def retry_after_ms(lag: float, target: float, drain_rate: float) -> int:
+    """How long until the backlog drains below `target` at `drain_rate`."""
+    if drain_rate <= 0:
+        return DEFAULT_RETRY_AFTER_MS
+    wait = (lag - target) / drain_rate * 1000
+    return int(min(MAX_RETRY_AFTER_MS, max(MIN_RETRY_AFTER_MS, wait)))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    stage: str
+    lag: int
+    cap: int
+    retry_after_ms: int
+
+
+class PressureBoard:
+    """The latest PressureState per stage, plus what this process let through since."""
+
+    def __init__(self, stale_s: float, warn_ratio: float) -> None:
+        self.stale_s = stale_s
+        self.warn_ratio = warn_ratio
+        self._states: dict[str, dict[str, Any]] = {}
+        self._received_at: dict[str, float] = {}
+        self._admitted: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def publish(self, state: dict[str, Any]) -> None:
+        """Takes a PressureState read from the pressure topic (older ones are ignored)."""
+        stage = state["stage"]
+        with self._lock:
+            current = self._states.get(stage)
+            if current is not None and current["updated_ms"] > state["updated_ms"]:
+                return
+            self._states[stage] = state
+            self._received_at[stage] = time.monotonic()
+            admitted = self._admitted[stage]
+            while admitted and admitted[0] < state["updated_ms"] - TRANSIT_MS:
+                admitted.popleft()
+
+    def state(self, stage: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._states.get(stage)
+
+    def check(self, stages: list[str], priority: str) -> Refusal | None:
+        """A Refusal for the first stage on the path that is too full for `priority`."""
+        now = time.monotonic()
+        with self._lock:
+            for stage in stages:
+                refusal = self._check_stage(stage, priority, now)
+                if refusal is not None:
+                    return refusal
+        return None
+
+    def admit(self, stages: list[str], priority: str) -> Refusal | None:
+        """check(), and count the request as sent when it passes."""
+        now = time.monotonic()
+        with self._lock:
+            for stage in stages:
+                refusal = self._check_stage(stage, priority, now)
+                if refusal is not None:
+                    return refusal
+            at = now_ms()
+            for stage in stages:
+                self._admitted[stage].append(at)
+        return None
+
+    def _check_stage(self, stage: str, priority: str, now: float) -> Refusal | None:
+        state = self._states.get(stage)
+        if state is None or now - self._received_at[stage] > self.stale_s:
+            if priority == "low":  # stale or never seen: full for low, warn for the rest
+                lag, cap = (state["lag"], state["cap"]) if state else (0, 0)
+                return Refusal(stage, lag, cap, DEFAULT_RETRY_AFTER_MS)
+            return None
+        cap = state["cap"]
+        lag = state["lag"] + len(self._admitted[stage])
+        published = state["state"]
+        if priority == "high":
+            line = HIGH_PRIORITY_FACTOR * cap
+            refuse = lag >= line
+        elif priority == "normal":
+            line = cap
+            refuse = published == FULL or lag >= line
+        else:
+            line = self.warn_ratio * cap
+            refuse = published in (WARN, FULL) or lag >= line
+        if not refuse:
+            return None
+        # retry once the backlog is back under the line that lets this priority in
+        target = EXIT_FACTOR * line if published != OK else line
+        return Refusal(stage, lag, cap, retry_after_ms(lag, target, state["drain_rate"]))

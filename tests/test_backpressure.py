@@ -1,0 +1,142 @@
+"""Backpressure on the real stack: told before sending, kept by the processors, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import Callable
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from streams.client import Client
+from streams.exceptions import QueueFull
+from streams.lag import WORKERS
+from tests.conftest import Pipeline
+from tests.helpers import TopicReader, wait_for
+
+CAP = 20
+
+
+@pytest.fixture()
+def no_worker(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
+    """Monitor and processor only, workers' cap CAP messages: lag builds up on demand."""
+    return pipeline_factory(roles=("monitor", "processor"), model="echo", workers_cap_messages=CAP)
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def wait_for_lag(client: Client, lag: int, timeout_s: float = 20) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = client._pressure.board.state(WORKERS) if client._pressure else None
+        if state is not None and state["lag"] >= lag:
+            return state
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers' lag never reached {lag}: {state}")
+        await asyncio.sleep(0.02)
+
+
+def test_client_is_told_before_sending_and_priorities_are_shed_in_order(no_worker: Pipeline) -> None:
+    settings = no_worker.settings
+
+    async def scenario() -> dict:
+        async with Client(settings=settings) as client:
+            # 17 accepted: lag 17 >= warn line 16
+            for i in range(17):
+                await client.submit(user(f"fill {i}"), f"fill-{i}", deadline_s=120)
+            state = await wait_for_lag(client, 17)
+            assert state["state"] == "warn" and state["cap"] == CAP
+
+            started = time.perf_counter()
+            with pytest.raises(QueueFull) as low:
+                await client.submit(user("low"), "p-low", priority="low")
+            low_ms = (time.perf_counter() - started) * 1000
+            # normal passes until the cap (17 + 3 = 20), then is refused
+            for i in range(3):
+                await client.submit(user(f"normal {i}"), f"p-n{i}", deadline_s=120)
+            with pytest.raises(QueueFull) as normal:
+                await client.submit(user("normal over"), "p-n-over")
+            # high passes up to 1.25 x cap
+            for i in range(5):
+                await client.submit(user(f"high {i}"), f"p-h{i}", priority="high", deadline_s=120)
+            with pytest.raises(QueueFull):
+                await client.submit(user("high over"), "p-h-over", priority="high")
+            return {"low": low.value, "normal": normal.value, "low_ms": low_ms}
+
+    result = asyncio.run(scenario())
+    low, normal = result["low"], result["normal"]
+    assert low.stage == WORKERS and low.cap == CAP and low.lag >= 16 and low.retry_after_ms > 0
+    assert normal.lag >= CAP
+    assert result["low_ms"] < 50  # in memory, no broker round trip
+
+
+def test_producer_ignoring_the_signal_is_answered_queue_full_and_nothing_is_lost(no_worker: Pipeline) -> None:
+    settings = no_worker.settings
+    tag = uuid.uuid4().hex[:6]
+    n = 60
+    replies = TopicReader(settings, settings.topics.replies)
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for i in range(n):
+        body = {
+            "request_id": f"{tag}-{i}",
+            "session_id": f"{tag}-s{i % 5}",
+            "messages": user(f"ignoring the signal {i}"),
+            "reply_to": settings.topics.replies,
+        }
+        producer.produce(
+            settings.topics.requests,
+            orjson.dumps(body),
+            body["session_id"].encode(),
+            headers=[("content-type", b"application/json")],
+        )
+        producer.poll(0)
+    assert producer.flush(10) == 0
+
+    def statuses() -> collections.Counter[str]:
+        got = {}
+        for m in replies.poll():
+            reply = orjson.loads(m.value())
+            if reply["request_id"].startswith(tag):
+                got[reply["request_id"]] = reply["status"]
+        return collections.Counter(got.values())
+
+    refused = wait_for(lambda: statuses()["queue_full"] >= n - 2 * CAP and statuses(), 30, "queue_full replies")
+    forwarded = n - refused["queue_full"]
+    assert forwarded <= CAP + 5, f"{forwarded} forwarded past a cap of {CAP}"
+    sample = next(
+        orjson.loads(m.value()) for m in replies.messages if orjson.loads(m.value())["status"] == "queue_full"
+    )
+    assert sample["retry_after_ms"] > 0 and "past its cap" in sample["error"]
+
+    # a worker joins: every accepted request is answered, none lost
+    no_worker.start(("worker",))
+    wait_for(lambda: statuses()["ok"] == forwarded, 60, f"{forwarded} ok replies")
+    assert sum(statuses().values()) == n
+    replies.close()
+
+
+def test_request_expired_in_the_queue_never_reaches_the_model(no_worker: Pipeline) -> None:
+    settings = no_worker.settings
+
+    async def run() -> dict:
+        async with Client(settings=settings) as client:
+            request = client.build_request(user("short-lived"), "expiring", deadline_s=1.0)
+            future = asyncio.get_running_loop().create_future()
+            client._pending[request["request_id"]] = future
+            await client._produce(request)
+            # past the deadline while queued for a worker, then a worker starts
+            deadline_passed = request["deadline_ms"] / 1000
+            while time.time() < deadline_passed:
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(no_worker.start, ("worker",))
+            return await asyncio.wait_for(future, 30)
+
+    reply = asyncio.run(run())
+    assert reply["status"] == "expired"
+    assert reply["tokens_out"] == 0 and reply["timings"]["inference_ms"] == 0

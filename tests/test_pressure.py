@@ -1,0 +1,86 @@
+"""Pressure states, hysteresis and admission by priority (pure logic)."""
+
+from __future__ import annotations
+
+import time
+
+from streams.outgoing import now_ms
+from streams.pressure import FULL, OK, WARN, PressureBoard, PressureGauge, StageCap, retry_after_ms
+
+
+def gauge(cap: int = 100) -> PressureGauge:
+    return PressureGauge("workers", StageCap(cap, 4.0, 64), warn_ratio=0.8)
+
+
+def test_states_have_hysteresis() -> None:
+    g = gauge()
+    seq = [(0, OK), (79, OK), (80, WARN), (100, FULL), (95, FULL), (89, WARN), (75, WARN), (71, OK), (80, WARN)]
+    for lag, expected in seq:
+        assert g.update(lag, 0)["state"] == expected, lag
+
+
+def test_drain_rate_and_seconds_cap() -> None:
+    g = PressureGauge("workers", StageCap(None, 2.0, 10), warn_ratio=0.8)
+    t = 1000.0
+    for i in range(11):  # 50 messages/s committed over 5 s with a backlog
+        state = g.update(500, i * 25, at=t + i * 0.5)
+    assert abs(state["drain_rate"] - 50) < 1e-6
+    assert state["cap"] == 100  # 2 s of work at 50/s
+    assert state["drain_time_ms"] == 10_000
+    idle = g.update(0, 250, at=t + 20)  # idle: the busy rate is kept
+    assert idle["cap"] == 100 and idle["state"] == OK
+
+
+def state(lag: int, cap: int, st: str, rate: float = 100.0) -> dict:
+    return {
+        "stage": "workers",
+        "lag": lag,
+        "cap": cap,
+        "state": st,
+        "drain_rate": rate,
+        "drain_time_ms": 0,
+        "updated_ms": now_ms(),
+    }
+
+
+def test_priorities_are_shed_in_order() -> None:
+    board = PressureBoard(stale_s=3, warn_ratio=0.8)
+    board.publish(state(85, 100, WARN))
+    assert board.check(["workers"], "low") is not None
+    assert board.check(["workers"], "normal") is None
+    board.publish(state(101, 100, FULL))
+    assert board.check(["workers"], "normal") is not None
+    assert board.check(["workers"], "high") is None
+    board.publish(state(125, 100, FULL))
+    refusal = board.check(["workers"], "high")
+    assert refusal is not None and refusal.stage == "workers" and refusal.cap == 100 and refusal.lag == 125
+
+
+def test_admitted_requests_count_until_the_next_state() -> None:
+    board = PressureBoard(stale_s=3, warn_ratio=0.8)
+    board.publish(state(90, 100, WARN))
+    admitted = 0
+    while board.admit(["workers"], "normal") is None:
+        admitted += 1
+    assert admitted == 10  # up to the cap, not one update interval past it
+    board.publish(state(50, 100, OK))  # a newer state resets the local count
+    assert board.admit(["workers"], "normal") is None
+
+
+def test_stale_pressure_is_full_for_low_and_warn_for_the_rest() -> None:
+    board = PressureBoard(stale_s=0.05, warn_ratio=0.8)
+    assert board.check(["workers"], "low") is not None  # never seen
+    assert board.check(["workers"], "normal") is None
+    board.publish(state(0, 100, OK))
+    assert board.check(["workers"], "low") is None
+    deadline = time.monotonic() + 2
+    while board.check(["workers"], "low") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert board.check(["workers"], "low") is not None
+    assert board.check(["workers"], "high") is None
+
+
+def test_retry_after_follows_the_drain() -> None:
+    assert retry_after_ms(300, 100, 100.0) == 2000
+    assert retry_after_ms(101, 100, 1000.0) == 50  # floor
+    assert retry_after_ms(10, 5, 0.0) == 1000  # unknown rate
