@@ -31,11 +31,18 @@ STAGE = "workers"
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
-    """Bounded prefetch: librdkafka keeps at most a few batches ahead."""
+    """Bounded prefetch: librdkafka keeps at most a few batches ahead. A small
+    per-partition fetch size makes each fetch take a little from every partition,
+    so a backlog is served close to oldest-first across partitions, not one
+    partition at a time (which showed as a long latency tail under overload)."""
     return consumer_config(
         settings,
         settings.worker_group,
-        **{"queued.min.messages": max(8, settings.max_batch * 2), "queued.max.messages.kbytes": 4096},
+        **{
+            "queued.min.messages": max(8, settings.max_batch * 2),
+            "queued.max.messages.kbytes": 4096,
+            "max.partition.fetch.bytes": 32 * 1024,
+        },
     )
 
 
@@ -48,7 +55,7 @@ class InferenceWorker:
         self.settings = settings
         self.runner = runner
         self.codec = get_codec()
-        self.batcher = Batcher(settings.max_batch, settings.max_wait_ms)
+        self.batcher = Batcher(settings.max_batch, settings.max_wait_ms, settings.prefetch_limit)
         self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.consumer = Consumer(consumer_settings(settings))
@@ -61,10 +68,10 @@ class InferenceWorker:
         self.runner.generate([Prompt([{"role": "user", "content": "Hello"}], 4)])
 
     def run(self) -> None:
-        self.consumer.subscribe([self.settings.topics.contexts], on_assign=self._on_assign)
+        self.consumer.subscribe([self.settings.topics.contexts], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stopping.is_set():
-                batch = self.batcher.collect(self.consumer.consume)
+                batch = self.batcher.collect(self.consumer)
                 if batch:
                     self.process(batch)
         finally:
@@ -76,6 +83,9 @@ class InferenceWorker:
         if not self._announced:
             self._announced = True
             print(READY_MARKER, flush=True)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.batcher.drop_partitions({(tp.topic, tp.partition) for tp in partitions})
 
     def process(self, records: Sequence[Message]) -> None:
         batch_started = now_ms()
@@ -181,10 +191,13 @@ class InferenceWorker:
             raise DeliveryError(f"{remaining} replies unacknowledged, failures: {failures[:3]}")
 
     def _commit(self, records: Sequence[Message]) -> None:
+        """Commits past the answered records, but never past a record still pooled."""
+        pooled = self.batcher.pending_offsets()
         last: dict[tuple[str, int], int] = {}
         for r in records:
             if r.error() is None:
-                last[(r.topic(), r.partition())] = max(last.get((r.topic(), r.partition()), -1), r.offset())
-        if last:
-            offsets = [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+                key = (r.topic(), r.partition())
+                last[key] = max(last.get(key, -1), r.offset())
+        offsets = [TopicPartition(t, p, min(o + 1, pooled.get((t, p), o + 1))) for (t, p), o in last.items()]
+        if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=False)

@@ -66,6 +66,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         topic_partitions=settings.request_partitions,
         producer_linger=0.002,
+        # lag is log end minus *committed* offsets: faust's default 2.8 s commit
+        # interval would show seconds of finished work as backlog
+        broker_commit_interval=settings.processor_commit_interval_ms / 1000,
     )
     requests = app.topic(settings.topics.requests, key_type=bytes, value_type=bytes)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from pydantic import ValidationError
 
+from streams.config import Settings
 from streams.exceptions import TidegateError
 
 MODEL_HELP = "default (SmolLM2-135M-Instruct), tiny (random, for tests), echo (no model), or a Hugging Face path"
@@ -50,14 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--session", default="cli")
     send.add_argument("--max-new-tokens", type=int, default=64)
 
+    lag = sub.add_parser("lag", help="each stage's consumer lag, cap and pressure state")
+    lag.add_argument("--json", action="store_true", help="one JSON array per report")
+    lag.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=1.0,
+        metavar="SECONDS",
+        help="report again every SECONDS (default 1) until interrupted",
+    )
+
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency"])
+    bench.add_argument("name", choices=["latency", "overload"])
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
     bench.add_argument("--requests", type=int, default=100, help="requests per model, for `latency`")
+    bench.add_argument("--model", default="tiny", help="for `overload`")
+    bench.add_argument("--factor", type=float, default=3.0, help="offered load over capacity, for `overload`")
+    bench.add_argument("--duration", type=float, default=60.0, help="seconds of offered load, for `overload`")
+    bench.add_argument("--torch-threads", type=int, default=1, help="the worker's torch threads, for `overload`")
+    bench.add_argument("--plot", help="PNG path, for `overload`")
 
     sub.add_parser("processor", help="run one processor in the foreground")
     sub.add_parser("worker", help="run one inference worker in the foreground")
+    sub.add_parser("monitor", help="run the lag monitor in the foreground")
     return parser
 
 
@@ -74,6 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def stack_settings() -> Settings:
+    """Settings from TIDEGATE_* when the bootstrap is set there, else the running dev stack's."""
+    from streams.devstack import STATE_FILE, DevStack
+
+    if "TIDEGATE_BOOTSTRAP" in os.environ or not STATE_FILE.exists():
+        return Settings()
+    stack = DevStack.load()
+    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -100,7 +129,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "send":
         from streams.demo import send_one
 
-        return asyncio.run(send_one(args.text, args.session, args.max_new_tokens))
+        return asyncio.run(send_one(stack_settings(), args.text, args.session, args.max_new_tokens))
+    if args.command == "lag":
+        from streams.lag_report import report
+
+        return report(stack_settings(), args.json, args.watch)
     if args.command == "bench":
         from streams.benchmarks import run_benchmark
 
@@ -109,6 +142,11 @@ def _run(args: argparse.Namespace) -> int:
         from processors.__main__ import main as processor_main
 
         processor_main()
+        return 0
+    if args.command == "monitor":
+        from streams.monitor import main as monitor_main
+
+        monitor_main()
         return 0
     if args.command == "worker":
         from inference.__main__ import main as worker_main

@@ -22,12 +22,12 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
 from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
-from streams.kafka import consumer_config, producer_config
+from streams.kafka import check_reachable, consumer_config, producer_config
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import now_ms
 from streams.pressure_feed import PressureListener
@@ -46,11 +46,19 @@ class Client:
     :param bootstrap: Kafka bootstrap servers; default from settings (TIDEGATE_BOOTSTRAP).
     :param settings: full settings; topics come from its prefix.
     :param reply_topic: where replies are sent; default the settings' reply topic.
+    :param reply_grace_s: how long past a request's deadline `generate` still waits
+        for its reply (an `expired` one included); default 5 s.
     """
 
     def __init__(
-        self, bootstrap: str | None = None, *, settings: Settings | None = None, reply_topic: str | None = None
+        self,
+        bootstrap: str | None = None,
+        *,
+        settings: Settings | None = None,
+        reply_topic: str | None = None,
+        reply_grace_s: float = REPLY_GRACE_S,
     ) -> None:
+        self.reply_grace_s = reply_grace_s
         base = settings or Settings()
         self.settings = base.model_copy(update={"bootstrap": bootstrap}) if bootstrap else base
         self.reply_topic = reply_topic or self.settings.topics.replies
@@ -73,6 +81,7 @@ class Client:
         await self.close()
 
     async def start(self) -> None:
+        await asyncio.to_thread(check_reachable, self.settings.bootstrap)
         self._loop = asyncio.get_running_loop()
         self._producer = Producer(producer_config(self.settings))
         self._consumer = Consumer(consumer_config(self.settings, f"tidegate-client-{uuid.uuid4().hex}"))
@@ -84,7 +93,13 @@ class Client:
 
     def _assign_reply_partitions(self) -> None:
         assert self._consumer is not None
-        meta = self._consumer.list_topics(self.reply_topic, timeout=10)
+        try:
+            meta = self._consumer.list_topics(self.reply_topic, timeout=10)
+        except KafkaException as exc:
+            raise TidegateError(
+                f"broker {self.settings.bootstrap} unreachable ({exc.args[0].str()}); is the stack up "
+                "(`tidegate dev up`)?"
+            ) from exc
         topic = meta.topics.get(self.reply_topic)
         if topic is None or topic.error is not None or not topic.partitions:
             raise TidegateError(f"reply topic {self.reply_topic!r} not found on {self.settings.bootstrap}")
@@ -214,7 +229,7 @@ class Client:
         self._pending[request["request_id"]] = future
         try:
             await self._produce(request)
-            wait_s = (request["deadline_ms"] - now_ms()) / 1000 + REPLY_GRACE_S if request["deadline_ms"] else None
+            wait_s = (request["deadline_ms"] - now_ms()) / 1000 + self.reply_grace_s if request["deadline_ms"] else None
             try:
                 return await asyncio.wait_for(future, wait_s)
             except TimeoutError as exc:

@@ -54,11 +54,13 @@ class Settings(BaseSettings):
     default_strategy: str = "window"
     processor_batch: int = Field(64, ge=1)
     processor_batch_wait_ms: int = Field(5, ge=0)
+    processor_commit_interval_ms: int = Field(200, ge=10)
 
     # Inference
     model: str = "default"
     max_batch: int = Field(16, ge=1)
     max_wait_ms: int = Field(20, ge=0)
+    prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 

@@ -72,9 +72,8 @@ def run_demo(model: str) -> int:
     return 0
 
 
-async def send_one(text: str, session: str, max_new_tokens: int) -> int:
-    stack = devstack.DevStack.load()
-    async with Client(settings=Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)) as client:
+async def send_one(settings: Settings, text: str, session: str, max_new_tokens: int) -> int:
+    async with Client(settings=settings) as client:
         reply = await client.generate([{"role": "user", "content": text}], session, max_new_tokens=max_new_tokens)
     print(format_reply(reply))
     return 0 if reply["status"] == "ok" else 1

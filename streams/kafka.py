@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
@@ -10,8 +11,25 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Settings
+from streams.exceptions import TidegateError
 
 log = logging.getLogger(__name__)
+
+
+def check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
+    """Fails fast, in one line, when no bootstrap server accepts a connection
+    (librdkafka would retry quietly, or loudly, until its own timeouts)."""
+    errors = []
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+                return
+        except (OSError, ValueError) as exc:
+            errors.append(f"{server}: {exc}")
+    raise TidegateError(
+        f"no Kafka broker reachable at {bootstrap} ({'; '.join(errors)}); start one with `tidegate dev up`"
+    )
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@ Admission rules (per stage on the request's path):
   `high` only past 1.25 x cap.
 - Between two published states, the board adds the requests it let through itself
   that the last state cannot have counted yet (admitted later than `TRANSIT_MS`
-  before it was measured), so a burst is cut at the cap, not an update after it.
+  before it was measured, and within `ADMISSION_MEMORY_MS`), so a burst is cut at
+  the cap, not one update after it.
 - A stage with no update for `pressure_stale_s` counts as `full` for `low` and
   `warn` for the rest (so `normal` and `high` still pass).
 """
@@ -35,6 +36,9 @@ MAX_RETRY_AFTER_MS = 30_000
 DEFAULT_RETRY_AFTER_MS = 1000
 # a request admitted this long before a lag measurement is assumed to be in it
 TRANSIT_MS = 50
+# an admission older than this is in the lag by now, or was refused downstream:
+# the monitor measures at least every pressure interval while anything changes
+ADMISSION_MEMORY_MS = 600
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +66,10 @@ def stage_caps(settings: Settings) -> dict[str, StageCap]:
 class PressureGauge:
     """One stage's state machine: lag samples in, PressureState records out.
 
-    The drain rate is the committed-offset rate, measured over `window_s` while the
-    stage has work; when the stage is idle the last busy rate is kept, so the cap
-    reflects what the stage can do rather than what it was recently offered.
+    The drain rate is what the stage commits while it has work: only sample
+    intervals that began with a backlog count, over the last `window_s` of such
+    busy time. An idle or starved stage therefore keeps the rate it showed when
+    busy, and a seconds-cap reflects what the stage can do, not what it was offered.
     """
 
     def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 5.0) -> None:
@@ -74,16 +79,21 @@ class PressureGauge:
         self.window_s = window_s
         self.state = OK
         self.drain_rate = 0.0
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._last: tuple[float, int, int] | None = None  # (at, committed, lag)
+        self._busy: collections.deque[tuple[float, int]] = collections.deque()  # (seconds, committed)
 
     def update(self, lag: int, committed: int, at: float | None = None) -> dict[str, Any]:
         at = time.monotonic() if at is None else at
-        self._samples.append((at, committed))
-        while len(self._samples) > 2 and at - self._samples[0][0] > self.window_s:
-            self._samples.popleft()
-        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
-        if t1 - t0 >= 0.5 and (lag > 0 or c1 > c0):
-            self.drain_rate = max(0.0, (c1 - c0) / (t1 - t0))
+        if self._last is not None:
+            last_at, last_committed, last_lag = self._last
+            if last_lag > 0 and at > last_at:
+                self._busy.append((at - last_at, committed - last_committed))
+                while len(self._busy) > 1 and sum(d for d, _ in self._busy) - self._busy[0][0] >= self.window_s:
+                    self._busy.popleft()
+                busy_s = sum(d for d, _ in self._busy)
+                if busy_s >= 0.5:
+                    self.drain_rate = max(0.0, sum(c for _, c in self._busy) / busy_s)
+        self._last = (at, committed, lag)
         cap = self.cap.resolve(self.drain_rate)
         self.state = self._next_state(lag, cap)
         drain_ms = int(lag / self.drain_rate * 1000) if self.drain_rate > 0 else (0 if lag == 0 else -1)
@@ -178,6 +188,10 @@ class PressureBoard:
         return None
 
     def _check_stage(self, stage: str, priority: str, now: float) -> Refusal | None:
+        admitted = self._admitted[stage]
+        forget_before = now_ms() - ADMISSION_MEMORY_MS
+        while admitted and admitted[0] < forget_before:
+            admitted.popleft()
         state = self._states.get(stage)
         if state is None or now - self._received_at[stage] > self.stale_s:
             if priority == "low":  # stale or never seen: full for low, warn for the rest

@@ -27,8 +27,10 @@ def test_drain_rate_and_seconds_cap() -> None:
     assert abs(state["drain_rate"] - 50) < 1e-6
     assert state["cap"] == 100  # 2 s of work at 50/s
     assert state["drain_time_ms"] == 10_000
-    idle = g.update(0, 250, at=t + 20)  # idle: the busy rate is kept
-    assert idle["cap"] == 100 and idle["state"] == OK
+    g.update(0, 275, at=t + 5.5)  # drained at the same rate
+    for k in range(100):  # idle for 20 s: the busy rate is kept
+        idle = g.update(0, 275, at=t + 5.7 + k * 0.2)
+    assert idle["cap"] == 100 and idle["state"] == OK and abs(idle["drain_rate"] - 50) < 1e-6
 
 
 def state(lag: int, cap: int, st: str, rate: float = 100.0) -> dict:

@@ -21,4 +21,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         write_json(args.json_path, run(args.models.split(","), args.requests))
         return 0
+    if args.name == "overload":
+        from streams.benchmarks.overload import run as run_overload
+
+        results = run_overload(args.model, args.factor, args.duration, args.torch_threads, args.plot)
+        write_json(args.json_path, results)
+        return 0
     raise AssertionError(args.name)

@@ -1,0 +1,214 @@
+"""`tidegate bench overload`: 3x capacity for a minute, with and without backpressure.
+
+1. capacity: a fresh stack, backpressure off, kept saturated by a closed loop of
+   concurrent requests; capacity = ok replies per second after a warm-up.
+2. two runs on fresh stacks, same open-loop offered load (factor x capacity,
+   evenly spaced, `duration_s`): once with backpressure, once without.
+Per run: goodput (ok replies within their deadline per second of offered load),
+accepted p50/p99, QueueFull count and client-side p99, max lag against the cap
+(from the published PressureStates), and lost requests (sent, never answered,
+never rejected). A PNG shows lag, cap and latency over time for both runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streams import devstack
+from streams.benchmarks.stats import percentile
+from streams.client import Client
+from streams.config import Settings
+from streams.exceptions import QueueFull, ReplyTimeout
+from streams.lag import PROCESSORS, WORKERS
+from streams.pressure import PressureBoard
+from streams.pressure_feed import PressureListener
+
+MAX_NEW_TOKENS = 16
+DEADLINE_S = 10.0
+CAPACITY_CONCURRENCY = 256  # about 4 s of backlog for the tiny model: never idle
+# replies that come after the deadline still count as answered (late), not lost
+REPLY_GRACE_S = 60.0
+CAPACITY_WARMUP_S = 5.0
+CAPACITY_MEASURE_S = 20.0
+SESSIONS = 500
+STAGES = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms")
+
+
+class RecordingBoard(PressureBoard):
+    """A PressureBoard that also keeps every state it is given, for the timeline."""
+
+    def __init__(self, stale_s: float, warn_ratio: float) -> None:
+        super().__init__(stale_s, warn_ratio)
+        self.timeline: list[dict[str, Any]] = []
+
+    def publish(self, state: dict[str, Any]) -> None:
+        self.timeline.append({**state, "seen_at": time.monotonic()})
+        super().publish(state)
+
+
+@dataclass(slots=True)
+class Outcome:
+    sent_at: float  # monotonic
+    done_at: float
+    status: str  # a reply status, "rejected:STAGE" (QueueFull) or "lost"
+    latency_ms: float
+    total_ms: int = 0  # the reply's own end-to-end time
+    timings: dict[str, int] | None = None  # the reply's per-stage timings
+
+
+def _request(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Question {i}: what colour is the sky at noon?"}]
+
+
+async def _one(client: Client, i: int, outcomes: list[Outcome]) -> None:
+    started = time.monotonic()
+    try:
+        reply = await client.generate(
+            _request(i), f"load-{i % SESSIONS}", max_new_tokens=MAX_NEW_TOKENS, deadline_s=DEADLINE_S
+        )
+        status, total, timings = reply["status"], reply["timings"]["total_ms"], reply["timings"]
+    except QueueFull as exc:
+        status, total, timings = f"rejected:{exc.stage}", 0, None
+    except ReplyTimeout:
+        status, total, timings = "lost", 0, None
+    done = time.monotonic()
+    outcomes.append(Outcome(started, done, status, (done - started) * 1000, total, timings))
+
+
+async def _capacity(settings: Settings) -> float:
+    """ok replies/s with CAPACITY_CONCURRENCY requests always in flight."""
+    outcomes: list[Outcome] = []
+    stop_at = time.monotonic() + CAPACITY_WARMUP_S + CAPACITY_MEASURE_S
+    async with Client(settings=settings, reply_grace_s=REPLY_GRACE_S) as client:
+
+        async def loop(worker: int) -> None:
+            i = worker
+            while time.monotonic() < stop_at:
+                await _one(client, i, outcomes)
+                i += CAPACITY_CONCURRENCY
+
+        started = time.monotonic()
+        await asyncio.gather(*(loop(w) for w in range(CAPACITY_CONCURRENCY)))
+    window_start = started + CAPACITY_WARMUP_S
+    done = [o for o in outcomes if o.status == "ok" and window_start <= o.done_at <= stop_at]
+    return len(done) / CAPACITY_MEASURE_S
+
+
+async def _offer(settings: Settings, rate: float, duration_s: float) -> dict[str, Any]:
+    outcomes: list[Outcome] = []
+    board = RecordingBoard(settings.pressure_stale_s, settings.warn_ratio)
+    recorder = PressureListener(settings, board)
+    recorder.start()
+    try:
+        async with Client(settings=settings, reply_grace_s=REPLY_GRACE_S) as client:
+            tasks = []
+            n = int(rate * duration_s)
+            t0 = time.monotonic()
+            for i in range(n):
+                delay = t0 + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(_one(client, i, outcomes)))
+            offered_s = time.monotonic() - t0
+            await asyncio.gather(*tasks)
+    finally:
+        recorder.close()
+    return _summarize(outcomes, board.timeline, t0, n, offered_s)
+
+
+def _summarize(
+    outcomes: list[Outcome], timeline: list[dict[str, Any]], t0: float, sent: int, offered_s: float
+) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.status == "ok"]
+    good = [o for o in ok if o.latency_ms <= DEADLINE_S * 1000]
+    rejected = [o for o in outcomes if o.status.startswith("rejected")]
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+    workers = [s for s in timeline if s["stage"] == WORKERS and s["seen_at"] >= t0]
+    peak = max(workers, key=lambda s: s["lag"] / max(1, s["cap"]), default=None)
+    steady_caps = [s["cap"] for s in workers]
+    drain_rates = [s["drain_rate"] for s in workers if s["drain_rate"] > 0]
+    return {
+        "sent": sent,
+        "offered_rate": round(sent / offered_s, 1),
+        "statuses": statuses,
+        "goodput": round(len(good) / offered_s, 1),
+        "accepted_p50_ms": round(percentile([o.latency_ms for o in ok], 50), 1),
+        "accepted_p99_ms": round(percentile([o.latency_ms for o in ok], 99), 1),
+        "accepted_stage_p50_ms": {k: percentile([o.timings[k] for o in ok if o.timings], 50) for k in STAGES},
+        "accepted_stage_p99_ms": {k: percentile([o.timings[k] for o in ok if o.timings], 99) for k in STAGES},
+        "queue_full_raised": len(rejected),
+        "queue_full_p99_ms": round(percentile([o.latency_ms for o in rejected], 99), 3),
+        "max_lag": peak["lag"] if peak else 0,
+        "cap_at_max_lag": peak["cap"] if peak else 0,
+        "max_lag_over_cap": round(peak["lag"] / max(1, peak["cap"]), 3) if peak else 0.0,
+        "median_cap": sorted(steady_caps)[len(steady_caps) // 2] if steady_caps else 0,
+        "median_drain_rate": round(sorted(drain_rates)[len(drain_rates) // 2], 1) if drain_rates else 0.0,
+        "lost": statuses.get("lost", 0) + (sent - len(outcomes)),
+        "timeline": {
+            "lag": [(round(s["seen_at"] - t0, 3), s["lag"], s["cap"]) for s in workers],
+            "processors_lag": [
+                (round(s["seen_at"] - t0, 3), s["lag"], s["cap"])
+                for s in timeline
+                if s["stage"] == PROCESSORS and s["seen_at"] >= t0
+            ],
+            "latency": [(round(o.done_at - t0, 3), round(o.latency_ms, 1)) for o in ok],
+        },
+    }
+
+
+def _stack(model: str, name: str, backpressure: bool, torch_threads: int) -> devstack.DevStack:
+    env = {"TIDEGATE_BACKPRESSURE": str(backpressure).lower(), "TIDEGATE_TORCH_THREADS": str(torch_threads)}
+    return devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / f"overload-{name}", extra_env=env)
+
+
+def _run_on_fresh_stack(model: str, name: str, backpressure: bool, torch_threads: int, job: Any) -> Any:
+    print(f"== {name}: starting a fresh embedded stack (model {model}, backpressure {backpressure})")
+    stack = _stack(model, name, backpressure, torch_threads)
+    try:
+        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, backpressure=backpressure)
+        return asyncio.run(job(settings))
+    finally:
+        stack.stop()
+
+
+def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None) -> dict[str, Any]:
+    capacity = _run_on_fresh_stack(model, "capacity", False, torch_threads, _capacity)
+    print(f"capacity: {capacity:.1f} requests/s at saturation")
+    rate = factor * capacity
+    results: dict[str, Any] = {
+        "benchmark": "overload",
+        "model": model,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "deadline_s": DEADLINE_S,
+        "duration_s": duration_s,
+        "capacity_rps": round(capacity, 1),
+        "offered_rps": round(rate, 1),
+        "runs": {},
+    }
+    for name, backpressure in (("with_backpressure", True), ("without_backpressure", False)):
+        summary = _run_on_fresh_stack(model, name, backpressure, torch_threads, lambda s: _offer(s, rate, duration_s))
+        summary["goodput_over_capacity"] = round(summary["goodput"] / capacity, 3) if capacity else 0.0
+        results["runs"][name] = summary
+        print(_format(name, summary))
+    if plot_path:
+        from streams.benchmarks.overload_plot import plot
+
+        plot(results, plot_path)
+        print(f"plot written to {plot_path}")
+    return results
+
+
+def _format(name: str, s: dict[str, Any]) -> str:
+    return (
+        f"{name}: sent {s['sent']} at {s['offered_rate']}/s; statuses {s['statuses']}\n"
+        f"  goodput {s['goodput']}/s ({s['goodput_over_capacity']:.0%} of capacity); "
+        f"accepted p50 {s['accepted_p50_ms']:.0f} ms, p99 {s['accepted_p99_ms']:.0f} ms\n"
+        f"  QueueFull {s['queue_full_raised']} (p99 {s['queue_full_p99_ms']:.2f} ms); "
+        f"max lag {s['max_lag']} vs cap {s['cap_at_max_lag']} ({s['max_lag_over_cap']:.2f}x); lost {s['lost']}"
+    )
