@@ -39,7 +39,10 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
         settings,
         settings.worker_group,
         **{
-            "queued.min.messages": max(8, settings.max_batch * 2),
+            "queued.min.messages": max(8, settings.max_batch),
+            # librdkafka waits this long before refetching a partition whose local queue
+            # was full (default 1 s): with pause/resume that delays whole partitions
+            "fetch.queue.backoff.ms": 10,
             "queued.max.messages.kbytes": 4096,
             "max.partition.fetch.bytes": 32 * 1024,
         },
