@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 from inference.models import load_runner
 from inference.worker import InferenceWorker
 from streams.config import Settings
+from streams.devstack import stop_on_signals
 
 
 def main() -> None:
@@ -17,11 +17,7 @@ def main() -> None:
     worker = InferenceWorker(settings, runner)
     worker.warm_up()
 
-    def stop(signum: int, _frame: object) -> None:
-        worker.stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(worker.stopping)
     worker.run()
 
 

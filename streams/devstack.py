@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -131,6 +132,16 @@ def start_redis(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
 def start_stage(module: str, env: Mapping[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
     """Starts `python -m processors` or `python -m inference` with TIDEGATE_* settings in env."""
     return _spawn([sys.executable, "-m", module], log_dir / f"{module}.log", env)
+
+
+def stop_on_signals(stopping: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stopping`: a stage finishes its batch, then exits."""
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def stop_pid(pid: int, timeout_s: float = 15.0) -> None:

@@ -10,7 +10,6 @@ the pressure topic's one partition (about 5 a second under load, 1 when idle).
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 
@@ -18,7 +17,7 @@ from confluent_kafka import Producer
 
 from schemas import AVRO, content_type_header, get_codec
 from streams.config import Settings
-from streams.devstack import READY_MARKER
+from streams.devstack import READY_MARKER, stop_on_signals
 from streams.kafka import producer_config
 from streams.lag import LagReader, pipeline_stages
 from streams.pressure import PressureGauge, stage_caps
@@ -83,11 +82,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     monitor = LagMonitor(Settings())
 
-    def stop(signum: int, _frame: object) -> None:
-        monitor.stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop_on_signals(monitor.stopping)
     monitor.run()
 
 

@@ -166,25 +166,23 @@ class PressureBoard:
 
     def check(self, stages: list[str], priority: str) -> Refusal | None:
         """A Refusal for the first stage on the path that is too full for `priority`."""
-        now = time.monotonic()
-        with self._lock:
-            for stage in stages:
-                refusal = self._check_stage(stage, priority, now)
-                if refusal is not None:
-                    return refusal
-        return None
+        return self._decide(stages, priority, count=False)
 
     def admit(self, stages: list[str], priority: str) -> Refusal | None:
         """check(), and count the request as sent when it passes."""
+        return self._decide(stages, priority, count=True)
+
+    def _decide(self, stages: list[str], priority: str, count: bool) -> Refusal | None:
         now = time.monotonic()
         with self._lock:
             for stage in stages:
                 refusal = self._check_stage(stage, priority, now)
                 if refusal is not None:
                     return refusal
-            at = now_ms()
-            for stage in stages:
-                self._admitted[stage].append(at)
+            if count:
+                at = now_ms()
+                for stage in stages:
+                    self._admitted[stage].append(at)
         return None
 
     def _check_stage(self, stage: str, priority: str, now: float) -> Refusal | None:

@@ -27,16 +27,17 @@ class PressureListener:
         self.board = board or PressureBoard(settings.pressure_stale_s, settings.warn_ratio)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": f"tidegate-pressure-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "fetch.wait.max.ms": settings.fetch_wait_ms,
-            }
-        )
+        self._consumer: Consumer | None = None  # connects in start(), not here
 
     def start(self) -> None:
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap,
+                "group.id": f"tidegate-pressure-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": self.settings.fetch_wait_ms,
+            }
+        )
         topic = self.settings.topics.pressure
         meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         partitions = sorted(meta.partitions) if meta is not None and meta.error is None else []
@@ -51,6 +52,7 @@ class PressureListener:
         self._thread.start()
 
     def _run(self) -> None:
+        assert self._consumer is not None
         codec = get_codec()
         while not self._stop.is_set():
             for message in self._consumer.consume(100, 0.1):
@@ -67,4 +69,5 @@ class PressureListener:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._consumer.close()
+        if self._consumer is not None:
+            self._consumer.close()

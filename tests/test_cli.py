@@ -40,11 +40,17 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
     try:
         assert up.returncode == 0, up.stderr
         state = json.loads(state_file.read_text())
-        assert set(state["pids"]) == {"broker", "redis", "processor", "worker"}
+        assert set(state["pids"]) == {"broker", "redis", "monitor", "processor", "worker"}
         assert state["bootstrap"].startswith("127.0.0.1:") and state["redis_url"].startswith("redis://127.0.0.1:")
         sent = run(["send", "ping over kafka", "--max-new-tokens", "8"], tmp_path)
         assert sent.returncode == 0, sent.stderr
         assert "[ok]" in sent.stdout and "ping over kafka" in sent.stdout
+        lag = run(["lag", "--json"], tmp_path)
+        assert lag.returncode == 0, lag.stderr
+        rows = {row["stage"]: row for row in json.loads(lag.stdout)}
+        assert set(rows) == {"processors", "workers"}
+        assert rows["workers"]["lag"] == 0 and rows["workers"]["committed"] == 1  # answered and committed
+        assert rows["workers"]["state"] == "ok" and rows["workers"]["cap"] > 0
     finally:
         down = run(["dev", "down"], tmp_path)
     assert down.returncode == 0, down.stderr
