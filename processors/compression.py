@@ -1,11 +1,23 @@
 """Context compression: which turns the model sees within the token budget.
 
-The request's own messages always go in; a strategy decides which history turns
-join them. Strategies are looked up by name in `STRATEGIES`.
+The request's own messages always go in (cut with a marker if they alone exceed
+the budget); a strategy decides which history turns join them:
+
+- `window`: the newest turns that fit.
+- `summary`: the newest turns that fit in 3/4 of the budget; the older ones are
+  replaced by an extractive summary (first sentence of each, no model call).
+- `relevance`: the newest turns that fit in half the budget, then the older turns
+  most similar to the new question (all-MiniLM-L6-v2 cosine), in their original order.
+- `prefix-stable`: history is dropped in whole epochs of `EPOCH_TURNS` turns, and
+  the dropped epochs are summarized, so consecutive requests of a conversation
+  share the same context prefix until the next epoch is dropped (a prefix cache
+  can reuse it; rewriting the context every turn would defeat it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,11 +25,17 @@ from processors.history import Turn
 from processors.tokens import TokenCounter
 
 CUT_MARKER = "[...cut to fit the context budget...] "
+EPOCH_TURNS = 8
+SUMMARY_SHARE = 0.25
+RECENT_SHARE = 0.5
+PREFIX_SUMMARY_SHARE = 0.125
+SUMMARY_WORDS = 24
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
 @dataclass(slots=True)
 class Context:
-    """A compressed context, ready for the envelope."""
+    """A compressed context, ready for the envelope. `tokens_used` counts the summary."""
 
     turns: list[Turn]
     tokens_used: int
@@ -26,23 +44,101 @@ class Context:
     summary: str | None = None
 
 
-Strategy = Callable[[Sequence[Turn], Sequence[Turn], int], Context]
+@dataclass(slots=True)
+class Inputs:
+    history: Sequence[Turn]
+    new_turns: list[Turn]
+    budget: int
+    counter: TokenCounter
+    similarity: Sequence[float] | None = None  # per history turn, for `relevance`
 
 
-def window(history: Sequence[Turn], new_turns: Sequence[Turn], budget: int) -> Context:
-    """The newest history turns that fit beside the new turns, oldest first."""
-    used = sum(t["tokens"] for t in new_turns)
-    kept: list[Turn] = []
-    for turn in reversed(history):
-        if used + turn["tokens"] > budget:
-            break
-        kept.append(turn)
-        used += turn["tokens"]
-    kept.reverse()
-    return Context(kept + list(new_turns), used, len(history) - len(kept), "window")
+Strategy = Callable[[Inputs], Context]
 
 
-STRATEGIES: dict[str, Strategy] = {"window": window}
+def _tokens(turns: Sequence[Turn]) -> int:
+    return sum(t["tokens"] for t in turns)
+
+
+def _newest_fitting(history: Sequence[Turn], budget: int) -> int:
+    """Index of the oldest history turn kept when keeping the newest within `budget`."""
+    used, start = 0, len(history)
+    while start > 0 and used + history[start - 1]["tokens"] <= budget:
+        start -= 1
+        used += history[start]["tokens"]
+    return start
+
+
+def window(x: Inputs) -> Context:
+    room = x.budget - _tokens(x.new_turns)
+    start = _newest_fitting(x.history, room)
+    kept = list(x.history[start:]) + x.new_turns
+    return Context(kept, _tokens(kept), start, "window")
+
+
+def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> str | None:
+    """First sentence (at most SUMMARY_WORDS words) of each turn, oldest first, within `max_tokens`."""
+    if not turns or max_tokens <= 0:
+        return None
+    lines = []
+    for t in turns:
+        first = _SENTENCE_END.split(t["content"].strip(), maxsplit=1)[0]
+        words = first.split()
+        lines.append(f"{t['role']}: {' '.join(words[:SUMMARY_WORDS])}{'...' if len(words) > SUMMARY_WORDS else ''}")
+    text = " | ".join(lines)
+    if counter.count(text) > max_tokens:
+        text = counter.truncate(text, max_tokens, "[earlier turns omitted] ")
+    return text
+
+
+def summary(x: Inputs) -> Context:
+    new_tokens = _tokens(x.new_turns)
+    if _tokens(x.history) + new_tokens <= x.budget:
+        return dataclasses.replace(window(x), strategy="summary")
+    reserve = int(x.budget * SUMMARY_SHARE)
+    start = _newest_fitting(x.history, x.budget - new_tokens - reserve)
+    text = summarize(x.history[:start], reserve, x.counter)
+    kept = list(x.history[start:]) + x.new_turns
+    used = _tokens(kept) + (x.counter.count(text) if text else 0)
+    return Context(kept, used, start, "summary", text)
+
+
+def relevance(x: Inputs) -> Context:
+    new_tokens = _tokens(x.new_turns)
+    room = x.budget - new_tokens
+    start = _newest_fitting(x.history, int(room * RECENT_SHARE))
+    used = _tokens(x.history[start:])
+    chosen: list[int] = []
+    if x.similarity is not None:
+        for i in sorted(range(start), key=lambda i: -x.similarity[i]):  # type: ignore[index]
+            if used + x.history[i]["tokens"] <= room:
+                chosen.append(i)
+                used += x.history[i]["tokens"]
+    keep = sorted(chosen) + list(range(start, len(x.history)))
+    kept = [x.history[i] for i in keep] + x.new_turns
+    return Context(kept, _tokens(kept), len(x.history) - len(keep), "relevance")
+
+
+def prefix_stable(x: Inputs) -> Context:
+    new_tokens = _tokens(x.new_turns)
+    reserve = int(x.budget * PREFIX_SUMMARY_SHARE)
+    room = x.budget - new_tokens - reserve
+    start = 0
+    while start < len(x.history) and _tokens(x.history[start:]) > room:
+        start += EPOCH_TURNS
+    start = min(start, len(x.history))
+    text = summarize(x.history[:start], reserve, x.counter)
+    kept = list(x.history[start:]) + x.new_turns
+    used = _tokens(kept) + (x.counter.count(text) if text else 0)
+    return Context(kept, used, start, "prefix-stable", text)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "window": window,
+    "summary": summary,
+    "relevance": relevance,
+    "prefix-stable": prefix_stable,
+}
 
 
 def fit_new_turns(new_turns: list[Turn], budget: int, counter: TokenCounter) -> list[Turn]:
@@ -51,9 +147,9 @@ def fit_new_turns(new_turns: list[Turn], budget: int, counter: TokenCounter) -> 
     A turn larger than the budget on its own is cut, never dropped silently.
     """
     turns = [dict(t) for t in new_turns]
-    while sum(t["tokens"] for t in turns) > budget:
+    while _tokens(turns) > budget:
         longest = max(turns, key=lambda t: t["tokens"])
-        excess = sum(t["tokens"] for t in turns) - budget
+        excess = _tokens(turns) - budget
         target = max(counter.count(CUT_MARKER), longest["tokens"] - excess)
         if target >= longest["tokens"]:
             break  # nothing left to cut: every turn is down to its marker
@@ -63,6 +159,12 @@ def fit_new_turns(new_turns: list[Turn], budget: int, counter: TokenCounter) -> 
 
 
 def compress(
-    strategy: str, history: Sequence[Turn], new_turns: list[Turn], budget: int, counter: TokenCounter
+    strategy: str,
+    history: Sequence[Turn],
+    new_turns: list[Turn],
+    budget: int,
+    counter: TokenCounter,
+    similarity: Sequence[float] | None = None,
 ) -> Context:
-    return STRATEGIES[strategy](history, fit_new_turns(new_turns, budget, counter), budget)
+    fitted = fit_new_turns(new_turns, budget, counter)
+    return STRATEGIES[strategy](Inputs(history, fitted, budget, counter, similarity))

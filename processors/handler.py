@@ -8,17 +8,20 @@ Every input record yields exactly one output: an envelope, a reply, or a dead le
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from processors.compression import compress
-from processors.history import HistoryWriter, Turn, decode_turns
+from processors.embeddings import Embedder, from_bytes, to_bytes
+from processors.history import HistoryWriter, Turn, content_digest, decode_turns
 from processors.tokens import TokenCounter
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
@@ -52,7 +55,12 @@ class _Accepted:
     encoding: str
     started_ms: int
     system_prompt: str
+    strategy: str
     new_turns: list[Turn] = field(default_factory=list)
+    history: list[Turn] = field(default_factory=list)
+    cached_vectors: dict[bytes, bytes] = field(default_factory=dict)  # digest -> embedding
+    new_vectors: dict[str, bytes] = field(default_factory=dict)  # to store
+    similarity: list[float] | None = None
 
 
 class RequestHandler:
@@ -71,6 +79,7 @@ class RequestHandler:
         self.codec = get_codec()
         self._redis_down_until = 0.0
         self._system_tokens = counter.count(settings.system_prompt)
+        self._embedder: Embedder | None = None  # loaded on the first `relevance` request
 
     async def handle(self, batch: Sequence[Incoming]) -> list[Outgoing]:
         out: list[Outgoing] = []
@@ -125,22 +134,23 @@ class RequestHandler:
         new = [m for m in request["messages"] if m["role"] != "system"]
         counts = self.counter.count_many([m["content"] for m in new])
         turns = [{"role": m["role"], "content": m["content"], "tokens": n} for m, n in zip(new, counts, strict=True)]
-        return _Accepted(request, encoding, started, system[0] if system else self.settings.system_prompt, turns)
+        strategy = request["strategy"] or self.settings.default_strategy
+        system_prompt = system[0] if system else self.settings.system_prompt
+        return _Accepted(request, encoding, started, system_prompt, strategy, turns)
 
     async def _build_envelopes(self, accepted: list[_Accepted]) -> list[Outgoing]:
-        histories, fresh, degraded = await self._claim_and_load(accepted)
-        out: list[Outgoing] = []
-        to_append: list[_Accepted] = []
-        for item, history, is_fresh in zip(accepted, histories, fresh, strict=True):
-            if not is_fresh:
-                continue  # already forwarded once (at-least-once redelivery)
-            out.append(self._envelope(item, history, degraded))
-            to_append.append(item)
-        if to_append and not degraded:
-            await self._append(to_append)
+        fresh, degraded = await self._claim_and_load(accepted)
+        # not fresh: already forwarded once (an at-least-once redelivery): no output
+        items = [item for item, is_fresh in zip(accepted, fresh, strict=True) if is_fresh]
+        relevant = [item for item in items if item.strategy == "relevance" and item.history]
+        if relevant:
+            await asyncio.to_thread(self._score_relevance, relevant)
+        out = [self._envelope(item, degraded) for item in items]
+        if items and not degraded:
+            await self._append(items)
         return out
 
-    def _envelope(self, item: _Accepted, history: list[Turn], degraded: bool) -> Outgoing:
+    def _envelope(self, item: _Accepted, degraded: bool) -> Outgoing:
         request = item.request
         budget = self.settings.token_budget
         system_tokens = (
@@ -148,8 +158,9 @@ class RequestHandler:
             if item.system_prompt == self.settings.system_prompt
             else self.counter.count(item.system_prompt)
         )
-        strategy = request["strategy"] or self.settings.default_strategy
-        context = compress(strategy, history, item.new_turns, max(1, budget - system_tokens), self.counter)
+        context = compress(
+            item.strategy, item.history, item.new_turns, max(1, budget - system_tokens), self.counter, item.similarity
+        )
         forwarded = now_ms()
         envelope = {
             "version": 1,
@@ -181,27 +192,64 @@ class RequestHandler:
             self.settings.topics.contexts, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )
 
-    async def _claim_and_load(self, accepted: list[_Accepted]) -> tuple[list[list[Turn]], list[bool], bool]:
-        """One pipeline: SET NX per request id, LRANGE per session. Redis down: degraded."""
+    async def _claim_and_load(self, accepted: list[_Accepted]) -> tuple[list[bool], bool]:
+        """One pipeline: SET NX per request id, LRANGE per session (and the cached
+        embeddings for `relevance`). Fills each item's history. Redis down: degraded."""
         if time.monotonic() < self._redis_down_until:
-            return [[] for _ in accepted], [True] * len(accepted), True
+            return [True] * len(accepted), True
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in accepted:
-                    self.history.claim(pipe, item.request["request_id"])
-                    self.history.load(pipe, item.request["tenant"], item.request["session_id"])
-                results = await pipe.execute()
+                    request = item.request
+                    self.history.claim(pipe, request["request_id"])
+                    self.history.load(pipe, request["tenant"], request["session_id"])
+                    if item.strategy == "relevance":
+                        self.history.load_embeddings(pipe, request["tenant"], request["session_id"])
+                results = iter(await pipe.execute())
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
-            return [[] for _ in accepted], [True] * len(accepted), True
-        claims, raws = results[0::2], results[1::2]
-        return [decode_turns(raw) for raw in raws], [bool(c) for c in claims], False
+            return [True] * len(accepted), True
+        fresh = []
+        for item in accepted:
+            fresh.append(bool(next(results)))
+            item.history = decode_turns(next(results))
+            if item.strategy == "relevance":
+                item.cached_vectors = next(results)
+        return fresh, False
+
+    def _score_relevance(self, items: list[_Accepted]) -> None:
+        """Similarity of every history turn to the new question; embeds only what is
+        not cached yet (each turn is embedded once, then stored in Redis)."""
+        if self._embedder is None:
+            self._embedder = Embedder()
+        missing: dict[str, str] = {}
+        for item in items:
+            for turn in item.history:
+                digest = content_digest(turn["content"])
+                if digest.encode() not in item.cached_vectors:
+                    missing[digest] = turn["content"]
+        questions = [next((t["content"] for t in reversed(i.new_turns) if t["role"] == "user"), "") for i in items]
+        vectors = self._embedder.embed(list(missing.values()) + questions)
+        computed = {d: to_bytes(v) for d, v in zip(missing, vectors, strict=False)}
+        for item, text, question in zip(items, questions, vectors[len(missing) :], strict=True):
+            item.new_vectors[content_digest(text)] = to_bytes(question)  # the question becomes a history turn
+            rows = []
+            for turn in item.history:
+                digest = content_digest(turn["content"])
+                if digest in computed:
+                    item.new_vectors[digest] = computed[digest]
+                    rows.append(from_bytes(computed[digest]))
+                else:
+                    rows.append(from_bytes(item.cached_vectors[digest.encode()]))
+            item.similarity = (np.stack(rows) @ question).tolist() if rows else []
 
     async def _append(self, items: list[_Accepted]) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
-                    self.history.append(pipe, item.request["tenant"], item.request["session_id"], item.new_turns)
+                    tenant, session = item.request["tenant"], item.request["session_id"]
+                    self.history.append(pipe, tenant, session, item.new_turns)
+                    self.history.store_embeddings(pipe, tenant, session, item.new_vectors)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._redis_down(exc)

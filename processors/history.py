@@ -6,6 +6,7 @@ tenant's keys. Every read and write for a batch goes in one pipeline.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +23,15 @@ def _escape(part: str) -> str:
 
 def history_key(tenant: str, session_id: str) -> str:
     return f"{KEY_PREFIX}history:{_escape(tenant)}:{_escape(session_id)}"
+
+
+def embeddings_key(tenant: str, session_id: str) -> str:
+    """Hash of turn-content digest -> embedding (float16 bytes), beside the history."""
+    return f"{KEY_PREFIX}emb:{_escape(tenant)}:{_escape(session_id)}"
+
+
+def content_digest(content: str) -> str:
+    return hashlib.blake2b(content.encode(), digest_size=12).hexdigest()
 
 
 def seen_key(request_id: str) -> str:
@@ -53,6 +63,15 @@ class HistoryWriter:
 
     def load(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.lrange(history_key(tenant, session_id), 0, -1)
+
+    def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
+        pipe.hgetall(embeddings_key(tenant, session_id))
+
+    def store_embeddings(self, pipe: Any, tenant: str, session_id: str, vectors: dict[str, bytes]) -> None:
+        if vectors:
+            key = embeddings_key(tenant, session_id)
+            pipe.hset(key, mapping=vectors)
+            pipe.expire(key, self.ttl_s)
 
     def claim(self, pipe: Any, request_id: str) -> None:
         """SET NX: true the first time a request id is seen (dedupe after redelivery)."""

@@ -15,6 +15,8 @@ from confluent_kafka import Producer
 from streams.client import Client
 from streams.exceptions import QueueFull
 from streams.lag import WORKERS
+from streams.outgoing import now_ms
+from streams.pressure import TRANSIT_MS
 from tests.conftest import Pipeline
 from tests.helpers import TopicReader, wait_for
 
@@ -32,10 +34,13 @@ def user(text: str) -> list[dict[str, str]]:
 
 
 async def wait_for_lag(client: Client, lag: int, timeout_s: float = 20) -> dict:
+    """Waits for a published state with this lag, measured after everything this
+    client admitted (so the client no longer adds its own recent sends on top)."""
+    since_ms = now_ms() + TRANSIT_MS
     deadline = time.monotonic() + timeout_s
     while True:
         state = client._pressure.board.state(WORKERS) if client._pressure else None
-        if state is not None and state["lag"] >= lag:
+        if state is not None and state["lag"] >= lag and state["updated_ms"] > since_ms:
             return state
         if time.monotonic() > deadline:
             raise AssertionError(f"workers' lag never reached {lag}: {state}")

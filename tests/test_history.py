@@ -1,0 +1,135 @@
+"""The processors' handler against a real redis-server: history, embeddings cache,
+Redis outages (degraded, no crash) and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from inference.assets import load_tokenizer
+from processors.handler import Incoming, RequestHandler
+from processors.history import embeddings_key, history_key
+from processors.tokens import TokenCounter
+from schemas import get_codec
+from streams import devstack
+from streams.config import Settings
+from streams.outgoing import Outgoing
+from tests.conftest import LOG_DIR
+
+
+@pytest.fixture(scope="module")
+def counter() -> TokenCounter:
+    return TokenCounter(load_tokenizer("default"))
+
+
+def incoming(text: str, session: str, tenant: str = "acme", strategy: str | None = None) -> Incoming:
+    request = {
+        "request_id": uuid.uuid4().hex,
+        "session_id": session,
+        "tenant": tenant,
+        "messages": [{"role": "user", "content": text}],
+        "priority": "normal",
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "created_ms": 0,
+        "deadline_ms": 0,
+        "reply_to": "r",
+        "strategy": strategy,
+        "metadata": {},
+    }
+    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "requests", 0, 0)
+
+
+def envelope(out: list[Outgoing]) -> dict:
+    assert len(out) == 1
+    return get_codec().decode(out[0].value, "ContextEnvelope")[1]
+
+
+_runner: asyncio.Runner | None = None
+
+
+@pytest.fixture(autouse=True)
+def event_loop_runner() -> object:
+    """One event loop per test: the handler's Redis connections live on it."""
+    global _runner
+    with asyncio.Runner() as runner:
+        _runner = runner
+        yield runner
+    _runner = None
+
+
+def handle(handler: RequestHandler, *records: Incoming) -> list[Outgoing]:
+    assert _runner is not None
+    return _runner.run(handler.handle(list(records)))
+
+
+def make_handler(redis_url: str, counter: TokenCounter, **overrides: object) -> RequestHandler:
+    settings = Settings(redis_url=redis_url, **overrides)  # type: ignore[arg-type]
+    return RequestHandler(settings, Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1), counter)
+
+
+def test_history_is_stored_with_token_counts_and_read_back(services: tuple[str, str], counter: TokenCounter) -> None:
+    handler = make_handler(services[1], counter, history_max_turns=3)
+    session = f"s-{uuid.uuid4().hex[:6]}"
+    for i in range(4):
+        handle(handler, incoming(f"turn {i}", session))
+    env = envelope(handle(handler, incoming("last", session)))
+    assert [t["content"] for t in env["turns"]] == ["turn 1", "turn 2", "turn 3", "last"]  # max 3 kept
+    raw = redis.Redis.from_url(services[1]).lrange(history_key("acme", session), 0, -1)
+    assert len(raw) == 3 and all(b'"tokens"' in r for r in raw)
+    assert redis.Redis.from_url(services[1]).ttl(history_key("acme", session)) > 0
+
+
+def test_tenants_cannot_reach_each_others_history(services: tuple[str, str], counter: TokenCounter) -> None:
+    handler = make_handler(services[1], counter)
+    handle(handler, incoming("secret of a", "x:y", tenant="a"))
+    env = envelope(handle(handler, incoming("hello", "y", tenant="a:x")))
+    assert [t["content"] for t in env["turns"]] == ["hello"]
+
+
+def test_relevance_embeds_each_turn_once_and_finds_the_needle(services: tuple[str, str], counter: TokenCounter) -> None:
+    handler = make_handler(services[1], counter, token_budget=256)
+    session = f"rel-{uuid.uuid4().hex[:6]}"
+    handle(handler, incoming("My locker code is 4812, please remember it.", session))
+    for i in range(40):
+        handle(handler, incoming(f"Let us talk about gardening, step {i}: water the tomatoes and weed.", session))
+    env = envelope(handle(handler, incoming("What is my locker code?", session, strategy="relevance")))
+    assert env["strategy"] == "relevance" and env["turns_dropped"] > 0
+    assert any("4812" in t["content"] for t in env["turns"])
+    cached = redis.Redis.from_url(services[1]).hlen(embeddings_key("acme", session))
+    assert cached == 42  # every history turn and the question embedded once, and stored
+    embedder = handler._embedder
+    assert embedder is not None
+    calls = []
+    original = embedder.embed
+    embedder.embed = lambda texts: calls.append(len(texts)) or original(texts)  # type: ignore[method-assign]
+    handle(handler, incoming("And the code again?", session, strategy="relevance"))
+    assert calls == [1]  # only the new question: history embeddings came from Redis
+
+
+def test_redis_outage_is_degraded_not_an_outage_and_history_resumes(counter: TokenCounter) -> None:
+    port = devstack.free_port()
+    log_dir = Path(LOG_DIR) / "redis-outage"
+    server = devstack.start_redis(port, log_dir)
+    url = f"redis://127.0.0.1:{port}/0"
+    handler = make_handler(url, counter)
+    session = f"out-{uuid.uuid4().hex[:6]}"
+    try:
+        assert not envelope(handle(handler, incoming("before", session)))["degraded"]
+        devstack.stop_pid(server.pid)
+        env = envelope(handle(handler, incoming("during", session)))
+        assert env["degraded"] and [t["content"] for t in env["turns"]] == ["during"]
+        server = devstack.start_redis(port, log_dir)
+        handler._redis_down_until = 0.0  # skip the 1 s back-off instead of sleeping through it
+        env = envelope(handle(handler, incoming("after", session)))
+        assert not env["degraded"]
+        assert [t["content"] for t in env["turns"]] == ["after"]  # a fresh server: history starts over
+        env = envelope(handle(handler, incoming("again", session)))
+        assert [t["content"] for t in env["turns"]] == ["after", "again"]  # and resumes by itself
+    finally:
+        devstack.stop_pid(server.pid)
