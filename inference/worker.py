@@ -17,7 +17,8 @@ import redis
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from inference.batcher import Batcher
-from inference.models import ModelRunner, Prompt
+from inference.models import Generation, ModelRunner, Prompt
+from inference.response_cache import cache_key, cacheable, lookup, store
 from processors.history import HistoryWriter
 from schemas import SerializationError, get_codec
 from streams.config import Settings
@@ -135,13 +136,19 @@ class InferenceWorker:
         return Prompt(messages, envelope["max_new_tokens"], envelope["temperature"])
 
     def _generate(self, work: list[tuple[dict[str, Any], Prompt]], batch_started: int) -> list[Outgoing]:
+        cached = self._cached(work)
+        todo = [i for i, hit in enumerate(cached) if hit is None]
         started = time.monotonic()
         try:
-            generations = self.runner.generate([p for _, p in work])
+            generated = self.runner.generate([work[i][1] for i in todo]) if todo else []
         except Exception as exc:
-            log.exception("model %s failed on a batch of %d", self.runner.name, len(work))
+            log.exception("model %s failed on a batch of %d", self.runner.name, len(todo))
             return [self._reply(e, "error", batch_started, error=f"model failed: {exc!r}") for e, _ in work]
-        inference_ms = int((time.monotonic() - started) * 1000)
+        inference_ms = int((time.monotonic() - started) * 1000) if todo else 0
+        generations = list(cached)
+        for i, g in zip(todo, generated, strict=True):
+            generations[i] = g
+        self._remember(work, todo, generated)
         self._append_history(work, generations)
         return [
             self._reply(
@@ -151,10 +158,40 @@ class InferenceWorker:
                 text=g.text,
                 tokens_in=g.tokens_in,
                 tokens_out=g.tokens_out,
-                inference_ms=inference_ms,
+                cache_hit=hit is not None,
+                inference_ms=0 if hit is not None else inference_ms,
             )
-            for (envelope, _), g in zip(work, generations, strict=True)
+            for (envelope, _), g, hit in zip(work, generations, cached, strict=True)
+            if g is not None
         ]
+
+    def _cached(self, work: list[tuple[dict[str, Any], Prompt]]) -> list[Generation | None]:
+        """Cache hits for greedy prompts (one MGET); None where the model must run."""
+        if not self.settings.response_cache_ttl_s:
+            return [None] * len(work)
+        index = [i for i, (_, p) in enumerate(work) if cacheable(p)]
+        try:
+            found = lookup(self.redis, [cache_key(self.runner.name, work[i][1]) for i in index])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis unreachable; response cache skipped: %s", exc)
+            return [None] * len(work)
+        hits: list[Generation | None] = [None] * len(work)
+        for i, g in zip(index, found, strict=True):
+            hits[i] = g
+        return hits
+
+    def _remember(self, work: list[tuple[dict[str, Any], Prompt]], todo: list[int], generated: list[Any]) -> None:
+        if not self.settings.response_cache_ttl_s:
+            return
+        entries = [
+            (cache_key(self.runner.name, work[i][1]), g)
+            for i, g in zip(todo, generated, strict=True)
+            if cacheable(work[i][1])
+        ]
+        try:
+            store(self.redis, entries, self.settings.response_cache_ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis unreachable; responses not cached: %s", exc)
 
     def _reply(
         self, envelope: dict[str, Any], status: str, batch_started: int, *, inference_ms: int = 0, **fields: Any

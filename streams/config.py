@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     model: str = "default"
     max_batch: int = Field(16, ge=1)
     max_wait_ms: int = Field(20, ge=0)
+    response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
     prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

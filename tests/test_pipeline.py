@@ -182,3 +182,24 @@ def test_request_past_its_deadline_is_answered_expired(echo_pipeline: Pipeline) 
     reply = asyncio.run(send_late())
     assert reply["status"] == "expired"
     assert "deadline" in reply["error"]
+
+
+def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    text = f"cache me {uuid.uuid4().hex[:6]}"
+
+    async def ask() -> list[dict]:
+        async with Client(settings=settings) as client:
+            # fresh sessions: the same context (system prompt + the question) each time
+            first = await client.generate(user(text), f"c1-{text}", max_new_tokens=8)
+            second = await client.generate(user(text), f"c2-{text}", max_new_tokens=8)
+            sampled = await client.generate(user(text), f"c3-{text}", max_new_tokens=8, temperature=0.7)
+            longer = await client.generate(user(text), f"c4-{text}", max_new_tokens=9)
+            return [first, second, sampled, longer]
+
+    first, second, sampled, longer = asyncio.run(ask())
+    assert [r["status"] for r in (first, second, sampled, longer)] == ["ok"] * 4
+    assert not first["cache_hit"] and second["cache_hit"]
+    assert second["text"] == first["text"] and second["timings"]["inference_ms"] == 0
+    assert not sampled["cache_hit"]  # sampling is never cached
+    assert not longer["cache_hit"]  # other generation parameters: another entry
