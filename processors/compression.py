@@ -52,6 +52,12 @@ class Inputs:
     budget: int
     counter: TokenCounter
     similarity: Sequence[float] | None = None  # per history turn, for `relevance`
+    tokens: Sequence[int] = ()  # per history turn: strategies count with these, decoding only kept turns
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.history):
+            stored = getattr(self.history, "tokens", None)
+            self.tokens = stored if stored is not None else [t["tokens"] for t in self.history]
 
 
 Strategy = Callable[[Inputs], Context]
@@ -61,18 +67,18 @@ def _tokens(turns: Sequence[Turn]) -> int:
     return sum(t["tokens"] for t in turns)
 
 
-def _newest_fitting(history: Sequence[Turn], budget: int) -> int:
+def _newest_fitting(tokens: Sequence[int], budget: int) -> int:
     """Index of the oldest history turn kept when keeping the newest within `budget`."""
-    used, start = 0, len(history)
-    while start > 0 and used + history[start - 1]["tokens"] <= budget:
+    used, start = 0, len(tokens)
+    while start > 0 and used + tokens[start - 1] <= budget:
         start -= 1
-        used += history[start]["tokens"]
+        used += tokens[start]
     return start
 
 
 def window(x: Inputs) -> Context:
     room = x.budget - _tokens(x.new_turns)
-    start = _newest_fitting(x.history, room)
+    start = _newest_fitting(x.tokens, room)
     kept = list(x.history[start:]) + x.new_turns
     return Context(kept, _tokens(kept), start, "window")
 
@@ -107,10 +113,10 @@ def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> 
 
 def summary(x: Inputs) -> Context:
     new_tokens = _tokens(x.new_turns)
-    if _tokens(x.history) + new_tokens <= x.budget:
+    if sum(x.tokens) + new_tokens <= x.budget:
         return dataclasses.replace(window(x), strategy="summary")
     reserve = int(x.budget * SUMMARY_SHARE)
-    start = _newest_fitting(x.history, x.budget - new_tokens - reserve)
+    start = _newest_fitting(x.tokens, x.budget - new_tokens - reserve)
     text = summarize(x.history[:start], reserve, x.counter)
     kept = list(x.history[start:]) + x.new_turns
     used = _tokens(kept) + (x.counter.count(text) if text else 0)
@@ -120,14 +126,14 @@ def summary(x: Inputs) -> Context:
 def relevance(x: Inputs) -> Context:
     new_tokens = _tokens(x.new_turns)
     room = x.budget - new_tokens
-    start = _newest_fitting(x.history, int(room * RECENT_SHARE))
-    used = _tokens(x.history[start:])
+    start = _newest_fitting(x.tokens, int(room * RECENT_SHARE))
+    used = sum(x.tokens[start:])
     chosen: list[int] = []
     if x.similarity is not None:
         for i in sorted(range(start), key=lambda i: -x.similarity[i]):  # type: ignore[index]
-            if used + x.history[i]["tokens"] <= room:
+            if used + x.tokens[i] <= room:
                 chosen.append(i)
-                used += x.history[i]["tokens"]
+                used += x.tokens[i]
     keep = sorted(chosen) + list(range(start, len(x.history)))
     kept = [x.history[i] for i in keep] + x.new_turns
     return Context(kept, _tokens(kept), len(x.history) - len(keep), "relevance")
@@ -138,7 +144,7 @@ def prefix_stable(x: Inputs) -> Context:
     reserve = int(x.budget * PREFIX_SUMMARY_SHARE)
     room = x.budget - new_tokens - reserve
     start = 0
-    while start < len(x.history) and _tokens(x.history[start:]) > room:
+    while start < len(x.history) and sum(x.tokens[start:]) > room:
         start += EPOCH_TURNS
     start = min(start, len(x.history))
     text = summarize(x.history[:start], reserve, x.counter)

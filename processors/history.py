@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 from urllib.parse import quote
 
 import orjson
@@ -39,11 +39,76 @@ def seen_key(request_id: str) -> str:
 
 
 def encode_turn(turn: Turn) -> bytes:
-    return orjson.dumps({"role": turn["role"], "content": turn["content"], "tokens": turn["tokens"]})
+    """`<tokens>\t{"role":..,"content":..}`: the count is readable without decoding the turn."""
+    return b"%d\t" % turn["tokens"] + orjson.dumps({"role": turn["role"], "content": turn["content"]})
 
 
-def decode_turns(raw: Iterable[bytes]) -> list[Turn]:
-    return [orjson.loads(item) for item in raw]
+class TokenCounts(Sequence[int]):
+    """The token count of each stored turn, parsed from its prefix when first asked:
+    a window walks back from the newest turn and stops at the budget."""
+
+    def __init__(self, raw: list[bytes]) -> None:
+        self._raw = raw
+        self._parsed: list[int | None] = [None] * len(raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def _count(self, i: int) -> int:
+        n = self._parsed[i]
+        if n is None:
+            entry = self._raw[i]
+            n = self._parsed[i] = int(entry[: entry.index(b"\t")])
+        return n
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):
+            return [self._count(i) for i in range(*index.indices(len(self)))]
+        return self._count(index if index >= 0 else len(self) + index)
+
+
+class StoredHistory(Sequence[Turn]):
+    """A session's history as read from Redis: turns decoded, and their token counts
+    parsed, only when a strategy looks at them (a window of a long history touches
+    only the turns it keeps)."""
+
+    def __init__(self, raw: list[bytes]) -> None:
+        self._raw = raw
+        self._decoded: dict[int, Turn] = {}
+        self.tokens = TokenCounts(raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def _turn(self, i: int) -> Turn:
+        turn = self._decoded.get(i)
+        if turn is None:
+            entry = self._raw[i]
+            turn = orjson.loads(entry[entry.index(b"\t") + 1 :])
+            turn["tokens"] = self.tokens[i]
+            self._decoded[i] = turn
+        return turn
+
+    @overload
+    def __getitem__(self, index: int) -> Turn: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Turn]: ...
+
+    def __getitem__(self, index: int | slice) -> Turn | list[Turn]:
+        if isinstance(index, slice):
+            return [self._turn(i) for i in range(*index.indices(len(self)))]
+        return self._turn(index if index >= 0 else len(self) + index)
+
+
+def decode_turns(raw: Iterable[bytes]) -> StoredHistory:
+    return StoredHistory(list(raw))
 
 
 class HistoryWriter:

@@ -62,23 +62,40 @@ def test_client_is_told_before_sending_and_priorities_are_shed_in_order(no_worke
             with pytest.raises(QueueFull) as low:
                 await client.submit(user("low"), "p-low", priority="low")
             low_ms = (time.perf_counter() - started) * 1000
-            # normal passes until the cap (17 + 3 = 20), then is refused
-            for i in range(3):
-                await client.submit(user(f"normal {i}"), f"p-n{i}", deadline_s=120)
-            with pytest.raises(QueueFull) as normal:
-                await client.submit(user("normal over"), "p-n-over")
-            # high passes up to 1.25 x cap
-            for i in range(5):
-                await client.submit(user(f"high {i}"), f"p-h{i}", priority="high", deadline_s=120)
-            with pytest.raises(QueueFull):
-                await client.submit(user("high over"), "p-h-over", priority="high")
-            return {"low": low.value, "normal": normal.value, "low_ms": low_ms}
+
+            async def until_refused(priority: str, limit: int) -> tuple[int, QueueFull]:
+                for n in range(limit):
+                    try:
+                        await client.submit(
+                            user(f"{priority} {n}"), f"p-{priority}-{n}", priority=priority, deadline_s=120
+                        )
+                    except QueueFull as refused:
+                        return n, refused
+                raise AssertionError(f"{priority} was never refused")
+
+            # normal passes while the lag (published plus own recent sends) is under the cap
+            normals, normal = await until_refused("normal", 10)
+            # high passes on, up to 1.25 x cap
+            highs, high = await until_refused("high", 20)
+            # (the processors may still refuse one of these: their own view of the cap)
+            final = await wait_for_lag(client, 17 + normals + highs - 2)
+            return {
+                "low": low.value,
+                "normal": normal,
+                "high": high,
+                "low_ms": low_ms,
+                "normals": normals,
+                "highs": highs,
+                "final_lag": final["lag"],
+            }
 
     result = asyncio.run(scenario())
-    low, normal = result["low"], result["normal"]
+    low, normal, high = result["low"], result["normal"], result["high"]
     assert low.stage == WORKERS and low.cap == CAP and low.lag >= 16 and low.retry_after_ms > 0
-    assert normal.lag >= CAP
     assert result["low_ms"] < 50  # in memory, no broker round trip
+    assert 1 <= result["normals"] <= 3 and normal.lag >= CAP  # refused at the cap, never before warn
+    assert result["highs"] >= 1 and high.lag >= 1.25 * CAP  # high goes on past the cap
+    assert result["final_lag"] <= 1.25 * CAP  # and nothing got in beyond 1.25 x cap
 
 
 def test_producer_ignoring_the_signal_is_answered_queue_full_and_nothing_is_lost(no_worker: Pipeline) -> None:
