@@ -72,7 +72,7 @@ class PressureGauge:
     busy, and a seconds-cap reflects what the stage can do, not what it was offered.
     """
 
-    def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 5.0) -> None:
+    def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 15.0) -> None:
         self.stage = stage
         self.cap = cap
         self.warn_ratio = warn_ratio
