@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 from urllib.parse import quote
 
 import orjson
@@ -43,68 +43,60 @@ def encode_turn(turn: Turn) -> bytes:
     return b"%d\t" % turn["tokens"] + orjson.dumps({"role": turn["role"], "content": turn["content"]})
 
 
-class TokenCounts(Sequence[int]):
-    """The token count of each stored turn, parsed from its prefix when first asked:
-    a window walks back from the newest turn and stops at the budget."""
+T = TypeVar("T")
+
+
+class _LazySequence(Sequence[T]):
+    """A read-only sequence over raw Redis entries whose items are made on first access."""
 
     def __init__(self, raw: list[bytes]) -> None:
         self._raw = raw
-        self._parsed: list[int | None] = [None] * len(raw)
+        self._made: dict[int, T] = {}
 
     def __len__(self) -> int:
         return len(self._raw)
 
-    def _count(self, i: int) -> int:
-        n = self._parsed[i]
-        if n is None:
-            entry = self._raw[i]
-            n = self._parsed[i] = int(entry[: entry.index(b"\t")])
-        return n
+    def _make(self, entry: bytes, i: int) -> T:
+        raise NotImplementedError
+
+    def _item(self, i: int) -> T:
+        if i not in self._made:
+            self._made[i] = self._make(self._raw[i], i)
+        return self._made[i]
 
     @overload
-    def __getitem__(self, index: int) -> int: ...
+    def __getitem__(self, index: int) -> T: ...
 
     @overload
-    def __getitem__(self, index: slice) -> list[int]: ...
+    def __getitem__(self, index: slice) -> list[T]: ...
 
-    def __getitem__(self, index: int | slice) -> int | list[int]:
+    def __getitem__(self, index: int | slice) -> T | list[T]:
         if isinstance(index, slice):
-            return [self._count(i) for i in range(*index.indices(len(self)))]
-        return self._count(index if index >= 0 else len(self) + index)
+            return [self._item(i) for i in range(*index.indices(len(self)))]
+        return self._item(index if index >= 0 else len(self) + index)
 
 
-class StoredHistory(Sequence[Turn]):
+class TokenCounts(_LazySequence[int]):
+    """The token count of each stored turn, parsed from its prefix when first asked:
+    a window walks back from the newest turn and stops at the budget."""
+
+    def _make(self, entry: bytes, i: int) -> int:
+        return int(entry[: entry.index(b"\t")])
+
+
+class StoredHistory(_LazySequence[Turn]):
     """A session's history as read from Redis: turns decoded, and their token counts
     parsed, only when a strategy looks at them (a window of a long history touches
     only the turns it keeps)."""
 
     def __init__(self, raw: list[bytes]) -> None:
-        self._raw = raw
-        self._decoded: dict[int, Turn] = {}
+        super().__init__(raw)
         self.tokens = TokenCounts(raw)
 
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def _turn(self, i: int) -> Turn:
-        turn = self._decoded.get(i)
-        if turn is None:
-            entry = self._raw[i]
-            turn = orjson.loads(entry[entry.index(b"\t") + 1 :])
-            turn["tokens"] = self.tokens[i]
-            self._decoded[i] = turn
+    def _make(self, entry: bytes, i: int) -> Turn:
+        turn: Turn = orjson.loads(entry[entry.index(b"\t") + 1 :])
+        turn["tokens"] = self.tokens[i]
         return turn
-
-    @overload
-    def __getitem__(self, index: int) -> Turn: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[Turn]: ...
-
-    def __getitem__(self, index: int | slice) -> Turn | list[Turn]:
-        if isinstance(index, slice):
-            return [self._turn(i) for i in range(*index.indices(len(self)))]
-        return self._turn(index if index >= 0 else len(self) + index)
 
 
 def decode_turns(raw: Iterable[bytes]) -> StoredHistory:
