@@ -32,10 +32,9 @@ STAGE = "workers"
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
-    """Bounded prefetch: librdkafka keeps at most a few batches ahead. A small
-    per-partition fetch size makes each fetch take a little from every partition,
-    so a backlog is served close to oldest-first across partitions, not one
-    partition at a time (which showed as a long latency tail under overload)."""
+    """Bounded prefetch: librdkafka keeps at most a few batches ahead, in small
+    per-partition fetches; fairness across partitions comes from the batcher's
+    per-partition share of its pool (inference/batcher.py)."""
     return consumer_config(
         settings,
         settings.worker_group,
@@ -136,7 +135,7 @@ class InferenceWorker:
         return Prompt(messages, envelope["max_new_tokens"], envelope["temperature"])
 
     def _generate(self, work: list[tuple[dict[str, Any], Prompt]], batch_started: int) -> list[Outgoing]:
-        cached = self._cached(work)
+        keys, cached = self._cached(work)
         todo = [i for i, hit in enumerate(cached) if hit is None]
         started = time.monotonic()
         try:
@@ -148,7 +147,7 @@ class InferenceWorker:
         generations = list(cached)
         for i, g in zip(todo, generated, strict=True):
             generations[i] = g
-        self._remember(work, todo, generated)
+        self._remember(keys, todo, generated)
         self._append_history(work, generations)
         return [
             self._reply(
@@ -162,32 +161,28 @@ class InferenceWorker:
                 inference_ms=0 if hit is not None else inference_ms,
             )
             for (envelope, _), g, hit in zip(work, generations, cached, strict=True)
-            if g is not None
         ]
 
-    def _cached(self, work: list[tuple[dict[str, Any], Prompt]]) -> list[Generation | None]:
-        """Cache hits for greedy prompts (one MGET); None where the model must run."""
+    def _cached(self, work: list[tuple[dict[str, Any], Prompt]]) -> tuple[list[str | None], list[Generation | None]]:
+        """Cache keys (None: not cacheable) and hits for greedy prompts, in one MGET;
+        a None hit is where the model must run."""
+        off = [None] * len(work)
         if not self.settings.response_cache_ttl_s:
-            return [None] * len(work)
-        index = [i for i, (_, p) in enumerate(work) if cacheable(p)]
+            return off, list(off)
+        keys = [cache_key(self.runner.name, p) if cacheable(p) else None for _, p in work]
+        index = [i for i, key in enumerate(keys) if key is not None]
         try:
-            found = lookup(self.redis, [cache_key(self.runner.name, work[i][1]) for i in index])
+            found = lookup(self.redis, [keys[i] for i in index])
         except (redis.RedisError, OSError) as exc:
             log.warning("redis unreachable; response cache skipped: %s", exc)
-            return [None] * len(work)
-        hits: list[Generation | None] = [None] * len(work)
+            return keys, list(off)
+        hits: list[Generation | None] = list(off)
         for i, g in zip(index, found, strict=True):
             hits[i] = g
-        return hits
+        return keys, hits
 
-    def _remember(self, work: list[tuple[dict[str, Any], Prompt]], todo: list[int], generated: list[Any]) -> None:
-        if not self.settings.response_cache_ttl_s:
-            return
-        entries = [
-            (cache_key(self.runner.name, work[i][1]), g)
-            for i, g in zip(todo, generated, strict=True)
-            if cacheable(work[i][1])
-        ]
+    def _remember(self, keys: list[str | None], todo: list[int], generated: list[Generation]) -> None:
+        entries = [(key, g) for i, g in zip(todo, generated, strict=True) if (key := keys[i]) is not None]
         try:
             store(self.redis, entries, self.settings.response_cache_ttl_s)
         except (redis.RedisError, OSError) as exc:

@@ -222,20 +222,19 @@ class RequestHandler:
         not cached yet (each turn is embedded once, then stored in Redis)."""
         if self._embedder is None:
             self._embedder = Embedder()
+        digests = [[content_digest(turn["content"]) for turn in item.history] for item in items]
         missing: dict[str, str] = {}
-        for item in items:
-            for turn in item.history:
-                digest = content_digest(turn["content"])
+        for item, item_digests in zip(items, digests, strict=True):
+            for turn, digest in zip(item.history, item_digests, strict=True):
                 if digest.encode() not in item.cached_vectors:
                     missing[digest] = turn["content"]
         questions = [next((t["content"] for t in reversed(i.new_turns) if t["role"] == "user"), "") for i in items]
         vectors = self._embedder.embed(list(missing.values()) + questions)
         computed = {d: to_bytes(v) for d, v in zip(missing, vectors, strict=False)}
-        for item, text, question in zip(items, questions, vectors[len(missing) :], strict=True):
+        for item, item_digests, text, question in zip(items, digests, questions, vectors[len(missing) :], strict=True):
             item.new_vectors[content_digest(text)] = to_bytes(question)  # the question becomes a history turn
             rows = []
-            for turn in item.history:
-                digest = content_digest(turn["content"])
+            for digest in item_digests:
                 if digest in computed:
                     item.new_vectors[digest] = computed[digest]
                     rows.append(from_bytes(computed[digest]))
