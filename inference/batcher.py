@@ -4,8 +4,11 @@ The worker keeps at most `pool_limit` fetched records in memory, and at most an
 equal share of it per assigned partition: a partition at its share is paused
 (librdkafka stops fetching it) and resumed once a batch took some of its records.
 The only queue is Kafka, never an unbounded one in memory. A batch closes at
-`max_batch` records or `max_wait_ms` after its first record arrived, whichever
-comes first, and takes the oldest records in the pool (by record timestamp).
+`max_batch` records, at `token_budget` tokens counting padding (rows times the
+longest prompt), or `max_wait_ms` after its first record arrived, whichever comes
+first. It always holds the oldest record in the pool (by record timestamp); the
+rest are the pooled records closest to it in length, so that little is padding
+(`select_batch`).
 Since every partition's oldest records are in the pool, a backlog is served
 close to first-in first-out across partitions, even though the broker returns
 partitions in a fixed order (without the per-partition share, a full pool holds
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from confluent_kafka import TopicPartition
@@ -36,40 +40,94 @@ class Source(Protocol):
     def assignment(self) -> list[Any]: ...
 
 
+FILL_SLICE_S = 0.005
+
+
 def _age_key(record: Any) -> tuple[int, int, int]:
     return (record.timestamp()[1], record.partition(), record.offset())
 
 
+def select_batch(
+    pool: list[Any], cost: Callable[[Any], int], max_count: int, token_budget: int
+) -> tuple[list[Any], list[Any]]:
+    """Picks a batch from `pool` (oldest first): the oldest record, then the records
+    nearest to it in prompt length while rows x longest prompt stays within
+    `token_budget` (the oldest goes alone if it is over it by itself). Records of
+    cost 0 (no model needed: expired, undecodable) never count against the budget.
+    Returns (batch, rest), both oldest first."""
+    if not pool or max_count <= 0:
+        return [], pool
+    anchor = cost(pool[0])
+    order = sorted(range(1, len(pool)), key=lambda i: (abs(cost(pool[i]) - anchor), i))
+    chosen, rows, longest = [0], (1 if anchor else 0), anchor
+    for i in order:
+        if len(chosen) >= max_count:
+            break
+        c = cost(pool[i])
+        if c and (rows + 1) * max(longest, c) > token_budget:
+            continue
+        chosen.append(i)
+        if c:
+            rows, longest = rows + 1, max(longest, c)
+    picked = set(chosen)
+    return [pool[i] for i in sorted(picked)], [r for i, r in enumerate(pool) if i not in picked]
+
+
 class Batcher:
-    def __init__(self, max_batch: int, max_wait_ms: int, pool_limit: int | None = None, idle_poll_s: float = 0.5):
+    def __init__(
+        self,
+        max_batch: int,
+        max_wait_ms: int,
+        pool_limit: int | None = None,
+        idle_poll_s: float = 0.5,
+        token_budget: int | None = None,
+        cost: Callable[[Any], int] | None = None,
+    ):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
+        self.token_budget = token_budget or 1 << 62
+        self.cost = cost or (lambda _record: 1)
         self.pool_limit = max(max_batch, pool_limit or 4 * max_batch)
         self.idle_poll_s = idle_poll_s
         self.pool: list[Any] = []
         self._paused: set[tuple[str, int]] = set()
         self._share = self.pool_limit
 
-    def collect(self, source: Source) -> list[Any]:
+    def collect(self, source: Source, room: int | None = None, wait: bool = True) -> list[Any]:
         """Blocks up to `idle_poll_s` for a first record, then fills the pool until
-        a batch is full or `max_wait_ms` has passed; returns the oldest `max_batch`."""
+        a batch is full or `max_wait_ms` has passed; returns a batch of at most `room`
+        (default `max_batch`) records. `wait=False` (continuous batching, while the
+        model is busy) takes what is pooled or already fetched, without waiting."""
+        room = self.max_batch if room is None else min(room, self.max_batch)
         self._share = max(1, self.pool_limit // max(1, len(source.assignment())))
         self._resume_if_room(source)
+        if not wait:
+            self._top_up(source)
+            return self._take(room)
         if not self.pool:
             self._add(source, source.consume(1, self.idle_poll_s))  # consume() waits for all it asks for
             if not self.pool:
                 return []
         closes_at = time.monotonic() + self.max_wait_s
-        while len(self.pool) < self.max_batch:
+        while len(self.pool) < room and sum(map(self.cost, self.pool)) < self.token_budget:
             remaining = closes_at - time.monotonic()
             if remaining <= 0:
                 break
-            self._add(source, source.consume(self._room(), remaining))
-        while len(self.pool) < self.pool_limit:  # top up without waiting: more to choose the oldest from
+            # short slices: consume() waits for all it asks for, and the token budget
+            # may be reached before the count is
+            self._add(source, source.consume(self._room(), min(remaining, FILL_SLICE_S)))
+        self._top_up(source)
+        return self._take(room)
+
+    def _top_up(self, source: Source) -> None:
+        """Fetches what librdkafka already holds, without waiting: more to choose from."""
+        while len(self.pool) < self.pool_limit:
             if not self._add(source, source.consume(self._room(), 0)):
                 break
+
+    def _take(self, room: int) -> list[Any]:
         self.pool.sort(key=_age_key)
-        batch, self.pool = self.pool[: self.max_batch], self.pool[self.max_batch :]
+        batch, self.pool = select_batch(self.pool, self.cost, room, self.token_budget)
         return batch
 
     def drop_partitions(self, partitions: set[tuple[str, int]]) -> None:

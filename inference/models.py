@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inference.assets import default_model_dir, load_tokenizer
 from inference.exceptions import ModelError
 from processors.tokens import TURN_OVERHEAD
+
+if TYPE_CHECKING:
+    from inference.engine import ContinuousEngine
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ class ModelRunner(Protocol):
 
     def generate(self, prompts: list[Prompt]) -> list[Generation]: ...
 
+    def encode(self, prompt: Prompt) -> tuple[list[int], int]:
+        """Prompt token ids, and how many leading ones are shared (system prompt)."""
+        ...
+
     def count_turn_tokens(self, generation: Generation) -> int:
         """Tokens the reply takes as a history turn, without re-tokenizing it."""
         ...
@@ -65,9 +72,20 @@ class EchoRunner:
     def count_turn_tokens(self, generation: Generation) -> int:
         return generation.tokens_out + TURN_OVERHEAD
 
+    def encode(self, prompt: Prompt) -> tuple[list[int], int]:
+        return chat_ids(self.tokenizer, prompt.messages, generation_prompt=True), 0
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` with the model's chat template applied."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
 
 class TransformersRunner:
     """transformers on torch: left-padded batched generate, bf16 where supported."""
+
+    min_prefix_tokens = 16  # shorter shared prefixes are not worth a prefix-cache entry
 
     def __init__(self, name: str, model: Any, tokenizer: Any, device: str) -> None:
         self.name = name
@@ -113,6 +131,27 @@ class TransformersRunner:
 
     def count_turn_tokens(self, generation: Generation) -> int:
         return generation.tokens_out + TURN_OVERHEAD
+
+    def encode(self, prompt: Prompt) -> tuple[list[int], int]:
+        """Prompt token ids (chat template applied) and how many leading ones are the
+        system prompt's block: the prefix that requests of one service share."""
+        ids = chat_ids(self.tokenizer, prompt.messages, generation_prompt=True)
+        if not prompt.messages or prompt.messages[0]["role"] != "system":
+            return ids, 0
+        prefix = chat_ids(self.tokenizer, prompt.messages[:1], generation_prompt=False)
+        shared = len(prefix) if ids[: len(prefix)] == prefix else 0
+        return ids, shared if shared >= self.min_prefix_tokens else 0
+
+    def finish(self, ids: list[int], tokens_in: int) -> Generation:
+        return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), tokens_in, len(ids))
+
+    def engine(self, prefix_cache_entries: int) -> ContinuousEngine:
+        """A continuous-batching engine on this model (inference/engine.py)."""
+        from inference.engine import ContinuousEngine
+        from inference.prefix_cache import PrefixCache
+
+        cache = PrefixCache(prefix_cache_entries, self.min_prefix_tokens) if prefix_cache_entries else None
+        return ContinuousEngine(self.model, self.end_ids, self.tokenizer.pad_token_id, self.device, cache)
 
 
 def pick_device(dtype: str = "auto") -> tuple[str, Any]:

@@ -1,25 +1,38 @@
 """An inference worker: one member of the workers' consumer group on tidegate.contexts.
 
-Per batch: decode envelopes (undecodable -> dead letter), answer expired ones
-without the model, generate the rest, append the assistant turns to the history,
-produce every reply, wait for the broker's acknowledgement, and only then commit.
+Each record is decoded once, when it enters the batcher's pool (undecodable -> dead
+letter); expired envelopes are answered without the model, greedy repeats from the
+response cache. The rest are generated in one of two ways (`TIDEGATE_BATCHING`):
+
+- `continuous` (default): requests join the running batch at the next decode step
+  and leave it when they end (inference/engine.py), each replied to at once;
+- `static`: a whole batch through transformers' `generate`, replied to together.
+
+Either way a record's offset is committed only after the broker acknowledged its
+reply (inference/offsets.py), and its assistant turn is appended to the history.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from inference.batcher import Batcher
+from inference.engine import EngineStats, Request
 from inference.models import Generation, ModelRunner, Prompt
+from inference.offsets import OffsetLedger
 from inference.response_cache import cache_key, cacheable, lookup, store
-from processors.history import HistoryWriter
+from processors.history import KEY_PREFIX, HistoryWriter
 from schemas import SerializationError, get_codec
 from streams.config import Settings
 from streams.devstack import READY_MARKER
@@ -29,6 +42,8 @@ from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_m
 log = logging.getLogger(__name__)
 
 STAGE = "workers"
+STATS_KEY = f"{KEY_PREFIX}worker-stats:"  # + topic prefix + host:pid; a hash of EngineStats
+COMMIT_INTERVAL_S = 0.1  # continuous batching: commits of answered records, at most this often
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
@@ -49,6 +64,20 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
     )
 
 
+@dataclass(slots=True)
+class Job:
+    """One record, decoded once when it entered the pool."""
+
+    record: Message
+    envelope: dict[str, Any] | None = None
+    dead_letter: Outgoing | None = None
+    prompt: Prompt | None = None
+    ids: list[int] = dataclasses.field(default_factory=list)
+    prefix_len: int = 0
+    cache_key: str | None = None
+    started_ms: int = 0  # taken from the pool
+
+
 class DeliveryError(RuntimeError):
     """The broker did not acknowledge a reply; the batch is not committed."""
 
@@ -58,28 +87,57 @@ class InferenceWorker:
         self.settings = settings
         self.runner = runner
         self.codec = get_codec()
-        self.batcher = Batcher(settings.max_batch, settings.max_wait_ms, settings.prefetch_limit)
+        self.batcher = Batcher(
+            settings.max_batch,
+            settings.max_wait_ms,
+            settings.prefetch_limit,
+            token_budget=settings.batch_tokens,
+            cost=self._cost,
+        )
         self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.consumer = Consumer(consumer_settings(settings))
         self.producer = Producer(producer_config(settings))
+        self.ledger = OffsetLedger()
+        self.jobs: dict[tuple[str, int, int], Job] = {}
+        make_engine = getattr(runner, "engine", None)
+        continuous = settings.batching == "continuous" and make_engine is not None
+        self.engine = make_engine(settings.prefix_cache_entries) if continuous else None
+        self.stats = self.engine.stats if self.engine is not None else EngineStats()
+        self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
+        self._failures: list[str] = []
         self._announced = False
+        self._committed_at = 0.0
+        self._stats_at = 0.0
 
     def warm_up(self) -> None:
-        """One batch through the model before joining, so the first real batch is not slow."""
-        self.runner.generate([Prompt([{"role": "user", "content": "Hello"}], 4)])
+        """One request through the model before joining, so the first real batch is not slow."""
+        prompt = Prompt([{"role": "user", "content": "Hello"}], 4)
+        if self.engine is None:
+            self.runner.generate([prompt])
+            return
+        ids, prefix_len = self.runner.encode(prompt)
+        self.engine.add([Request(None, ids, prompt.max_new_tokens, 0.0, prefix_len)])
+        while self.engine.busy:
+            self.engine.step()
+        self.engine.stats = self.stats = EngineStats()
 
     def run(self) -> None:
         self.consumer.subscribe([self.settings.topics.contexts], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stopping.is_set():
-                batch = self.batcher.collect(self.consumer)
-                if batch:
-                    self.process(batch)
+                if self.engine is None:
+                    batch = self.batcher.collect(self.consumer)
+                    if batch:
+                        self.process(batch)
+                else:
+                    self.continuous_round()
+                self._publish_stats()
         finally:
-            self.consumer.close()
             self.producer.flush(10)
+            self._commit(asynchronous=False)
+            self.consumer.close()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("worker assigned %d partitions", len(partitions))
@@ -88,44 +146,44 @@ class InferenceWorker:
             print(READY_MARKER, flush=True)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.batcher.drop_partitions({(tp.topic, tp.partition) for tp in partitions})
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self._commit(asynchronous=False)
+        self.batcher.drop_partitions(revoked)
+        self.ledger.forget(revoked)
+        self.jobs = {k: j for k, j in self.jobs.items() if (k[0], k[1]) not in revoked}
 
-    def process(self, records: Sequence[Message]) -> None:
-        batch_started = now_ms()
-        outgoing: list[Outgoing] = []
-        work: list[tuple[dict[str, Any], Prompt]] = []
-        for record in records:
-            error = record.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consume error: %s", error)
-                continue
-            try:
-                envelope = self.codec.decode(record.value(), "ContextEnvelope")[1]
-            except SerializationError as exc:
-                outgoing.append(
-                    dead_letter(
-                        self.settings.topics.dead_letter,
-                        record.value(),
-                        record.key(),
-                        reason=str(exc),
-                        source_topic=record.topic(),
-                        partition=record.partition(),
-                        offset=record.offset(),
-                        stage=STAGE,
-                    )
-                )
-                continue
-            if envelope["deadline_ms"] and batch_started > envelope["deadline_ms"]:
-                outgoing.append(
-                    self._reply(envelope, "expired", batch_started, error="deadline passed before inference")
-                )
-                continue
-            work.append((envelope, self._prompt(envelope)))
-        if work:
-            outgoing.extend(self._generate(work, batch_started))
-        self._deliver(outgoing)
-        self._commit(records)
+    # -- decoding, once per record --------------------------------------------
+
+    def _job(self, record: Message) -> Job:
+        key = (record.topic(), record.partition(), record.offset())
+        job = self.jobs.get(key)
+        if job is None:
+            job = self.jobs[key] = self._decode(record)
+        return job
+
+    def _cost(self, record: Message) -> int:
+        """Prompt tokens, for the batch's token budget; 0 where no model is needed."""
+        return len(self._job(record).ids)
+
+    def _decode(self, record: Message) -> Job:
+        job = Job(record)
+        try:
+            job.envelope = self.codec.decode(record.value(), "ContextEnvelope")[1]
+        except SerializationError as exc:
+            job.dead_letter = dead_letter(
+                self.settings.topics.dead_letter,
+                record.value(),
+                record.key(),
+                reason=str(exc),
+                source_topic=record.topic(),
+                partition=record.partition(),
+                offset=record.offset(),
+                stage=STAGE,
+            )
+            return job
+        job.prompt = self._prompt(job.envelope)
+        job.ids, job.prefix_len = self.runner.encode(job.prompt)
+        return job
 
     def _prompt(self, envelope: dict[str, Any]) -> Prompt:
         messages = [{"role": "system", "content": envelope["system_prompt"]}] if envelope["system_prompt"] else []
@@ -134,67 +192,145 @@ class InferenceWorker:
         messages.extend({"role": t["role"], "content": t["content"]} for t in envelope["turns"])
         return Prompt(messages, envelope["max_new_tokens"], envelope["temperature"])
 
-    def _generate(self, work: list[tuple[dict[str, Any], Prompt]], batch_started: int) -> list[Outgoing]:
-        keys, cached = self._cached(work)
-        todo = [i for i, hit in enumerate(cached) if hit is None]
+    def _take(self, records: Sequence[Message]) -> tuple[list[tuple[Message, Outgoing]], list[Job]]:
+        """Takes records from the pool: answers those that need no model (dead letter,
+        expired, response-cache hit) and returns them with the jobs left to generate."""
+        started = now_ms()
+        answered: list[tuple[Message, Outgoing]] = []
+        jobs: list[Job] = []
+        for record in records:
+            error = record.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", error)
+                continue
+            job = self.jobs.pop((record.topic(), record.partition(), record.offset()), None) or self._decode(record)
+            job.started_ms = started
+            self.ledger.take([record])
+            if job.dead_letter is not None:
+                answered.append((record, job.dead_letter))
+            elif job.envelope is not None and job.envelope["deadline_ms"] and started > job.envelope["deadline_ms"]:
+                answered.append((record, self._reply(job, "expired", error="deadline passed before inference")))
+            else:
+                jobs.append(job)
+        hits = self._cached(jobs)
+        for job, hit in zip(jobs, hits, strict=True):
+            if hit is not None:
+                self._append_history([job], [hit])
+                answered.append((job.record, self._ok(job, hit, cache_hit=True)))
+        return answered, [j for j, hit in zip(jobs, hits, strict=True) if hit is None]
+
+    # -- static batching ------------------------------------------------------
+
+    def process(self, records: Sequence[Message]) -> None:
+        """A whole batch through the runner's `generate`; replies and commit after it."""
+        answered, jobs = self._take(records)
+        if jobs:
+            answered.extend(self._generate_static(jobs))
+        self._send(answered)
+        remaining = self.producer.flush(30)
+        if remaining:
+            self._failures.append(f"{remaining} replies unacknowledged")
+        self._raise_on_failures()
+        self._commit(asynchronous=False)
+
+    def _generate_static(self, jobs: list[Job]) -> list[tuple[Message, Outgoing]]:
         started = time.monotonic()
         try:
-            generated = self.runner.generate([work[i][1] for i in todo]) if todo else []
+            generated = self.runner.generate([j.prompt for j in jobs if j.prompt is not None])
         except Exception as exc:
-            log.exception("model %s failed on a batch of %d", self.runner.name, len(todo))
-            return [self._reply(e, "error", batch_started, error=f"model failed: {exc!r}") for e, _ in work]
-        inference_ms = int((time.monotonic() - started) * 1000) if todo else 0
-        generations = list(cached)
-        for i, g in zip(todo, generated, strict=True):
-            generations[i] = g
-        self._remember(keys, todo, generated)
-        self._append_history(work, generations)
-        return [
-            self._reply(
-                envelope,
-                "ok",
-                batch_started,
-                text=g.text,
-                tokens_in=g.tokens_in,
-                tokens_out=g.tokens_out,
-                cache_hit=hit is not None,
-                inference_ms=0 if hit is not None else inference_ms,
-            )
-            for (envelope, _), g, hit in zip(work, generations, cached, strict=True)
-        ]
+            log.exception("model %s failed on a batch of %d", self.runner.name, len(jobs))
+            return [(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in jobs]
+        inference_ms = int((time.monotonic() - started) * 1000)
+        self._count_static(jobs, generated)
+        self._remember(jobs, generated)
+        self._append_history(jobs, generated)
+        return [(j.record, self._ok(j, g, inference_ms=inference_ms)) for j, g in zip(jobs, generated, strict=True)]
 
-    def _cached(self, work: list[tuple[dict[str, Any], Prompt]]) -> tuple[list[str | None], list[Generation | None]]:
-        """Cache keys (None: not cacheable) and hits for greedy prompts, in one MGET;
-        a None hit is where the model must run."""
-        off = [None] * len(work)
-        if not self.settings.response_cache_ttl_s:
-            return off, list(off)
-        keys = [cache_key(self.runner.name, p) if cacheable(p) else None for _, p in work]
-        index = [i for i, key in enumerate(keys) if key is not None]
+    def _count_static(self, jobs: list[Job], generated: list[Generation]) -> None:
+        """generate() pads prompts to the longest and steps every row until the last ends."""
+        lengths = [len(j.ids) for j in jobs]
+        steps = max(g.tokens_out for g in generated)
+        s = self.stats
+        s.prefill_tokens += sum(lengths)
+        s.prefill_padded += len(jobs) * max(lengths) - sum(lengths)
+        s.steps += steps
+        s.rows_stepped += len(jobs) * steps
+        s.rows_idle += sum(steps - g.tokens_out for g in generated)
+
+    # -- continuous batching --------------------------------------------------
+
+    def continuous_round(self) -> None:
+        """Admits what fits into the running batch, runs one decode step, replies to
+        the requests that ended, and commits what is answered."""
+        assert self.engine is not None
+        busy = self.engine.busy
+        if not busy:  # about to wait for work: let the broker ack and commit first
+            self.producer.flush(10)
+            self._raise_on_failures()
+            self._commit(asynchronous=False)
+        room = max(0, self.settings.max_batch - len(self.engine.active))
+        records = self.batcher.collect(self.consumer, room, wait=not busy)  # room 0: keeps fetching
+        if records:
+            answered, jobs = self._take(records)
+            self._send(answered)
+            if jobs:
+                self._run_engine(lambda: self.engine.add([self._request(j) for j in jobs]), jobs)
+        if self.engine.busy:
+            self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
+        self.producer.poll(0)
+        self._raise_on_failures()
+        if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
+            self._commit(asynchronous=True)
+
+    def _request(self, job: Job) -> Request:
+        assert job.prompt is not None
+        return Request(job, job.ids, job.prompt.max_new_tokens, job.prompt.temperature, job.prefix_len)
+
+    def _run_engine(self, call: Any, jobs: list[Job]) -> None:
+        """Runs an engine call; on a model failure every job it touched gets an `error`
+        reply and the running batch is dropped (its cache may be half-updated)."""
+        assert self.engine is not None
         try:
-            found = lookup(self.redis, [keys[i] for i in index])
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; response cache skipped: %s", exc)
-            return keys, list(off)
-        hits: list[Generation | None] = list(off)
-        for i, g in zip(index, found, strict=True):
-            hits[i] = g
-        return keys, hits
+            finished = call()
+        except Exception as exc:
+            log.exception("model %s failed with %d requests in the batch", self.runner.name, len(jobs))
+            dropped = {id(j): j for j in [*jobs, *(r.tag for r in self.engine.reset())]}
+            self._send([(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in dropped.values()])
+            return
+        if not finished:
+            return
+        jobs_done: list[Job] = [r.tag for r in finished]
+        generations = [self.runner.finish(r.out, len(r.ids)) for r in finished]
+        self._remember(jobs_done, generations)
+        self._append_history(jobs_done, generations)
+        self._send(
+            [
+                (j.record, self._ok(j, g, inference_ms=int((time.monotonic() - r.admitted_at) * 1000)))
+                for j, g, r in zip(jobs_done, generations, finished, strict=True)
+            ]
+        )
 
-    def _remember(self, keys: list[str | None], todo: list[int], generated: list[Generation]) -> None:
-        entries = [(key, g) for i, g in zip(todo, generated, strict=True) if (key := keys[i]) is not None]
-        try:
-            store(self.redis, entries, self.settings.response_cache_ttl_s)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; responses not cached: %s", exc)
+    # -- replies, cache, history ----------------------------------------------
 
-    def _reply(
-        self, envelope: dict[str, Any], status: str, batch_started: int, *, inference_ms: int = 0, **fields: Any
-    ) -> Outgoing:
+    def _ok(self, job: Job, g: Generation, *, cache_hit: bool = False, inference_ms: int = 0) -> Outgoing:
+        return self._reply(
+            job,
+            "ok",
+            text=g.text,
+            tokens_in=g.tokens_in,
+            tokens_out=g.tokens_out,
+            cache_hit=cache_hit,
+            inference_ms=inference_ms,
+        )
+
+    def _reply(self, job: Job, status: str, *, inference_ms: int = 0, **fields: Any) -> Outgoing:
+        envelope = job.envelope
+        assert envelope is not None
         timings = {
             "queued_ms": envelope["queued_ms"],
             "context_ms": envelope["context_ms"],
-            "batch_wait_ms": max(0, batch_started - envelope["forwarded_ms"]),
+            "batch_wait_ms": max(0, job.started_ms - envelope["forwarded_ms"]),
             "inference_ms": inference_ms,
         }
         reply = build_reply(
@@ -202,37 +338,85 @@ class InferenceWorker:
         )
         return reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
 
-    def _append_history(self, work: list[tuple[dict[str, Any], Prompt]], generations: list[Any]) -> None:
+    def _cached(self, jobs: list[Job]) -> list[Generation | None]:
+        """Response-cache hits for greedy prompts, in one MGET; None where the model
+        must run. Sets each cacheable job's key."""
+        misses: list[Generation | None] = [None] * len(jobs)
+        if not self.settings.response_cache_ttl_s:
+            return misses
+        for j in jobs:
+            if j.prompt is not None and cacheable(j.prompt):
+                j.cache_key = cache_key(self.runner.name, j.prompt)
+        index = [i for i, j in enumerate(jobs) if j.cache_key is not None]
+        if not index:
+            return misses
+        try:
+            found = lookup(self.redis, [jobs[i].cache_key for i in index if jobs[i].cache_key])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis unreachable; response cache skipped: %s", exc)
+            return misses
+        for i, g in zip(index, found, strict=True):
+            misses[i] = g
+        return misses
+
+    def _remember(self, jobs: list[Job], generated: list[Generation]) -> None:
+        entries = [(j.cache_key, g) for j, g in zip(jobs, generated, strict=True) if j.cache_key is not None]
+        try:
+            store(self.redis, entries, self.settings.response_cache_ttl_s)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis unreachable; responses not cached: %s", exc)
+
+    def _append_history(self, jobs: list[Job], generations: list[Generation]) -> None:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                for (envelope, _), g in zip(work, generations, strict=True):
+                for j, g in zip(jobs, generations, strict=True):
+                    assert j.envelope is not None
                     turn = {"role": "assistant", "content": g.text, "tokens": self.runner.count_turn_tokens(g)}
-                    self.history.append(pipe, envelope["tenant"], envelope["session_id"], [turn])
+                    self.history.append(pipe, j.envelope["tenant"], j.envelope["session_id"], [turn])
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("redis unreachable; assistant turns not stored: %s", exc)
 
-    def _deliver(self, outgoing: list[Outgoing]) -> None:
-        failures: list[str] = []
+    # -- delivery and commits -------------------------------------------------
 
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(str(err))
+    def _send(self, answered: list[tuple[Message, Outgoing]]) -> None:
+        """Produces each reply; its record counts as answered once the broker acked it."""
+        for record, o in answered:
 
-        for o in outgoing:
+            def on_delivery(err: KafkaError | None, _msg: Message, record: Message = record) -> None:
+                if err is None:
+                    self.ledger.answered(record.topic(), record.partition(), record.offset())
+                else:
+                    self._failures.append(str(err))
+
             self.producer.produce(o.topic, o.value, o.key, headers=o.headers, on_delivery=on_delivery)
-        remaining = self.producer.flush(30)
-        if remaining or failures:
-            raise DeliveryError(f"{remaining} replies unacknowledged, failures: {failures[:3]}")
 
-    def _commit(self, records: Sequence[Message]) -> None:
-        """Commits past the answered records, but never past a record still pooled."""
-        pooled = self.batcher.pending_offsets()
-        last: dict[tuple[str, int], int] = {}
-        for r in records:
-            if r.error() is None:
-                key = (r.topic(), r.partition())
-                last[key] = max(last.get(key, -1), r.offset())
-        offsets = [TopicPartition(t, p, min(o + 1, pooled.get((t, p), o + 1))) for (t, p), o in last.items()]
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+    def _raise_on_failures(self) -> None:
+        if self._failures:
+            failures, self._failures = self._failures, []
+            raise DeliveryError(f"replies not acknowledged: {failures[:3]}")
+
+    def _commit(self, asynchronous: bool) -> None:
+        """Commits past answered records, never past one that is pooled or open."""
+        self._committed_at = time.monotonic()
+        moved = self.ledger.positions(self.batcher.pending_offsets())
+        if moved:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in moved.items()]
+            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+
+    def _publish_stats(self) -> None:
+        """Batching counters to a Redis hash (`tidegate bench batching` reads them)."""
+        if time.monotonic() - self._stats_at < self.settings.stats_interval_s:
+            return
+        self._stats_at = time.monotonic()
+        fields: dict[str, Any] = {
+            **dataclasses.asdict(self.stats),
+            "batching": "continuous" if self.engine else "static",
+        }
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self.stats_key, mapping=fields)
+                pipe.expire(self.stats_key, 3600)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("redis unreachable; stats not published: %s", exc)

@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     model: str = "default"
     max_batch: int = Field(16, ge=1)
     max_wait_ms: int = Field(20, ge=0)
+    # A batch also closes at this many prompt tokens, padding counted (rows x longest
+    # prompt); with continuous batching it bounds each group that joins the running
+    # batch. Measured: `tidegate bench batching` (README).
+    batch_tokens: int = Field(2048, ge=16)
+    batching: Literal["continuous", "static"] = "continuous"
+    prefix_cache_entries: int = Field(8, ge=0)  # shared system-prompt KV kept per worker; 0: off
+    stats_interval_s: float = Field(1.0, gt=0)  # worker batching counters to Redis
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
     prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)

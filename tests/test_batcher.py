@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from inference.batcher import Batcher
+from inference.batcher import Batcher, select_batch
 
 
 @dataclass
@@ -110,3 +110,32 @@ def test_pool_is_bounded_per_partition_and_nothing_is_lost() -> None:
     assert sorted(seen) == list(range(300))  # nothing lost or repeated through pauses
     # served close to oldest first: nothing overtaken by more than a pool's worth
     assert max(abs(ts - position) for position, ts in enumerate(seen)) <= 12
+
+
+def test_select_batch_counts_padding_against_the_token_budget() -> None:
+    lengths = {0: 100, 1: 400, 2: 110, 3: 90, 4: 105}
+    pool = list(range(5))  # oldest first
+    batch, rest = select_batch(pool, lengths.__getitem__, max_count=8, token_budget=450)
+    # 4 rows x 110 = 440 fits; adding the 400-token prompt would make it 5 x 400
+    assert batch == [0, 2, 3, 4] and rest == [1]
+
+
+def test_select_batch_always_takes_the_oldest_even_over_budget() -> None:
+    lengths = {0: 900, 1: 10, 2: 10}
+    batch, rest = select_batch([0, 1, 2], lengths.__getitem__, max_count=8, token_budget=500)
+    assert batch == [0] and rest == [1, 2]
+
+
+def test_select_batch_groups_similar_lengths_and_ignores_free_records() -> None:
+    lengths = {0: 50, 1: 480, 2: 60, 3: 0, 4: 490, 5: 55}
+    batch, rest = select_batch(list(range(6)), lengths.__getitem__, max_count=3, token_budget=10_000)
+    assert batch == [0, 3, 5] or batch == [0, 2, 5] or batch == [0, 3, 2]
+    assert 1 in rest and 4 in rest  # the long prompts wait for a batch of their own
+
+
+def test_token_budget_closes_a_batch_before_max_wait() -> None:
+    source = FakeSource([(0.0, Record(0, 0, i)) for i in range(10)])
+    batcher = Batcher(max_batch=16, max_wait_ms=2000, token_budget=300, cost=lambda _r: 100)
+    started = time.monotonic()
+    batch = batcher.collect(source)
+    assert len(batch) == 3 and time.monotonic() - started < 1.0

@@ -7,7 +7,9 @@ from collections.abc import Callable
 
 from inference.models import Prompt, load_runner
 from streams.client import Client
+from streams.lag import WORKERS, LagReader, pipeline_stages
 from tests.conftest import Pipeline
+from tests.helpers import wait_for
 
 
 def test_tiny_runner_respects_max_new_tokens_per_request() -> None:
@@ -36,3 +38,44 @@ def test_pipeline_with_tiny_model_answers(pipeline_factory: Callable[..., Pipeli
     assert [r["status"] for r in replies] == ["ok"] * 4
     assert all(r["model"] == "tiny" and 0 < r["tokens_out"] <= 6 for r in replies)
     assert all(r["timings"]["inference_ms"] > 0 for r in replies)
+
+
+def test_continuous_batching_answers_mixed_requests_once_and_commits_all(
+    pipeline_factory: Callable[..., Pipeline],
+) -> None:
+    """Requests of mixed lengths and limits join a running batch; every one gets one
+    `ok` reply, and the workers' group ends with no lag (each commit followed a reply)."""
+    pipeline = pipeline_factory(model="tiny", torch_threads=1, max_batch=6, batch_tokens=400, batching="continuous")
+    system = {"role": "system", "content": "You are the help desk of a shop that sells bicycles and their parts."}
+
+    async def ask() -> list[dict]:
+        async with Client(settings=pipeline.settings) as client:
+            return list(
+                await asyncio.gather(
+                    *(
+                        client.generate(
+                            [system, {"role": "user", "content": "wheel " * (3 + 17 * i)}],
+                            f"mixed-{i}",
+                            max_new_tokens=2 + 5 * (i % 4),
+                            deadline_s=120,
+                        )
+                        for i in range(16)
+                    )
+                )
+            )
+
+    replies = asyncio.run(ask())
+    assert [r["status"] for r in replies] == ["ok"] * 16
+    assert all(0 < r["tokens_out"] <= 2 + 5 * (i % 4) for i, r in enumerate(replies))
+    assert len({r["request_id"] for r in replies}) == 16
+    stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
+    reader = LagReader(pipeline.settings, [stage])
+    try:
+
+        def lag_now() -> int:
+            reader.poll(0.1)
+            return reader.lag(stage).lag
+
+        assert wait_for(lambda: lag_now() == 0, 20, "workers' lag == 0")
+    finally:
+        reader.close()
