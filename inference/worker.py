@@ -412,6 +412,7 @@ class InferenceWorker:
         fields: dict[str, Any] = {
             **dataclasses.asdict(self.stats),
             "batching": "continuous" if self.engine else "static",
+            "updated_ms": now_ms(),
         }
         try:
             with self.redis.pipeline(transaction=False) as pipe:

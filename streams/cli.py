@@ -64,15 +64,22 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency", "overload", "compression"])
+    bench.add_argument("name", choices=["latency", "overload", "compression", "batching"])
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
-    bench.add_argument("--requests", type=int, default=100, help="requests per model, for `latency`")
-    bench.add_argument("--model", default="tiny", help="for `overload`")
+    bench.add_argument("--requests", type=int, help="requests per model (`latency`, 100) or per run (`batching`, 48)")
+    bench.add_argument("--model", help="for `overload` (tiny) and `batching` (default)")
     bench.add_argument("--factor", type=float, default=3.0, help="offered load over capacity, for `overload`")
     bench.add_argument("--duration", type=float, default=60.0, help="seconds of offered load, for `overload`")
-    bench.add_argument("--torch-threads", type=int, default=1, help="the worker's torch threads, for `overload`")
+    bench.add_argument("--torch-threads", type=int, help="the worker's torch threads (`overload` 1, `batching` 2)")
     bench.add_argument("--plot", help="PNG path, for `overload`")
+    bench.add_argument("--max-batch", type=int, default=16, help="for `batching`")
+    bench.add_argument("--batch-tokens", type=int, default=2048, help="for `batching`")
+    bench.add_argument("--baseline-requests", type=int, default=8, help="one-at-a-time requests, for `batching`")
+    bench.add_argument("--raw-requests", type=int, default=32, help="raw batched generate requests, for `batching`")
+    bench.add_argument(
+        "--modes", default="continuous,static,continuous-noprefix", help="pipeline modes, for `batching`"
+    )
 
     sub.add_parser("processor", help="run one processor in the foreground")
     sub.add_parser("worker", help="run one inference worker in the foreground")

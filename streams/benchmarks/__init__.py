@@ -19,17 +19,32 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.name == "latency":
         from streams.benchmarks.latency import run
 
-        write_json(args.json_path, run(args.models.split(","), args.requests))
+        write_json(args.json_path, run(args.models.split(","), args.requests or 100))
         return 0
     if args.name == "overload":
         from streams.benchmarks.overload import run as run_overload
 
-        results = run_overload(args.model, args.factor, args.duration, args.torch_threads, args.plot)
+        results = run_overload(args.model or "tiny", args.factor, args.duration, args.torch_threads or 1, args.plot)
         write_json(args.json_path, results)
         return 0
     if args.name == "compression":
         from streams.benchmarks.compression import run as run_compression
 
         write_json(args.json_path, run_compression())
+        return 0
+    if args.name == "batching":
+        from streams.benchmarks.batching import run as run_batching
+
+        results = run_batching(
+            args.model or "default",
+            args.requests or 48,
+            args.baseline_requests,
+            args.raw_requests,
+            args.max_batch,
+            args.batch_tokens,
+            args.modes.split(","),
+            args.torch_threads or 2,
+        )
+        write_json(args.json_path, results)
         return 0
     raise AssertionError(args.name)

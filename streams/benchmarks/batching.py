@@ -1,0 +1,253 @@
+"""`tidegate bench batching`: how much the workers' batching gains over one at a time.
+
+One run, one model, one set of requests (prompts of 50-500 tokens behind a shared
+system prompt, max_new_tokens 8-128, greedy, seeded):
+
+1. baseline: plain `model.generate` one request at a time (batch size 1), in-process;
+2. raw batched `generate`: the same model on batches of `max_batch`, in-process;
+3. the pipeline at saturation, per mode: a fresh embedded stack (broker, Redis,
+   processor, one worker), every request submitted at once, throughput from the
+   first send to the last reply. Mean batch size and padding share come from the
+   worker's counters (inference/engine.py EngineStats, published to Redis).
+
+Tokens/s counts generated tokens. Ratios are against the baseline and the raw
+batched figure of this same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from inference.engine import EngineStats
+from inference.models import Prompt, chat_ids, load_runner
+from inference.worker import STATS_KEY
+from streams import devstack
+from streams.benchmarks.stats import percentile
+from streams.client import Client
+from streams.config import Settings
+
+SYSTEM_PROMPT = (
+    "You are the support assistant of Tideway Outfitters, a shop for sailing and kayaking gear. "
+    "Answer briefly and politely, in plain English, and never invent order numbers or prices."
+)
+WORDS = [
+    "boat",
+    "tide",
+    "harbour",
+    "wind",
+    "sail",
+    "rope",
+    "anchor",
+    "kayak",
+    "paddle",
+    "current",
+    "wave",
+    "buoy",
+    "chart",
+    "compass",
+    "jacket",
+    "order",
+    "delivery",
+    "refund",
+    "size",
+    "colour",
+    "weather",
+    "storm",
+    "island",
+    "coast",
+    "lighthouse",
+    "river",
+    "estuary",
+    "gear",
+]
+PROMPT_TOKENS = (50, 500)
+NEW_TOKENS = (8, 128)
+TIME_LIMIT_S = 900.0  # per pipeline mode
+
+
+def workload(tokenizer: Any, count: int, seed: int = 7) -> list[Prompt]:
+    """`count` prompts whose chat-templated length is uniform in PROMPT_TOKENS."""
+    rng = random.Random(seed)
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    base = len(chat_ids(tokenizer, [system, {"role": "user", "content": ""}], generation_prompt=True))
+    prompts = []
+    for i in range(count):
+        target = rng.randint(*PROMPT_TOKENS) - base
+        words = " ".join(rng.choice(WORDS) for _ in range(target * 2))
+        ids = tokenizer(f"Question {i}: {words}", add_special_tokens=False)["input_ids"][: max(1, target)]
+        prompts.append(Prompt([system, {"role": "user", "content": tokenizer.decode(ids)}], rng.randint(*NEW_TOKENS)))
+    return prompts
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return round(tokens / seconds, 2) if seconds > 0 else 0.0
+
+
+def measure_in_process(
+    model: str, prompts: list[Prompt], baseline_count: int, raw_count: int, batch: int, threads: int
+) -> dict[str, Any]:
+    runner = load_runner(model, threads)
+    runner.generate([prompts[0]])  # warm-up
+    out: dict[str, Any] = {}
+    started, tokens = time.monotonic(), 0
+    for p in prompts[:baseline_count]:
+        tokens += runner.generate([p])[0].tokens_out
+    out["baseline"] = {
+        "requests": baseline_count,
+        "tokens": tokens,
+        "tokens_per_s": _rate(tokens, time.monotonic() - started),
+    }
+    print(f"baseline (batch 1)      {out['baseline']['tokens_per_s']:8.1f} tok/s  ({baseline_count} requests)")
+    started, tokens = time.monotonic(), 0
+    for i in range(0, raw_count, batch):
+        tokens += sum(g.tokens_out for g in runner.generate(prompts[i : i + batch]))
+    out["raw_batched"] = {
+        "requests": raw_count,
+        "batch": batch,
+        "tokens": tokens,
+        "tokens_per_s": _rate(tokens, time.monotonic() - started),
+    }
+    print(f"raw generate (batch {batch:3d}) {out['raw_batched']['tokens_per_s']:8.1f} tok/s  ({raw_count} requests)")
+    del runner
+    gc.collect()
+    _free_cuda()
+    return out
+
+
+def _free_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+async def _saturate(settings: Settings, prompts: list[Prompt], tag: str) -> tuple[list[dict[str, Any]], float]:
+    async with Client(settings=settings) as client:
+        started = time.monotonic()
+
+        async def one(i: int, p: Prompt) -> dict[str, Any]:
+            reply = await client.generate(
+                p.messages, f"{tag}-{i}", max_new_tokens=p.max_new_tokens, deadline_s=TIME_LIMIT_S
+            )
+            return {**reply, "latency_s": time.monotonic() - started}
+
+        replies = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        return list(replies), time.monotonic() - started
+
+
+def _worker_stats(redis_url: str, after_ms: int) -> EngineStats:
+    """The worker's counters, once it published them after the last reply."""
+    client = redis.Redis.from_url(redis_url)
+    fields = [f for f in EngineStats.__dataclass_fields__]
+
+    def read() -> list[dict[bytes, bytes]]:
+        return [client.hgetall(k) for k in client.scan_iter(f"{STATS_KEY}*")]
+
+    devstack.wait_until(lambda: any(int(h.get(b"updated_ms", 0)) > after_ms for h in read()), 10, "worker stats")
+    total = EngineStats()
+    for h in read():
+        for f in fields:
+            setattr(total, f, getattr(total, f) + int(h.get(f.encode(), 0)))
+    client.close()
+    return total
+
+
+def measure_pipeline(
+    model: str, prompts: list[Prompt], mode: str, batch: int, batch_tokens: int, threads: int
+) -> dict[str, Any]:
+    batching, _, variant = mode.partition("-")
+    env = {
+        "TIDEGATE_BATCHING": batching,
+        "TIDEGATE_MAX_BATCH": str(batch),
+        "TIDEGATE_BATCH_TOKENS": str(batch_tokens),
+        "TIDEGATE_PREFETCH_LIMIT": str(max(64, 4 * batch)),
+        "TIDEGATE_TORCH_THREADS": str(threads),
+        "TIDEGATE_PREFIX_CACHE_ENTRIES": "0" if variant == "noprefix" else "8",
+        "TIDEGATE_RESPONSE_CACHE_TTL_S": "0",
+        "TIDEGATE_BACKPRESSURE": "false",  # saturation on purpose: no queue_full
+        "TIDEGATE_MAX_NEW_TOKENS_LIMIT": str(NEW_TOKENS[1]),
+    }
+    print(f"== pipeline, {mode}: starting a fresh embedded stack")
+    stack = devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / f"batching-{mode}", extra_env=env)
+    try:
+        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
+        replies, elapsed = asyncio.run(_saturate(settings, prompts, f"batching-{mode}"))
+        bad = [r for r in replies if r["status"] != "ok"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} requests failed: {bad[0]['status']} {bad[0]['error']}")
+        stats = _worker_stats(stack.redis_url, max(r["replied_ms"] for r in replies))
+    finally:
+        stack.stop()
+    tokens = sum(r["tokens_out"] for r in replies)
+    latencies = [r["latency_s"] for r in replies]
+    result = {
+        "requests": len(replies),
+        "tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": _rate(tokens, elapsed),
+        "latency_p50_s": round(percentile(latencies, 50), 2),
+        "latency_p99_s": round(percentile(latencies, 99), 2),
+        "mean_batch": round(stats.mean_batch(), 2),
+        "padding_share": round(stats.padding_share(), 4),
+        "kv_padding_share": round(stats.kv_padding_share(), 4),
+        "prefix_reused_tokens": stats.prefix_reused,
+    }
+    print(
+        f"pipeline {mode:20s} {result['tokens_per_s']:8.1f} tok/s  p50 {result['latency_p50_s']:.1f} s"
+        f"  p99 {result['latency_p99_s']:.1f} s  mean batch {result['mean_batch']:.1f}"
+        f"  padding {result['padding_share']:.1%}  kv padding {result['kv_padding_share']:.1%}"
+    )
+    return result
+
+
+def run(
+    model: str,
+    requests: int,
+    baseline_requests: int,
+    raw_requests: int,
+    batch: int,
+    batch_tokens: int,
+    modes: list[str],
+    threads: int,
+) -> dict[str, Any]:
+    from inference.assets import load_tokenizer
+
+    prompts = workload(load_tokenizer(model), requests)
+    device = _device_name()
+    print(f"model {model} on {device}; {requests} requests, prompts {PROMPT_TOKENS}, new tokens {NEW_TOKENS}")
+    results: dict[str, Any] = {
+        "benchmark": "batching",
+        "model": model,
+        "device": device,
+        "max_batch": batch,
+        "batch_tokens": batch_tokens,
+        **measure_in_process(
+            model, prompts, min(baseline_requests, requests), min(raw_requests, requests), batch, threads
+        ),
+        "pipeline": {},
+    }
+    for mode in modes:
+        results["pipeline"][mode] = measure_pipeline(model, prompts, mode, batch, batch_tokens, threads)
+    base, raw = results["baseline"]["tokens_per_s"], results["raw_batched"]["tokens_per_s"]
+    for mode, r in results["pipeline"].items():
+        r["x_baseline"] = round(r["tokens_per_s"] / base, 2) if base else None
+        r["of_raw_batched"] = round(r["tokens_per_s"] / raw, 3) if raw else None
+        print(f"{mode:20s} {r['x_baseline']:.2f}x the one-at-a-time baseline, {r['of_raw_batched']:.0%} of raw batched")
+    return results
+
+
+def _device_name() -> str:
+    import torch
+
+    from inference.models import pick_device
+
+    device, dtype = pick_device()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return f"{name} ({str(dtype).removeprefix('torch.')})"
