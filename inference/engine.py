@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from inference.kv_cache import roomy_cache
 from inference.prefix_cache import PrefixCache, PrefixKV
 
 
@@ -126,11 +127,11 @@ class ContinuousEngine:
             return []
         rows = len(self.active)
         self._mask = torch.cat([self._mask, self._mask.new_ones((rows, 1))], dim=1)
-        real = int(self._mask.sum())
+        real = sum(len(r.ids) + len(r.out) for r in self.active)  # counted here: no device sync
         self.stats.steps += 1
         self.stats.rows_stepped += rows
         self.stats.kv_real += real
-        self.stats.kv_padded += self._mask.numel() - real
+        self.stats.kv_padded += rows * self._mask.shape[1] - real
         with torch.inference_mode():
             logits = self.model(
                 input_ids=self._last.unsqueeze(1),
@@ -166,7 +167,7 @@ class ContinuousEngine:
             tail_mask[i, width - len(t) :] = 1
             positions[i, width - len(t) :] = torch.arange(start, start + len(t))
         ids, tail_mask, positions = (x.to(self.device) for x in (ids, tail_mask, positions))
-        cache = DynamicCache()
+        cache = roomy_cache()
         mask = tail_mask
         if prefix is not None:
             for layer, (k, v) in enumerate(prefix):
@@ -227,8 +228,8 @@ class ContinuousEngine:
     def _record(self, first: int) -> list[Request]:
         """Appends each row's newest token (rows from `first` on), then drops the rows
         that ended: on an end-of-turn token (not kept) or at max_new_tokens."""
-        last = self._last[first:].tolist()
-        ended = torch.isin(self._last[first:], self.end_ids).tolist()
+        newest = self._last[first:]
+        last, ended = torch.stack([newest, torch.isin(newest, self.end_ids).long()]).tolist()  # one sync
         finished: list[Request] = []
         for r, token, is_end in zip(self.active[first:], last, ended, strict=True):
             if not is_end:

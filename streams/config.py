@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # batch. Measured: `tidegate bench batching` (README).
     batch_tokens: int = Field(2048, ge=16)
     batching: Literal["continuous", "static"] = "continuous"
+    # Continuous batching: waiting requests join the running batch once this many rows
+    # are free (or it is empty). Each join is one prefill pass that stalls every row's
+    # decoding, so joining one by one costs a pass per step; 0: max_batch // 8.
+    join_rows: int = Field(0, ge=0)
     prefix_cache_entries: int = Field(8, ge=0)  # shared system-prompt KV kept per worker; 0: off
     stats_interval_s: float = Field(1.0, gt=0)  # worker batching counters to Redis
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
