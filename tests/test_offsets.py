@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from inference.offsets import OffsetLedger
+from tests.test_batcher import Record
 
 
-@dataclass
-class Rec:
-    off: int
-    part: int = 0
-
-    def topic(self) -> str:
-        return "t"
-
-    def partition(self) -> int:
-        return self.part
-
-    def offset(self) -> int:
-        return self.off
+def Rec(off: int, part: int = 0) -> Record:
+    return Record(0, part, off)
 
 
 def test_commit_never_passes_an_open_record() -> None:
