@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from inference.assets import default_model_dir, load_tokenizer
+from inference.attention import use_grouped_decode
 from inference.exceptions import ModelError
 from processors.tokens import TURN_OVERHEAD
 
@@ -221,5 +222,7 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto") ->
     except OSError as exc:
         raise ModelError(f"cannot load model {model!r}: {exc}") from exc
     net.to(device).eval()
+    if getattr(net.config, "_attn_implementation", None) == "sdpa":
+        use_grouped_decode(net)  # decode steps read grouped KV heads without copying them
     log.info("model=%s device=%s dtype=%s loaded in %.1fs", model, device, dtype, time.monotonic() - started)
     return TransformersRunner(model, net, tokenizer, device)

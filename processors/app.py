@@ -9,7 +9,10 @@ rather than skipped.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import shutil
+import tempfile
 from typing import Any
 
 import faust
@@ -54,11 +57,16 @@ def downstream_admission(board: PressureBoard) -> Admission:
 
 def create_app(settings: Settings) -> faust.App:
     set_fetch_wait_ms(settings.fetch_wait_ms)
+    # faust wants a data directory even with no tables; its default ({appid}-data in
+    # the working directory) would litter wherever the processor was started
+    datadir = tempfile.mkdtemp(prefix="tidegate-faust-")
+    atexit.register(shutil.rmtree, datadir, ignore_errors=True)
     app = faust.App(
         settings.processor_group,
         broker=f"kafka://{settings.bootstrap}",
         value_serializer="raw",
         key_serializer="raw",
+        datadir=datadir,
         web_enabled=False,
         web_bind="127.0.0.1",
         broker_session_timeout=settings.session_timeout_ms / 1000,
