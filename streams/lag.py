@@ -59,7 +59,7 @@ class LagReader:
                 "bootstrap.servers": settings.bootstrap,
                 "group.id": f"tidegate-lag-{uuid.uuid4().hex}",  # never joined, never committed
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": settings.fetch_wait_ms,
+                "fetch.wait.max.ms": settings.control_fetch_wait_ms,
                 "queued.max.messages.kbytes": 8192,
             }
         )

@@ -35,7 +35,7 @@ class PressureListener:
                 "bootstrap.servers": self.settings.bootstrap,
                 "group.id": f"tidegate-pressure-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": self.settings.fetch_wait_ms,
+                "fetch.wait.max.ms": self.settings.control_fetch_wait_ms,
             }
         )
         topic = self.settings.topics.pressure
