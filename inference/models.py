@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from inference.assets import default_model_dir, load_tokenizer
-from inference.attention import use_grouped_decode
 from inference.exceptions import ModelError
 from processors.tokens import TURN_OVERHEAD
 
@@ -181,12 +180,18 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto") -> ModelRunner:
-    """Builds the runner `model` names; raises ModelError naming it on failure."""
+def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto", optimized: bool = True) -> ModelRunner:
+    """Builds the runner `model` names; raises ModelError naming it on failure.
+    `optimized` (the workers' way) adds the grouped decode attention and, for CPU
+    float32, oneDNN-packed linear weights; `optimized=False` is stock transformers
+    (the batching benchmark's plain baseline)."""
     if model == "echo":
         return EchoRunner()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from inference.attention import use_grouped_decode
+    from inference.packed_linear import pack_linear_weights
 
     torch.set_num_threads(torch_threads)
     device, dtype = pick_device(dtype_name)
@@ -222,7 +227,9 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto") ->
     except OSError as exc:
         raise ModelError(f"cannot load model {model!r}: {exc}") from exc
     net.to(device).eval()
-    if getattr(net.config, "_attn_implementation", None) == "sdpa":
+    if optimized and getattr(net.config, "_attn_implementation", None) == "sdpa":
         use_grouped_decode(net)  # decode steps read grouped KV heads without copying them
+    if optimized and device == "cpu" and dtype == torch.float32:
+        pack_linear_weights(net)
     log.info("model=%s device=%s dtype=%s loaded in %.1fs", model, device, dtype, time.monotonic() - started)
     return TransformersRunner(model, net, tokenizer, device)
