@@ -1,0 +1,36 @@
+"""Packed CPU linears give nn.Linear's results, and a packed model generates the same text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from inference.models import Prompt, TransformersRunner, load_runner
+from inference.packed_linear import PackedLinear, pack_linear_weights, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="no oneDNN in this torch build")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_linear(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 7, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-4, atol=1e-4)
+
+
+def test_only_cpu_float32_linears_are_packed() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).to(torch.bfloat16))
+    assert pack_linear_weights(net) == 1
+    assert isinstance(net[0], PackedLinear) and isinstance(net[2], nn.Linear)
+
+
+def test_packed_model_generates_like_the_stock_one() -> None:
+    stock = load_runner("tiny", torch_threads=1, optimized=False)
+    packed = load_runner("tiny", torch_threads=1)
+    assert isinstance(packed, TransformersRunner)
+    assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
+    prompts = [Prompt([{"role": "user", "content": q}], 12) for q in ("rain?", "wind " * 40)]
+    assert [g.text for g in packed.generate(prompts)] == [g.text for g in stock.generate(prompts)]
