@@ -1,11 +1,11 @@
 """Linear layers with oneDNN-packed weights, for float32 models on the CPU.
 
-PyTorch's plain `linear` calls MKL's sgemm on the weight as stored, re-packing
-it for every call. oneDNN can keep it packed once, in its blocked layout. On
-this 2-core AVX2 EPYC, for SmolLM2-135M's layer shapes, a decode step's
-linears took 138 -> 99 ms at 16 rows, 173 -> 112 ms at 32 rows and 90 -> 62 ms
-at one row, and a 2,400-token prefill's 881 -> 742 ms (same results within
-float32 rounding: the summation order differs).
+PyTorch's plain `linear` hands the weight as stored to MKL's sgemm, which packs
+its panels again on every call; oneDNN can keep it packed once, in its blocked
+layout. On this 2-core AVX2 EPYC, SmolLM2-135M's 211 linears of one forward took
+138 -> 99 ms at 16 rows, 173 -> 112 ms at 32 rows and 90 -> 62 ms at one row; 42
+of its layer shapes on 2,400 rows (a prefill) 881 -> 742 ms. Results are the same
+within float32 rounding (the summation order differs).
 
 Only CPU float32 models are packed; CUDA and bf16 keep their own kernels.
 """
