@@ -32,8 +32,7 @@ class RoomyLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self._k = _with_room(value)
-        self._length = value.shape[2] if value is not None and value.dim() == 4 else 0
+        self._k, self._length = _with_room(value)
 
     @property  # type: ignore[override]
     def values(self) -> torch.Tensor:
@@ -42,8 +41,7 @@ class RoomyLayer(DynamicLayer):
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        self._v = _with_room(value)
-        self._v_length = value.shape[2] if value is not None and value.dim() == 4 else 0
+        self._v, self._v_length = _with_room(value)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         if self._k is None or self._k.dim() != 4:
@@ -65,13 +63,14 @@ class RoomyLayer(DynamicLayer):
         return self._length
 
 
-def _with_room(x: torch.Tensor | None) -> torch.Tensor | None:
+def _with_room(x: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+    """A copy of `x` with SPARE free columns after its own, and how many are in use."""
     if x is None or x.dim() != 4:
-        return x
+        return x, 0
     b, h, length, d = x.shape
     buffer = x.new_empty((b, h, length + SPARE, d))
     buffer[:, :, :length] = x
-    return buffer
+    return buffer, length
 
 
 def roomy_cache() -> DynamicCache:
