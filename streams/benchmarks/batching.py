@@ -100,10 +100,38 @@ def _one_at_a_time(runner: Any, prompts: list[Prompt]) -> dict[str, Any]:
     return {"requests": len(prompts), "tokens": tokens, "tokens_per_s": _rate(tokens, time.monotonic() - started)}
 
 
-def _release(runner: Any) -> None:
-    del runner
+def _stock_baseline(model: str, prompts: list[Prompt], threads: int) -> dict[str, Any]:
+    stock = load_runner(model, threads, optimized=False)
+    stock.generate([prompts[0]])  # warm-up
+    return _one_at_a_time(stock, prompts)
+
+
+def _on_worker_model(
+    model: str, baseline_prompts: list[Prompt], raw_prompts: list[Prompt], batch: int, threads: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One at a time, then raw batched `generate`, on the model as the workers load it."""
+    runner = load_runner(model, threads)
+    runner.generate([baseline_prompts[0]])  # warm-up
+    one_by_one = _one_at_a_time(runner, baseline_prompts)
+    started, tokens = time.monotonic(), 0
+    for i in range(0, len(raw_prompts), batch):
+        tokens += sum(g.tokens_out for g in runner.generate(raw_prompts[i : i + batch]))
+    raw = {
+        "requests": len(raw_prompts),
+        "batch": batch,
+        "tokens": tokens,
+        "tokens_per_s": _rate(tokens, time.monotonic() - started),
+    }
+    return one_by_one, raw
+
+
+def _free_memory() -> None:
+    """After a runner went out of scope: its model is freed before the next one loads."""
+    import torch
+
     gc.collect()
-    _free_cuda()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def measure_in_process(
@@ -112,35 +140,16 @@ def measure_in_process(
     """The plain baseline on stock transformers; then, on the model as the workers load
     it (grouped decode attention, packed CPU weights), the same one at a time (what
     batching alone gains) and raw batched `generate`."""
-    out: dict[str, Any] = {}
-    stock = load_runner(model, threads, optimized=False)
-    stock.generate([prompts[0]])  # warm-up
-    out["baseline"] = _one_at_a_time(stock, prompts[:baseline_count])
+    out: dict[str, Any] = {"baseline": _stock_baseline(model, prompts[:baseline_count], threads)}
     print(f"baseline (batch 1)      {out['baseline']['tokens_per_s']:8.1f} tok/s  ({baseline_count} requests, stock)")
-    _release(stock)
-    runner = load_runner(model, threads)
-    runner.generate([prompts[0]])
-    out["baseline_worker_kernels"] = _one_at_a_time(runner, prompts[:baseline_count])
+    _free_memory()
+    out["baseline_worker_kernels"], out["raw_batched"] = _on_worker_model(
+        model, prompts[:baseline_count], prompts[:raw_count], batch, threads
+    )
     print(f"baseline, worker's model {out['baseline_worker_kernels']['tokens_per_s']:7.1f} tok/s")
-    started, tokens = time.monotonic(), 0
-    for i in range(0, raw_count, batch):
-        tokens += sum(g.tokens_out for g in runner.generate(prompts[i : i + batch]))
-    out["raw_batched"] = {
-        "requests": raw_count,
-        "batch": batch,
-        "tokens": tokens,
-        "tokens_per_s": _rate(tokens, time.monotonic() - started),
-    }
     print(f"raw generate (batch {batch:3d}) {out['raw_batched']['tokens_per_s']:8.1f} tok/s  ({raw_count} requests)")
-    _release(runner)
+    _free_memory()
     return out
-
-
-def _free_cuda() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 async def _saturate(settings: Settings, prompts: list[Prompt], tag: str) -> tuple[list[dict[str, Any]], float]:
