@@ -104,7 +104,6 @@ class InferenceWorker:
         continuous = settings.batching == "continuous" and make_engine is not None
         self.engine = make_engine(settings.prefix_cache_entries) if continuous else None
         self.stats = self.engine.stats if self.engine is not None else EngineStats()
-        self.join_rows = settings.join_rows or max(1, settings.max_batch // 8)
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
         self._failures: list[str] = []
@@ -271,7 +270,7 @@ class InferenceWorker:
             self._raise_on_failures()
             self._commit(asynchronous=False)
         room = max(0, self.settings.max_batch - len(self.engine.active))
-        if busy and room < self.join_rows:
+        if busy and room < self.settings.rows_to_join:
             room = 0
         records = self.batcher.collect(self.consumer, room, wait=not busy)  # room 0: keeps fetching
         if records:

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     pressure_interval_ms: int = Field(200, ge=50)
     pressure_stale_s: float = Field(3.0, gt=0)
 
+    @property
+    def rows_to_join(self) -> int:
+        """Free rows a running continuous batch needs before waiting requests join."""
+        return self.join_rows or max(1, self.max_batch // 8)
+
     @cached_property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)

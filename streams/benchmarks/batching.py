@@ -28,7 +28,8 @@ from typing import Any
 
 import redis
 
-from inference.engine import EngineStats
+from inference.batcher import select_batch
+from inference.engine import EngineStats, Request
 from inference.models import Prompt, chat_ids, load_runner
 from inference.worker import STATS_KEY
 from streams import devstack
@@ -107,10 +108,12 @@ def _stock_baseline(model: str, prompts: list[Prompt], threads: int) -> dict[str
 
 
 def _on_worker_model(
-    model: str, baseline_prompts: list[Prompt], raw_prompts: list[Prompt], batch: int, threads: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One at a time, then raw batched `generate`, on the model as the workers load it."""
-    runner = load_runner(model, threads)
+    model: str, prompts: list[Prompt], baseline_prompts: list[Prompt], raw_prompts: list[Prompt], settings: Settings
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """On the model as the workers load it: one at a time, raw batched `generate`, and
+    the engine alone on every request."""
+    batch = settings.max_batch
+    runner = load_runner(model, settings.torch_threads)
     runner.generate([baseline_prompts[0]])  # warm-up
     one_by_one = _one_at_a_time(runner, baseline_prompts)
     started, tokens = time.monotonic(), 0
@@ -122,7 +125,32 @@ def _on_worker_model(
         "tokens": tokens,
         "tokens_per_s": _rate(tokens, time.monotonic() - started),
     }
-    return one_by_one, raw
+    return one_by_one, raw, _engine_alone(runner, prompts, settings)
+
+
+def _engine_alone(runner: Any, prompts: list[Prompt], settings: Settings) -> dict[str, Any]:
+    """The worker's engine and batch selection (`select_batch`, `rows_to_join`) with
+    every request already pooled, in-process: the pipeline without Kafka, Redis, the
+    processor and the other processes on the machine."""
+    pending = []
+    for i, p in enumerate(prompts):
+        ids, prefix_len = runner.encode(p)
+        pending.append(Request(i, ids, p.max_new_tokens, p.temperature, prefix_len))
+    engine = runner.engine(settings.prefix_cache_entries)
+    started, tokens = time.monotonic(), 0
+    while pending or engine.busy:
+        room = settings.max_batch - len(engine.active)
+        if pending and (not engine.busy or room >= settings.rows_to_join):
+            joining, pending = select_batch(pending, lambda r: len(r.ids), room, settings.batch_tokens)
+            tokens += sum(len(r.out) for r in engine.add(joining))
+        if engine.busy:
+            tokens += sum(len(r.out) for r in engine.step())
+    return {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "tokens_per_s": _rate(tokens, time.monotonic() - started),
+        "mean_batch": round(engine.stats.mean_batch(), 2),
+    }
 
 
 def _free_memory() -> None:
@@ -135,19 +163,22 @@ def _free_memory() -> None:
 
 
 def measure_in_process(
-    model: str, prompts: list[Prompt], baseline_count: int, raw_count: int, batch: int, threads: int
+    model: str, prompts: list[Prompt], baseline_count: int, raw_count: int, settings: Settings
 ) -> dict[str, Any]:
     """The plain baseline on stock transformers; then, on the model as the workers load
     it (grouped decode attention, packed CPU weights), the same one at a time (what
-    batching alone gains) and raw batched `generate`."""
-    out: dict[str, Any] = {"baseline": _stock_baseline(model, prompts[:baseline_count], threads)}
+    batching alone gains), raw batched `generate`, and the engine alone (what the
+    pipeline around it costs)."""
+    out: dict[str, Any] = {"baseline": _stock_baseline(model, prompts[:baseline_count], settings.torch_threads)}
     print(f"baseline (batch 1)      {out['baseline']['tokens_per_s']:8.1f} tok/s  ({baseline_count} requests, stock)")
     _free_memory()
-    out["baseline_worker_kernels"], out["raw_batched"] = _on_worker_model(
-        model, prompts[:baseline_count], prompts[:raw_count], batch, threads
+    out["baseline_worker_kernels"], out["raw_batched"], out["engine_alone"] = _on_worker_model(
+        model, prompts, prompts[:baseline_count], prompts[:raw_count], settings
     )
+    batch = settings.max_batch
     print(f"baseline, worker's model {out['baseline_worker_kernels']['tokens_per_s']:7.1f} tok/s")
     print(f"raw generate (batch {batch:3d}) {out['raw_batched']['tokens_per_s']:8.1f} tok/s  ({raw_count} requests)")
+    print(f"engine alone, in-process {out['engine_alone']['tokens_per_s']:7.1f} tok/s  ({len(prompts)} requests)")
     _free_memory()
     return out
 
@@ -253,7 +284,11 @@ def run(
         "max_batch": batch,
         "batch_tokens": batch_tokens,
         **measure_in_process(
-            model, prompts, min(baseline_requests, requests), min(raw_requests, requests), batch, threads
+            model,
+            prompts,
+            min(baseline_requests, requests),
+            min(raw_requests, requests),
+            Settings(max_batch=batch, batch_tokens=batch_tokens, torch_threads=threads),
         ),
         "pipeline": {},
     }
@@ -261,13 +296,16 @@ def run(
         results["pipeline"][mode] = measure_pipeline(model, prompts, mode, batch, batch_tokens, threads)
     base, raw = results["baseline"]["tokens_per_s"], results["raw_batched"]["tokens_per_s"]
     same = results["baseline_worker_kernels"]["tokens_per_s"]
+    alone = results["engine_alone"]["tokens_per_s"]
     for mode, r in results["pipeline"].items():
         r["x_baseline"] = round(r["tokens_per_s"] / base, 2) if base else None
         r["x_baseline_worker_kernels"] = round(r["tokens_per_s"] / same, 2) if same else None
         r["of_raw_batched"] = round(r["tokens_per_s"] / raw, 3) if raw else None
+        r["of_engine_alone"] = round(r["tokens_per_s"] / alone, 3) if alone else None
         print(
             f"{mode:20s} {r['x_baseline']:.2f}x the one-at-a-time baseline "
-            f"({r['x_baseline_worker_kernels']:.2f}x on the worker's model), {r['of_raw_batched']:.0%} of raw batched"
+            f"({r['x_baseline_worker_kernels']:.2f}x on the worker's model), {r['of_raw_batched']:.0%} of raw "
+            f"batched, {r['of_engine_alone']:.0%} of the engine alone"
         )
     return results
 
