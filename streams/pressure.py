@@ -14,10 +14,6 @@ Admission rules (per stage on the request's path):
   the cap, not one update after it.
 - A stage with no update for `pressure_stale_s` counts as `full` for `low` and
   `warn` for the rest (so `normal` and `high` still pass).
-- A stage's lag is taken with the lag of the stages before it on the path: those
-  requests are ahead of a new one and will all reach it. The workers' cap thus
-  bounds the whole backlog in front of an accepted request, and with it the
-  request's wait (the processors' queue included).
 """
 
 from __future__ import annotations
@@ -179,20 +175,17 @@ class PressureBoard:
     def _decide(self, stages: list[str], priority: str, count: bool) -> Refusal | None:
         now = time.monotonic()
         with self._lock:
-            ahead = 0  # published lag of the stages before this one on the path
             for stage in stages:
-                refusal = self._check_stage(stage, priority, now, ahead)
+                refusal = self._check_stage(stage, priority, now)
                 if refusal is not None:
                     return refusal
-                state = self._states.get(stage)
-                ahead += state["lag"] if state is not None else 0
             if count:
                 at = now_ms()
                 for stage in stages:
                     self._admitted[stage].append(at)
         return None
 
-    def _check_stage(self, stage: str, priority: str, now: float, ahead: int) -> Refusal | None:
+    def _check_stage(self, stage: str, priority: str, now: float) -> Refusal | None:
         admitted = self._admitted[stage]
         forget_before = now_ms() - ADMISSION_MEMORY_MS
         while admitted and admitted[0] < forget_before:
@@ -204,7 +197,7 @@ class PressureBoard:
                 return Refusal(stage, lag, cap, DEFAULT_RETRY_AFTER_MS)
             return None
         cap = state["cap"]
-        lag = ahead + state["lag"] + len(self._admitted[stage])
+        lag = state["lag"] + len(self._admitted[stage])
         published = state["state"]
         if priority == "high":
             line = HIGH_PRIORITY_FACTOR * cap
