@@ -52,12 +52,11 @@ class Inputs:
     budget: int
     counter: TokenCounter
     similarity: Sequence[float] | None = None  # per history turn, for `relevance`
-    tokens: Sequence[int] = ()  # per history turn: strategies count with these, decoding only kept turns
+    tokens: Sequence[int] = ()  # per history turn
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.history):
-            stored = getattr(self.history, "tokens", None)
-            self.tokens = stored if stored is not None else [t["tokens"] for t in self.history]
+            self.tokens = [t["tokens"] for t in self.history]
 
 
 Strategy = Callable[[Inputs], Context]
@@ -151,6 +150,12 @@ def prefix_stable(x: Inputs) -> Context:
     kept = list(x.history[start:]) + x.new_turns
     used = _tokens(kept) + (x.counter.count(text) if text else 0)
     return Context(kept, used, start, "prefix-stable", text)
+
+
+def reads_newest_only(strategy: str) -> bool:
+    """`window` never looks past the newest turns that fit: the history store can
+    send just those. The other strategies rank, summarize or epoch the whole history."""
+    return strategy == "window"
 
 
 STRATEGIES: dict[str, Strategy] = {

@@ -1,7 +1,8 @@
 """The processors' work on one batch of raw request records, independent of faust.
 
-decode -> validate -> deadline -> dedupe + history read (one Redis pipeline)
--> compress -> ContextEnvelope; then the new turns are appended to the history.
+decode -> validate -> deadline -> admission -> token counts (one tokenizer call)
+-> per request one Redis script, all in one pipeline: dedupe, read the history the
+strategy needs, append the new turns -> compress -> ContextEnvelope.
 Every input record yields exactly one output: an envelope, a reply, or a dead letter
 (duplicates of an already forwarded request yield nothing).
 """
@@ -19,9 +20,9 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from processors.compression import compress
+from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
-from processors.history import HistoryWriter, Turn, content_digest, decode_turns
+from processors.history import HistoryWriter, StoredHistory, Turn, content_digest, decode_turns, loaded_history
 from processors.tokens import TokenCounter
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
@@ -55,9 +56,10 @@ class _Accepted:
     encoding: str
     started_ms: int
     system_prompt: str
+    system_tokens: int
     strategy: str
     new_turns: list[Turn] = field(default_factory=list)
-    history: list[Turn] = field(default_factory=list)
+    history: StoredHistory = field(default_factory=lambda: decode_turns([]))
     cached_vectors: dict[bytes, bytes] = field(default_factory=dict)  # digest -> embedding
     new_vectors: dict[str, bytes] = field(default_factory=dict)  # to store
     similarity: list[float] | None = None
@@ -91,6 +93,7 @@ class RequestHandler:
             elif result is not None:
                 accepted.append(result)
         if accepted:
+            self._count_new_turns(accepted)
             out.extend(await self._build_envelopes(accepted))
         return out
 
@@ -131,12 +134,31 @@ class RequestHandler:
                 stage, lag, cap, retry_after_ms = full
                 return refuse("queue_full", f"stage {stage} lag {lag} is past its cap {cap}", retry_after_ms)
         system = [m["content"] for m in request["messages"] if m["role"] == "system"]
-        new = [m for m in request["messages"] if m["role"] != "system"]
-        counts = self.counter.count_many([m["content"] for m in new])
-        turns = [{"role": m["role"], "content": m["content"], "tokens": n} for m, n in zip(new, counts, strict=True)]
+        turns = [{"role": m["role"], "content": m["content"], "tokens": 0} for m in request["messages"]]
         strategy = request["strategy"] or self.settings.default_strategy
         system_prompt = system[0] if system else self.settings.system_prompt
-        return _Accepted(request, encoding, started, system_prompt, strategy, turns)
+        system_tokens = (
+            self._system_tokens if system_prompt == self.settings.system_prompt else self.counter.count(system_prompt)
+        )
+        new_turns = [t for t in turns if t["role"] != "system"]
+        return _Accepted(request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
+
+    def _count_new_turns(self, accepted: list[_Accepted]) -> None:
+        """Token counts of every new turn in the batch, in one tokenizer call."""
+        counts = iter(self.counter.count_many([t["content"] for item in accepted for t in item.new_turns]))
+        for item in accepted:
+            for turn in item.new_turns:
+                turn["tokens"] = next(counts)
+
+    def _turn_budget(self, item: _Accepted) -> int:
+        return max(1, self.settings.token_budget - item.system_tokens)
+
+    def _history_room(self, item: _Accepted) -> int | None:
+        """Tokens of newest history the strategy can keep; None when it looks at all of it."""
+        if not reads_newest_only(item.strategy):
+            return None
+        budget = self._turn_budget(item)
+        return budget - sum(t["tokens"] for t in fit_new_turns(item.new_turns, budget, self.counter))
 
     async def _build_envelopes(self, accepted: list[_Accepted]) -> list[Outgoing]:
         fresh, degraded = await self._claim_and_load(accepted)
@@ -146,20 +168,15 @@ class RequestHandler:
         if relevant:
             await asyncio.to_thread(self._score_relevance, relevant)
         out = [self._envelope(item, degraded) for item in items]
-        if items and not degraded:
-            await self._append(items)
+        if relevant and not degraded:
+            await self._store_embeddings(relevant)
         return out
 
     def _envelope(self, item: _Accepted, degraded: bool) -> Outgoing:
         request = item.request
         budget = self.settings.token_budget
-        system_tokens = (
-            self._system_tokens
-            if item.system_prompt == self.settings.system_prompt
-            else self.counter.count(item.system_prompt)
-        )
         context = compress(
-            item.strategy, item.history, item.new_turns, max(1, budget - system_tokens), self.counter, item.similarity
+            item.strategy, item.history, item.new_turns, self._turn_budget(item), self.counter, item.similarity
         )
         forwarded = now_ms()
         envelope = {
@@ -179,9 +196,9 @@ class RequestHandler:
             "summary": context.summary,
             "snippets": [],
             "token_budget": budget,
-            "tokens_used": context.tokens_used + system_tokens,
+            "tokens_used": context.tokens_used + item.system_tokens,
             "strategy": context.strategy,
-            "turns_dropped": context.turns_dropped,
+            "turns_dropped": context.turns_dropped + item.history.skipped,
             "degraded": degraded,
             "queued_ms": max(0, item.started_ms - request["created_ms"]),
             "context_ms": forwarded - item.started_ms,
@@ -193,26 +210,30 @@ class RequestHandler:
         )
 
     async def _claim_and_load(self, accepted: list[_Accepted]) -> tuple[list[bool], bool]:
-        """One pipeline: SET NX per request id, LRANGE per session (and the cached
-        embeddings for `relevance`). Fills each item's history. Redis down: degraded."""
+        """One pipeline: per request the claim + read + append script (and the cached
+        embeddings for `relevance`). Fills each item's history; a request id claimed
+        before is not fresh. Redis down: every request fresh, degraded."""
         if time.monotonic() < self._redis_down_until:
             return [True] * len(accepted), True
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in accepted:
                     request = item.request
-                    self.history.claim(pipe, request["request_id"])
-                    self.history.load(pipe, request["tenant"], request["session_id"])
+                    tenant, session = request["tenant"], request["session_id"]
+                    room = self._history_room(item)
+                    self.history.claim_load_append(pipe, request["request_id"], tenant, session, room, item.new_turns)
                     if item.strategy == "relevance":
-                        self.history.load_embeddings(pipe, request["tenant"], request["session_id"])
+                        self.history.load_embeddings(pipe, tenant, session)
                 results = iter(await pipe.execute())
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
             return [True] * len(accepted), True
         fresh = []
         for item in accepted:
-            fresh.append(bool(next(results)))
-            item.history = decode_turns(next(results))
+            history = loaded_history(next(results))
+            fresh.append(history is not None)
+            if history is not None:
+                item.history = history
             if item.strategy == "relevance":
                 item.cached_vectors = next(results)
         return fresh, False
@@ -242,12 +263,11 @@ class RequestHandler:
                     rows.append(from_bytes(item.cached_vectors[digest.encode()]))
             item.similarity = (np.stack(rows) @ question).tolist() if rows else []
 
-    async def _append(self, items: list[_Accepted]) -> None:
+    async def _store_embeddings(self, items: list[_Accepted]) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
                     tenant, session = item.request["tenant"], item.request["session_id"]
-                    self.history.append(pipe, tenant, session, item.new_turns)
                     self.history.store_embeddings(pipe, tenant, session, item.new_vectors)
                 await pipe.execute()
         except (RedisError, OSError) as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar, overload
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -43,64 +43,67 @@ def encode_turn(turn: Turn) -> bytes:
     return b"%d\t" % turn["tokens"] + orjson.dumps({"role": turn["role"], "content": turn["content"]})
 
 
-T = TypeVar("T")
+class StoredHistory(list[Turn]):
+    """A session's history as read from Redis, oldest first. `skipped` older turns
+    were left in Redis because the strategy could not have kept them."""
+
+    def __init__(self, turns: Iterable[Turn] = (), skipped: int = 0) -> None:
+        super().__init__(turns)
+        self.skipped = skipped
 
 
-class _LazySequence(Sequence[T]):
-    """A read-only sequence over raw Redis entries whose items are made on first access."""
-
-    def __init__(self, raw: list[bytes]) -> None:
-        self._raw = raw
-        self._made: dict[int, T] = {}
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def _make(self, entry: bytes, i: int) -> T:
-        raise NotImplementedError
-
-    def _item(self, i: int) -> T:
-        if i not in self._made:
-            self._made[i] = self._make(self._raw[i], i)
-        return self._made[i]
-
-    @overload
-    def __getitem__(self, index: int) -> T: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[T]: ...
-
-    def __getitem__(self, index: int | slice) -> T | list[T]:
-        if isinstance(index, slice):
-            return [self._item(i) for i in range(*index.indices(len(self)))]
-        return self._item(index if index >= 0 else len(self) + index)
+def decode_turns(raw: Sequence[bytes], skipped: int = 0) -> StoredHistory:
+    """Stored entries to turns: the JSON parts in one orjson call, counts from the prefixes."""
+    tabs = [entry.index(b"\t") for entry in raw]
+    turns = orjson.loads(b"[" + b",".join([e[t + 1 :] for e, t in zip(raw, tabs, strict=True)]) + b"]")
+    for turn, entry, tab in zip(turns, raw, tabs, strict=True):
+        turn["tokens"] = int(entry[:tab])
+    return StoredHistory(turns, skipped)
 
 
-class TokenCounts(_LazySequence[int]):
-    """The token count of each stored turn, parsed from its prefix when first asked:
-    a window walks back from the newest turn and stops at the budget."""
+# One round trip per request, atomic: claim the request id (SET NX; a redelivered
+# request gets nil and neither reads nor writes), read the history, append the
+# request's own turns. With room >= 0 only the newest turns whose stored counts fit
+# `room` tokens are read, from the tail in chunks: a window of a long history moves
+# a few turns, not all of them. Returns {turns in the list before the append, kept}.
+_CLAIM_LOAD_APPEND = """
+local ttl, max_turns, room = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return false end
+local total = redis.call('LLEN', KEYS[2])
+local kept = {}
+if room < 0 then
+  kept = redis.call('LRANGE', KEYS[2], 0, -1)
+elseif room > 0 then
+  local newest, used, stop = {}, 0, -1
+  while -stop <= total do
+    local part = redis.call('LRANGE', KEYS[2], stop - 31, stop)
+    local full = false
+    for i = #part, 1, -1 do
+      local n = tonumber(string.match(part[i], '^(%d+)\t')) or 0
+      if used + n > room then full = true break end
+      used = used + n
+      newest[#newest + 1] = part[i]
+    end
+    if full then break end
+    stop = stop - 32
+  end
+  for i = #newest, 1, -1 do kept[#kept + 1] = newest[i] end
+end
+if #ARGV > 3 then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
+  redis.call('LTRIM', KEYS[2], -max_turns, -1)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return {total, kept}
+"""
 
-    def _make(self, entry: bytes, i: int) -> int:
-        return int(entry[: entry.index(b"\t")])
 
-
-class StoredHistory(_LazySequence[Turn]):
-    """A session's history as read from Redis: turns decoded, and their token counts
-    parsed, only when a strategy looks at them (a window of a long history touches
-    only the turns it keeps)."""
-
-    def __init__(self, raw: list[bytes]) -> None:
-        super().__init__(raw)
-        self.tokens = TokenCounts(raw)
-
-    def _make(self, entry: bytes, i: int) -> Turn:
-        turn: Turn = orjson.loads(entry[entry.index(b"\t") + 1 :])
-        turn["tokens"] = self.tokens[i]
-        return turn
-
-
-def decode_turns(raw: Iterable[bytes]) -> StoredHistory:
-    return StoredHistory(list(raw))
+def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
+    """The script's reply as a history; None for a request id claimed before."""
+    if reply is None:
+        return None
+    total, kept = reply
+    return decode_turns(kept, skipped=int(total) - len(kept))
 
 
 class HistoryWriter:
@@ -118,8 +121,13 @@ class HistoryWriter:
         pipe.ltrim(key, -self.max_turns, -1)
         pipe.expire(key, self.ttl_s)
 
-    def load(self, pipe: Any, tenant: str, session_id: str) -> None:
-        pipe.lrange(history_key(tenant, session_id), 0, -1)
+    def claim_load_append(
+        self, pipe: Any, request_id: str, tenant: str, session_id: str, room: int | None, turns: Sequence[Turn]
+    ) -> None:
+        """Queues the claim + read + append script; read its reply with `loaded_history`.
+        `room`: tokens of newest history wanted, or None for the whole history."""
+        args = [self.ttl_s, self.max_turns, -1 if room is None else max(0, room), *(encode_turn(t) for t in turns)]
+        pipe.eval(_CLAIM_LOAD_APPEND, 2, seen_key(request_id), history_key(tenant, session_id), *args)
 
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))
@@ -129,7 +137,3 @@ class HistoryWriter:
             key = embeddings_key(tenant, session_id)
             pipe.hset(key, mapping=vectors)
             pipe.expire(key, self.ttl_s)
-
-    def claim(self, pipe: Any, request_id: str) -> None:
-        """SET NX: true the first time a request id is seen (dedupe after redelivery)."""
-        pipe.set(seen_key(request_id), b"1", nx=True, ex=self.ttl_s)

@@ -46,11 +46,5 @@ def test_history_keys_cannot_collide_across_tenants() -> None:
     assert history_key("a:b", "c") != history_key("a", "b:c")
     assert history_key("a%3Ab", "c") != history_key("a:b", "c")
     turns = [{"role": "user", "content": "x\ty", "tokens": 6}, {"role": "assistant", "content": "z", "tokens": 7}]
-    stored = decode_turns([encode_turn(t) for t in turns])
-    assert (
-        list(stored.tokens) == [6, 7]
-        and stored.tokens[-1] == 7
-        and list(stored) == turns
-        and stored[-1] == turns[-1]
-        and stored[1:] == turns[1:]
-    )
+    stored = decode_turns([encode_turn(t) for t in turns], skipped=3)
+    assert stored == turns and stored.skipped == 3

@@ -4,6 +4,7 @@ Redis outages (degraded, no crash) and recovery."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import redis
 from redis.asyncio import Redis
 
 from inference.assets import load_tokenizer
+from processors.compression import compress
 from processors.handler import Incoming, RequestHandler
-from processors.history import embeddings_key, history_key
+from processors.history import HistoryWriter, embeddings_key, encode_turn, history_key, loaded_history
 from processors.tokens import TokenCounter
 from schemas import get_codec
 from streams import devstack
@@ -83,6 +85,41 @@ def test_history_is_stored_with_token_counts_and_read_back(services: tuple[str, 
     raw = redis.Redis.from_url(services[1]).lrange(history_key("acme", session), 0, -1)
     assert len(raw) == 3 and all(r.split(b"\t", 1)[0].isdigit() for r in raw)  # "<tokens>\t<turn json>"
     assert redis.Redis.from_url(services[1]).ttl(history_key("acme", session)) > 0
+
+
+def test_window_reads_only_the_turns_it_keeps_and_a_redelivery_changes_nothing(
+    services: tuple[str, str], counter: TokenCounter
+) -> None:
+    budget = 700
+    handler = make_handler(services[1], counter, token_budget=budget)
+    session = f"w-{uuid.uuid4().hex[:6]}"
+    rng = random.Random(5)
+    texts = [" ".join(["word"] * rng.choice([1, 5, 30, 120])) + f" #{i}" for i in range(150)]
+    history = [
+        {"role": "user" if i % 2 else "assistant", "content": t, "tokens": n}
+        for i, (t, n) in enumerate(zip(texts, counter.count_many(texts), strict=True))
+    ]
+    store = redis.Redis.from_url(services[1])
+    store.rpush(history_key("acme", session), *(encode_turn(t) for t in history))
+    request = incoming("and now?", session)
+
+    env = envelope(handle(handler, request))
+
+    new_turn = {"role": "user", "content": "and now?", "tokens": counter.count("and now?")}
+    system = counter.count(handler.settings.system_prompt)
+    expected = compress("window", history, [new_turn], budget - system, counter)
+    assert env["turns"] == expected.turns and env["turns_dropped"] == expected.turns_dropped > 32
+    assert env["tokens_used"] == expected.tokens_used + system
+    assert handle(handler, request) == []  # redelivered: already forwarded, nothing read or written
+    assert store.llen(history_key("acme", session)) == 151
+
+    with store.pipeline(transaction=False) as pipe:  # what the script reads for a room of 300 tokens
+        HistoryWriter(60, 400).claim_load_append(pipe, uuid.uuid4().hex, "acme", session, 300, [])
+        loaded = loaded_history(pipe.execute()[0])
+    assert loaded is not None and 0 < len(loaded) < 40 and loaded.skipped == 151 - len(loaded)
+    everything = [*history, new_turn]
+    assert loaded == everything[-len(loaded) :]
+    assert sum(t["tokens"] for t in everything[-len(loaded) - 1 :]) > 300 >= sum(t["tokens"] for t in loaded)
 
 
 def test_tenants_cannot_reach_each_others_history(services: tuple[str, str], counter: TokenCounter) -> None:
