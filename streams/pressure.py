@@ -43,16 +43,21 @@ ADMISSION_MEMORY_MS = 600
 
 @dataclass(frozen=True, slots=True)
 class StageCap:
-    """A cap as a message count, or as seconds of work at the measured drain rate."""
+    """A cap as a message count, or as seconds of work at the measured drain rate.
+
+    A seconds-cap starts at `floor` and grows with the share of the rate window
+    measured so far (`confidence`): a rate from the first second of work is noisy,
+    and a cap that jumps up on it and back down leaves admitted work past the cap.
+    """
 
     messages: int | None
     seconds: float
     floor: int
 
-    def resolve(self, drain_rate: float) -> int:
+    def resolve(self, drain_rate: float, confidence: float = 1.0) -> int:
         if self.messages is not None:
             return self.messages
-        return max(self.floor, int(self.seconds * drain_rate))
+        return max(self.floor, int(self.seconds * drain_rate * min(1.0, confidence)))
 
 
 def stage_caps(settings: Settings) -> dict[str, StageCap]:
@@ -70,6 +75,8 @@ class PressureGauge:
     intervals that began with a backlog count, over the last `window_s` of such
     busy time. An idle or starved stage therefore keeps the rate it showed when
     busy, and a seconds-cap reflects what the stage can do, not what it was offered.
+    Until `window_s` of busy time has been seen, a seconds-cap ramps up from its
+    floor in proportion (StageCap.resolve).
     """
 
     def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 15.0) -> None:
@@ -79,6 +86,7 @@ class PressureGauge:
         self.window_s = window_s
         self.state = OK
         self.drain_rate = 0.0
+        self.busy_s = 0.0  # busy time behind the drain rate
         self._last: tuple[float, int, int] | None = None  # (at, committed, lag)
         self._busy: collections.deque[tuple[float, int]] = collections.deque()  # (seconds, committed)
 
@@ -90,11 +98,11 @@ class PressureGauge:
                 self._busy.append((at - last_at, committed - last_committed))
                 while len(self._busy) > 1 and sum(d for d, _ in self._busy) - self._busy[0][0] >= self.window_s:
                     self._busy.popleft()
-                busy_s = sum(d for d, _ in self._busy)
-                if busy_s >= 0.5:
-                    self.drain_rate = max(0.0, sum(c for _, c in self._busy) / busy_s)
+                self.busy_s = sum(d for d, _ in self._busy)
+                if self.busy_s >= 0.5:
+                    self.drain_rate = max(0.0, sum(c for _, c in self._busy) / self.busy_s)
         self._last = (at, committed, lag)
-        cap = self.cap.resolve(self.drain_rate)
+        cap = self.cap.resolve(self.drain_rate, self.busy_s / self.window_s)
         self.state = self._next_state(lag, cap)
         drain_ms = int(lag / self.drain_rate * 1000) if self.drain_rate > 0 else (0 if lag == 0 else -1)
         return {

@@ -20,7 +20,7 @@ def test_states_have_hysteresis() -> None:
 
 
 def test_drain_rate_and_seconds_cap() -> None:
-    g = PressureGauge("workers", StageCap(None, 2.0, 10), warn_ratio=0.8)
+    g = PressureGauge("workers", StageCap(None, 2.0, 10), warn_ratio=0.8, window_s=5.0)
     t = 1000.0
     for i in range(11):  # 50 messages/s committed over 5 s with a backlog
         state = g.update(500, i * 25, at=t + i * 0.5)
@@ -31,6 +31,17 @@ def test_drain_rate_and_seconds_cap() -> None:
     for k in range(100):  # idle for 20 s: the busy rate is kept
         idle = g.update(0, 275, at=t + 5.7 + k * 0.2)
     assert idle["cap"] == 100 and idle["state"] == OK and abs(idle["drain_rate"] - 50) < 1e-6
+
+
+def test_seconds_cap_ramps_up_while_the_rate_window_fills() -> None:
+    g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0)
+    caps = []
+    for i in range(1, 101):  # 100 messages/s with a backlog, sampled every 0.2 s for 20 s
+        caps.append(g.update(1000, i * 20, at=1000.0 + i * 0.2)["cap"])
+    assert caps[0] == 64  # the floor while no rate is known
+    assert caps == sorted(caps)  # a steady rate: the cap only grows
+    assert 190 <= caps[36] <= 210  # 7.4 s of the 15 s window: about half of 4 s x 100/s
+    assert caps[-1] == 400  # window full: 4 s of work
 
 
 def state(lag: int, cap: int, st: str, rate: float = 100.0) -> dict:
