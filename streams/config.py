@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     warn_ratio: float = Field(0.8, gt=0, lt=1)
     pressure_interval_ms: int = Field(200, ge=50)
     pressure_stale_s: float = Field(3.0, gt=0)
+    # `dev up` only: nice increment for the broker, Redis, processors and monitor, so
+    # on a shared machine the worker (standing in for the accelerator) gets the CPU
+    # first; 0 runs everything alike. Production runs each stage on its own machines.
+    control_plane_nice: int = Field(5, ge=0, le=19)
 
     @property
     def rows_to_join(self) -> int:

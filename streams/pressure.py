@@ -72,18 +72,23 @@ class PressureGauge:
     """One stage's state machine: lag samples in, PressureState records out.
 
     The drain rate is what the stage commits while it has work: only sample
-    intervals that began with a backlog count, over the last `window_s` of such
-    busy time. An idle or starved stage therefore keeps the rate it showed when
-    busy, and a seconds-cap reflects what the stage can do, not what it was offered.
-    Until `window_s` of busy time has been seen, a seconds-cap ramps up from its
-    floor in proportion (StageCap.resolve).
+    intervals that began with a backlog count. An idle or starved stage therefore
+    keeps the rate it showed when busy, and a seconds-cap reflects what the stage
+    can do, not what it was offered. It is the lower of the averages over the last
+    `window_s` and `short_s` of busy time: the cap follows a slowdown within seconds
+    (admitted work then still drains in about the cap's seconds) and grows back only
+    as the longer average does. Until `window_s` of busy time has been seen, a
+    seconds-cap ramps up from its floor in proportion (StageCap.resolve).
     """
 
-    def __init__(self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 15.0) -> None:
+    def __init__(
+        self, stage: str, cap: StageCap, warn_ratio: float, window_s: float = 15.0, short_s: float = 5.0
+    ) -> None:
         self.stage = stage
         self.cap = cap
         self.warn_ratio = warn_ratio
         self.window_s = window_s
+        self.short_s = short_s
         self.state = OK
         self.drain_rate = 0.0
         self.busy_s = 0.0  # busy time behind the drain rate
@@ -100,7 +105,7 @@ class PressureGauge:
                     self._busy.popleft()
                 self.busy_s = sum(d for d, _ in self._busy)
                 if self.busy_s >= 0.5:
-                    self.drain_rate = max(0.0, sum(c for _, c in self._busy) / self.busy_s)
+                    self.drain_rate = max(0.0, min(self._rate_over(self.window_s), self._rate_over(self.short_s)))
         self._last = (at, committed, lag)
         cap = self.cap.resolve(self.drain_rate, self.busy_s / self.window_s)
         self.state = self._next_state(lag, cap)
@@ -114,6 +119,16 @@ class PressureGauge:
             "drain_time_ms": drain_ms,
             "updated_ms": now_ms(),
         }
+
+    def _rate_over(self, seconds: float) -> float:
+        """Commits per second over the newest `seconds` of busy time (all of it if less)."""
+        busy, done = 0.0, 0
+        for duration, committed in reversed(self._busy):
+            busy += duration
+            done += committed
+            if busy >= seconds:
+                break
+        return done / busy
 
     def _next_state(self, lag: int, cap: int) -> str:
         warn_at = self.warn_ratio * cap

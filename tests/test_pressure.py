@@ -33,6 +33,23 @@ def test_drain_rate_and_seconds_cap() -> None:
     assert idle["cap"] == 100 and idle["state"] == OK and abs(idle["drain_rate"] - 50) < 1e-6
 
 
+def test_the_drain_rate_follows_a_slowdown_at_once_and_a_speedup_slowly() -> None:
+    g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0, short_s=5.0)
+    committed, t = 0, 1000.0
+    for _ in range(100):  # 20 s at 100/s
+        committed, t = committed + 20, t + 0.2
+        g.update(1000, committed, at=t)
+    assert abs(g.drain_rate - 100) < 1e-6
+    for _ in range(25):  # 5 s at 50/s: the short average is all slow
+        committed, t = committed + 10, t + 0.2
+        g.update(1000, committed, at=t)
+    assert abs(g.drain_rate - 50) < 1e-6
+    for _ in range(25):  # 5 s back at 100/s: the 15 s average still holds the slow part
+        committed, t = committed + 20, t + 0.2
+        state = g.update(1000, committed, at=t)
+    assert abs(g.drain_rate - (50 * 5 + 100 * 10) / 15) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
+
+
 def test_seconds_cap_ramps_up_while_the_rate_window_fills() -> None:
     g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0)
     caps = []
