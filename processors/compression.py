@@ -36,13 +36,21 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 @dataclass(slots=True)
 class Context:
-    """A compressed context, ready for the envelope. `tokens_used` counts the summary."""
+    """A compressed context: which history turns are kept (by index, so stored turns
+    can go into the envelope as stored), then the request's own turns, cut to fit.
+    `tokens_used` counts the summary."""
 
-    turns: list[Turn]
+    history: Sequence[Turn]
+    kept: list[int]
+    new_turns: list[Turn]
     tokens_used: int
     turns_dropped: int
     strategy: str
     summary: str | None = None
+
+    @property
+    def turns(self) -> list[Turn]:
+        return [self.history[i] for i in self.kept] + self.new_turns
 
 
 @dataclass(slots=True)
@@ -56,7 +64,13 @@ class Inputs:
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.history):
-            self.tokens = [t["tokens"] for t in self.history]
+            stored = getattr(self.history, "tokens", None)  # StoredHistory: counts without decoding
+            self.tokens = stored if stored is not None else [t["tokens"] for t in self.history]
+
+    def context(self, kept: list[int], strategy: str, summary: str | None = None, summary_tokens: int = 0) -> Context:
+        used = sum(self.tokens[i] for i in kept) + _tokens(self.new_turns) + summary_tokens
+        dropped = len(self.history) - len(kept)
+        return Context(self.history, kept, self.new_turns, used, dropped, strategy, summary)
 
 
 Strategy = Callable[[Inputs], Context]
@@ -76,10 +90,8 @@ def _newest_fitting(tokens: Sequence[int], budget: int) -> int:
 
 
 def window(x: Inputs) -> Context:
-    room = x.budget - _tokens(x.new_turns)
-    start = _newest_fitting(x.tokens, room)
-    kept = list(x.history[start:]) + x.new_turns
-    return Context(kept, _tokens(kept), start, "window")
+    start = _newest_fitting(x.tokens, x.budget - _tokens(x.new_turns))
+    return x.context(list(range(start, len(x.history))), "window")
 
 
 def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> str | None:
@@ -110,16 +122,19 @@ def summarize(turns: Sequence[Turn], max_tokens: int, counter: TokenCounter) -> 
     return text if kept else None
 
 
+def _with_summary(x: Inputs, start: int, reserve: int, strategy: str) -> Context:
+    """Turns from `start` on, the older ones summarized within `reserve` tokens."""
+    text = summarize(x.history[:start], reserve, x.counter)
+    return x.context(list(range(start, len(x.history))), strategy, text, x.counter.count(text) if text else 0)
+
+
 def summary(x: Inputs) -> Context:
     new_tokens = _tokens(x.new_turns)
     if sum(x.tokens) + new_tokens <= x.budget:
         return dataclasses.replace(window(x), strategy="summary")
     reserve = int(x.budget * SUMMARY_SHARE)
     start = _newest_fitting(x.tokens, x.budget - new_tokens - reserve)
-    text = summarize(x.history[:start], reserve, x.counter)
-    kept = list(x.history[start:]) + x.new_turns
-    used = _tokens(kept) + (x.counter.count(text) if text else 0)
-    return Context(kept, used, start, "summary", text)
+    return _with_summary(x, start, reserve, "summary")
 
 
 def relevance(x: Inputs) -> Context:
@@ -133,9 +148,7 @@ def relevance(x: Inputs) -> Context:
             if used + x.tokens[i] <= room:
                 chosen.append(i)
                 used += x.tokens[i]
-    keep = sorted(chosen) + list(range(start, len(x.history)))
-    kept = [x.history[i] for i in keep] + x.new_turns
-    return Context(kept, _tokens(kept), len(x.history) - len(keep), "relevance")
+    return x.context(sorted(chosen) + list(range(start, len(x.history))), "relevance")
 
 
 def prefix_stable(x: Inputs) -> Context:
@@ -145,11 +158,7 @@ def prefix_stable(x: Inputs) -> Context:
     start = 0
     while start < len(x.history) and sum(x.tokens[start:]) > room:
         start += EPOCH_TURNS
-    start = min(start, len(x.history))
-    text = summarize(x.history[:start], reserve, x.counter)
-    kept = list(x.history[start:]) + x.new_turns
-    used = _tokens(kept) + (x.counter.count(text) if text else 0)
-    return Context(kept, used, start, "prefix-stable", text)
+    return _with_summary(x, min(start, len(x.history)), reserve, "prefix-stable")
 
 
 def reads_newest_only(strategy: str) -> bool:

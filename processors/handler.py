@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
-from processors.history import HistoryWriter, StoredHistory, Turn, content_digest, decode_turns, loaded_history
+from processors.history import ENVELOPE, TURNS, HistoryWriter, StoredHistory, Turn, content_digest, loaded_history
 from processors.tokens import TokenCounter
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
@@ -59,7 +59,7 @@ class _Accepted:
     system_tokens: int
     strategy: str
     new_turns: list[Turn] = field(default_factory=list)
-    history: StoredHistory = field(default_factory=lambda: decode_turns([]))
+    history: StoredHistory = field(default_factory=StoredHistory)
     cached_vectors: dict[bytes, bytes] = field(default_factory=dict)  # digest -> embedding
     new_vectors: dict[str, bytes] = field(default_factory=dict)  # to store
     similarity: list[float] | None = None
@@ -192,7 +192,7 @@ class RequestHandler:
             "created_ms": request["created_ms"],
             "deadline_ms": request["deadline_ms"],
             "system_prompt": item.system_prompt,
-            "turns": context.turns,
+            "turns": [],  # spliced in below
             "summary": context.summary,
             "snippets": [],
             "token_budget": budget,
@@ -204,7 +204,10 @@ class RequestHandler:
             "context_ms": forwarded - item.started_ms,
             "forwarded_ms": forwarded,
         }
-        value = self.codec.encode("ContextEnvelope", envelope)
+        # kept history goes in as stored (Avro bodies); only the request's own turns are encoded
+        bodies = [item.history.bodies[i] for i in context.kept]
+        bodies += [self.codec.encode_item(ENVELOPE, TURNS, t) for t in context.new_turns]
+        value = self.codec.encode_with_items(ENVELOPE, envelope, TURNS, bodies)
         return Outgoing(
             self.settings.topics.contexts, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )

@@ -7,11 +7,11 @@ tenant's keys. Every read and write for a batch goes in one pipeline.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 from urllib.parse import quote
 
-import orjson
+from schemas import get_codec
 
 KEY_PREFIX = "tidegate:"
 Turn = dict[str, Any]  # {"role", "content", "tokens"}
@@ -22,7 +22,8 @@ def _escape(part: str) -> str:
 
 
 def history_key(tenant: str, session_id: str) -> str:
-    return f"{KEY_PREFIX}history:{_escape(tenant)}:{_escape(session_id)}"
+    # v2: turns stored as Avro (v1 lists were JSON: left to expire, never misread)
+    return f"{KEY_PREFIX}history:v2:{_escape(tenant)}:{_escape(session_id)}"
 
 
 def embeddings_key(tenant: str, session_id: str) -> str:
@@ -38,27 +39,45 @@ def seen_key(request_id: str) -> str:
     return f"{KEY_PREFIX}seen:{_escape(request_id)}"
 
 
+# the turn's stored form is its Avro body as an item of ContextEnvelope.turns
+ENVELOPE, TURNS = "ContextEnvelope", "turns"
+
+
 def encode_turn(turn: Turn) -> bytes:
-    """`<tokens>\t{"role":..,"content":..}`: the count is readable without decoding the turn."""
-    return b"%d\t" % turn["tokens"] + orjson.dumps({"role": turn["role"], "content": turn["content"]})
+    """`<tokens>\t<Avro turn>`: the count is readable without decoding (the Lua script
+    reads it), and the turn goes into an envelope as stored."""
+    body = get_codec().encode_item(
+        ENVELOPE, TURNS, {"role": turn["role"], "content": turn["content"], "tokens": turn["tokens"]}
+    )
+    return b"%d\t" % turn["tokens"] + body
 
 
-class StoredHistory(list[Turn]):
-    """A session's history as read from Redis, oldest first. `skipped` older turns
-    were left in Redis because the strategy could not have kept them."""
+class StoredHistory(Sequence[Turn]):
+    """A session's history as read from Redis, oldest first: each turn's token count
+    and Avro body. The turns are decoded (all in one call) only when a strategy reads
+    their text; a window only counts tokens and forwards bodies. `skipped` older
+    turns were left in Redis because the strategy could not have kept them."""
 
-    def __init__(self, turns: Iterable[Turn] = (), skipped: int = 0) -> None:
-        super().__init__(turns)
+    def __init__(self, entries: Sequence[bytes] = (), skipped: int = 0) -> None:
+        tabs = [entry.index(b"\t") for entry in entries]
+        self.tokens = [int(entry[:tab]) for entry, tab in zip(entries, tabs, strict=True)]
+        self.bodies = [entry[tab + 1 :] for entry, tab in zip(entries, tabs, strict=True)]
         self.skipped = skipped
+        self._turns: list[Turn] | None = None
 
+    def __len__(self) -> int:
+        return len(self.bodies)
 
-def decode_turns(raw: Sequence[bytes], skipped: int = 0) -> StoredHistory:
-    """Stored entries to turns: the JSON parts in one orjson call, counts from the prefixes."""
-    tabs = [entry.index(b"\t") for entry in raw]
-    turns = orjson.loads(b"[" + b",".join([e[t + 1 :] for e, t in zip(raw, tabs, strict=True)]) + b"]")
-    for turn, entry, tab in zip(turns, raw, tabs, strict=True):
-        turn["tokens"] = int(entry[:tab])
-    return StoredHistory(turns, skipped)
+    @overload
+    def __getitem__(self, index: int) -> Turn: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Turn]: ...
+
+    def __getitem__(self, index: int | slice) -> Turn | list[Turn]:
+        if self._turns is None:
+            self._turns = get_codec().decode_items(ENVELOPE, TURNS, self.bodies)
+        return self._turns[index]
 
 
 # One round trip per request, atomic: claim the request id (SET NX; a redelivered
@@ -103,7 +122,7 @@ def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
     if reply is None:
         return None
     total, kept = reply
-    return decode_turns(kept, skipped=int(total) - len(kept))
+    return StoredHistory(kept, skipped=int(total) - len(kept))
 
 
 class HistoryWriter:

@@ -3,6 +3,12 @@
 Single-object encoding is the 2-byte marker C3 01, the schema's 8-byte CRC-64-AVRO
 fingerprint (little-endian), then the Avro binary body. A reader can therefore
 always tell which schema wrote a message and refuse one it does not know.
+
+The items of an array field can be encoded once, stored, and spliced into many
+messages later (`encode_item`, `encode_with_items`): a ContextEnvelope's turns are
+kept in Redis in their Avro form, so a processor neither parses nor re-encodes
+history it forwards. An Avro record is its fields' encodings back to back, so the
+fields around the array are written by fastavro and the stored items go between.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from importlib import resources
 from typing import Any
 
@@ -52,6 +59,48 @@ class _Schema:
         self.fingerprint = bytes.fromhex(fingerprint(to_parsing_canonical_form(self.parsed), "CRC-64-AVRO"))
         self.prefix = MARKER + self.fingerprint
         self.defaults = {f["name"]: f["default"] for f in raw["fields"] if "default" in f}
+        self.raw = raw
+
+    @cached_property
+    def _array_fields(self) -> dict[str, _ArrayField]:
+        fields = self.raw["fields"]
+        return {
+            f["name"]: _ArrayField(self.name, fields, i)
+            for i, f in enumerate(fields)
+            if isinstance(f["type"], dict) and f["type"]["type"] == "array"
+        }
+
+    def array_field(self, field: str) -> _ArrayField:
+        try:
+            return self._array_fields[field]
+        except KeyError:
+            raise SerializationError(f"{self.name} has no array field {field!r}") from None
+
+
+class _ArrayField:
+    """An array field's item schema, and the record split around the field."""
+
+    def __init__(self, name: str, fields: list[dict[str, Any]], index: int) -> None:
+        items = fields[index]["type"]["items"]
+        self.item = parse_schema(items, named_schemas={})
+        self.array = parse_schema({"type": "array", "items": items}, named_schemas={})
+        self.before = parse_schema(
+            {"type": "record", "name": f"{name}Before", "fields": fields[:index]}, named_schemas={}
+        )
+        self.after = parse_schema(
+            {"type": "record", "name": f"{name}After", "fields": fields[index + 1 :]}, named_schemas={}
+        )
+
+
+def _long(n: int) -> bytes:
+    """Avro's zig-zag varint (an array block's item count)."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z >= 0x80:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
 
 
 def _load_schemas() -> dict[str, _Schema]:
@@ -75,6 +124,43 @@ class Codec:
         out.write(schema.prefix)
         try:
             schemaless_writer(out, schema.parsed, dict(record))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerializationError(f"cannot encode {name}: {exc}") from exc
+        return out.getvalue()
+
+    def encode_item(self, name: str, field: str, item: Mapping[str, Any]) -> bytes:
+        """The Avro body of one item of array `field` of schema `name`, to store and splice later."""
+        out = io.BytesIO()
+        try:
+            schemaless_writer(out, self.schemas[name].array_field(field).item, dict(item))
+            return out.getvalue()
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerializationError(f"cannot encode a {name}.{field} item: {exc}") from exc
+
+    def decode_items(self, name: str, field: str, bodies: Sequence[bytes]) -> list[Any]:
+        """Items stored by `encode_item`, decoded in one call."""
+        if not bodies:
+            return []
+        data = _long(len(bodies)) + b"".join(bodies) + b"\x00"
+        try:
+            return schemaless_reader(io.BytesIO(data), self.schemas[name].array_field(field).array, None)  # type: ignore[return-value]
+        except Exception as exc:  # fastavro raises many types on corrupt input
+            raise SerializationError(f"corrupt {name}.{field} items: {exc}") from exc
+
+    def encode_with_items(self, name: str, record: Mapping[str, Any], field: str, bodies: Sequence[bytes]) -> bytes:
+        """encode(name, record) with array `field` given as item bodies from `encode_item`
+        (the record's own value for `field` is ignored). Same bytes as encoding the items."""
+        schema = self.schemas[name]
+        split = schema.array_field(field)
+        out = io.BytesIO()
+        out.write(schema.prefix)
+        try:
+            schemaless_writer(out, split.before, dict(record))
+            if bodies:
+                out.write(_long(len(bodies)))
+                out.write(b"".join(bodies))
+            out.write(b"\x00")
+            schemaless_writer(out, split.after, dict(record))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerializationError(f"cannot encode {name}: {exc}") from exc
         return out.getvalue()

@@ -84,3 +84,40 @@ def test_decode_message_picks_the_encoding_from_the_header() -> None:
     assert encoding == "json" and record == REQUEST
     record, encoding = codec.decode_message(codec.encode("InferenceRequest", REQUEST), None, "InferenceRequest")
     assert encoding == "avro" and record == REQUEST
+
+
+ENVELOPE = {
+    "request_id": "r1",
+    "session_id": "s1",
+    "system_prompt": "Be brief.",
+    "turns": [
+        {"role": "user", "content": "héllo " * 40, "tokens": 70},
+        {"role": "assistant", "content": "", "tokens": 5},
+        {"role": "user", "content": "and?", "tokens": 8},
+    ],
+    "summary": None,
+    "token_budget": 1024,
+    "tokens_used": 83,
+    "forwarded_ms": 1764250000000,
+}
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 70])
+def test_stored_items_splice_into_the_same_bytes(count: int) -> None:
+    codec = get_codec()
+    turns = [ENVELOPE["turns"][i % 3] for i in range(count)]
+    record = {**ENVELOPE, "turns": turns}
+    bodies = [codec.encode_item("ContextEnvelope", "turns", t) for t in turns]
+    spliced = codec.encode_with_items("ContextEnvelope", {**record, "turns": "ignored"}, "turns", bodies)
+    assert spliced == codec.encode("ContextEnvelope", record)
+    assert codec.decode_items("ContextEnvelope", "turns", bodies) == turns
+
+
+def test_bad_items_are_refused() -> None:
+    codec = get_codec()
+    with pytest.raises(SerializationError, match="turns item"):
+        codec.encode_item("ContextEnvelope", "turns", {"role": "user"})
+    with pytest.raises(SerializationError, match="no array field"):
+        codec.encode_item("ContextEnvelope", "summary", {})
+    with pytest.raises(SerializationError, match="corrupt"):
+        codec.decode_items("ContextEnvelope", "turns", [b"\x7f"])

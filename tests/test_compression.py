@@ -6,7 +6,7 @@ import pytest
 
 from inference.assets import load_tokenizer
 from processors.compression import CUT_MARKER, compress
-from processors.history import decode_turns, encode_turn, history_key
+from processors.history import StoredHistory, encode_turn, history_key
 from processors.tokens import TokenCounter
 
 
@@ -46,5 +46,5 @@ def test_history_keys_cannot_collide_across_tenants() -> None:
     assert history_key("a:b", "c") != history_key("a", "b:c")
     assert history_key("a%3Ab", "c") != history_key("a:b", "c")
     turns = [{"role": "user", "content": "x\ty", "tokens": 6}, {"role": "assistant", "content": "z", "tokens": 7}]
-    stored = decode_turns([encode_turn(t) for t in turns], skipped=3)
-    assert stored == turns and stored.skipped == 3
+    stored = StoredHistory([encode_turn(t) for t in turns], skipped=3)
+    assert list(stored) == turns and stored.tokens == [6, 7] and stored.skipped == 3
