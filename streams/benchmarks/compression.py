@@ -6,13 +6,15 @@
    embeddings cached, the question embedded per request), tokens kept, and how
    often the fact is still in the context (a kept turn or the summary).
 2. The processors' throughput with history lookups: a fresh broker, redis-server
-   and one processor; 200 sessions with 200-turn histories; requests produced as
-   fast as possible; throughput = requests committed by the processors' group per
-   second (measured by the lag reader, from first to last commit).
+   and one processor, then as many processors (one consumer group) as cores; 200
+   sessions with 200-turn histories; requests produced as fast as possible;
+   throughput = requests committed by the processors' group per second (measured
+   by the lag reader, from first to last commit).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import time
 import uuid
@@ -129,8 +131,9 @@ def measure_strategies(seed: int = 7) -> dict[str, Any]:
     return results
 
 
-def measure_processor_throughput() -> dict[str, Any]:
-    """Requests/s through one real processor (faust) with 200-turn histories in Redis."""
+def measure_processor_throughput(processors: int = 1) -> dict[str, Any]:
+    """Requests/s through `processors` real processors (faust, one consumer group)
+    with 200-turn histories in Redis."""
     import redis
 
     log_dir = Path(".tidegate/bench-logs/compression")
@@ -157,9 +160,10 @@ def measure_processor_throughput() -> dict[str, Any]:
             "TIDEGATE_MODEL": "echo",
             "TIDEGATE_BACKPRESSURE": "false",
         }
-        proc = devstack.start_stage("processors", env, log_dir)
-        pids.append(proc.pid)
-        devstack.wait_for_ready(log_dir / "processors.log", devstack.READY_MARKER, proc, 120)
+        for n in range(processors):
+            proc = devstack.start_stage("processors", env, log_dir / f"p{n}")
+            pids.append(proc.pid)
+            devstack.wait_for_ready(log_dir / f"p{n}" / "processors.log", devstack.READY_MARKER, proc, 120)
         codec = get_codec()
         producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 5})
         for i in range(THROUGHPUT_REQUESTS):
@@ -205,8 +209,16 @@ def measure_processor_throughput() -> dict[str, Any]:
         if first_at is None or last_at is None:
             raise RuntimeError(f"the processor committed {done} of {THROUGHPUT_REQUESTS} requests in time")
         rate = (done - first_done) / max(1e-6, last_at - first_at)
-        print(f"processors: {THROUGHPUT_REQUESTS} requests with 200-turn histories at {rate:.0f} requests/s")
-        return {"requests": THROUGHPUT_REQUESTS, "history_turns": TURNS, "requests_per_s": round(rate, 1)}
+        print(
+            f"{processors} processor(s): {THROUGHPUT_REQUESTS} requests with 200-turn histories "
+            f"at {rate:.0f} requests/s"
+        )
+        return {
+            "processors": processors,
+            "requests": THROUGHPUT_REQUESTS,
+            "history_turns": TURNS,
+            "requests_per_s": round(rate, 1),
+        }
     finally:
         for pid in reversed(pids):
             devstack.stop_pid(pid)
@@ -218,5 +230,6 @@ def run() -> dict[str, Any]:
         "conversations": CONVERSATIONS,
         "turns": TURNS,
         "strategies": measure_strategies(),
-        "processor_throughput": measure_processor_throughput(),
+        # one processor, then the group scaled to one per core
+        "processor_throughput": [measure_processor_throughput(n) for n in (1, os.cpu_count() or 1)],
     }
