@@ -134,13 +134,17 @@ class RequestHandler:
                 stage, lag, cap, retry_after_ms = full
                 return refuse("queue_full", f"stage {stage} lag {lag} is past its cap {cap}", retry_after_ms)
         system = [m["content"] for m in request["messages"] if m["role"] == "system"]
-        turns = [{"role": m["role"], "content": m["content"], "tokens": 0} for m in request["messages"]]
+        # counted for the whole batch at once (_count_new_turns)
+        new_turns = [
+            {"role": m["role"], "content": m["content"], "tokens": 0}
+            for m in request["messages"]
+            if m["role"] != "system"
+        ]
         strategy = request["strategy"] or self.settings.default_strategy
         system_prompt = system[0] if system else self.settings.system_prompt
         system_tokens = (
             self._system_tokens if system_prompt == self.settings.system_prompt else self.counter.count(system_prompt)
         )
-        new_turns = [t for t in turns if t["role"] != "system"]
         return _Accepted(request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
 
     def _count_new_turns(self, accepted: list[_Accepted]) -> None:
