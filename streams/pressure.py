@@ -34,8 +34,11 @@ EXIT_FACTOR = 0.9
 MIN_RETRY_AFTER_MS = 50
 MAX_RETRY_AFTER_MS = 30_000
 DEFAULT_RETRY_AFTER_MS = 1000
-# a request admitted this long before a lag measurement is assumed to be in it
-TRANSIT_MS = 50
+# a request admitted this long before a state was published is assumed to be in its
+# lag: the monitor learns log ends from fetches that wait up to CONTROL_FETCH_WAIT_MS
+# (200), which the embedded broker re-checks at half the remaining wait, so a record
+# can reach the published lag about 100 ms after it was written
+TRANSIT_MS = 150
 # an admission older than this is in the lag by now, or was refused downstream:
 # the monitor measures at least every pressure interval while anything changes
 ADMISSION_MEMORY_MS = 600
