@@ -269,9 +269,7 @@ class InferenceWorker:
             self.producer.flush(10)
             self._raise_on_failures()
             self._commit(asynchronous=False)
-        room = max(0, self.settings.max_batch - len(self.engine.active))
-        if busy and room < self.settings.rows_to_join:
-            room = 0
+        room = self.settings.join_room(len(self.engine.active), busy)
         records = self.batcher.collect(self.consumer, room, wait=not busy)  # room 0: keeps fetching
         if records:
             answered, jobs = self._take(records)

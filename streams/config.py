@@ -95,10 +95,12 @@ class Settings(BaseSettings):
     # first; 0 runs everything alike. Production runs each stage on its own machines.
     control_plane_nice: int = Field(5, ge=0, le=19)
 
-    @property
-    def rows_to_join(self) -> int:
-        """Free rows a running continuous batch needs before waiting requests join."""
-        return self.join_rows or max(1, self.max_batch // 8)
+    def join_room(self, active: int, busy: bool) -> int:
+        """Rows waiting requests may take in a continuous batch with `active` rows: the
+        free rows, but none while a running batch has fewer than `JOIN_ROWS` free
+        (default MAX_BATCH // 8): each join is a prefill pass that stalls every row."""
+        room = max(0, self.max_batch - active)
+        return 0 if busy and room < (self.join_rows or max(1, self.max_batch // 8)) else room
 
     @cached_property
     def topics(self) -> Topics:

@@ -129,7 +129,7 @@ def _on_worker_model(
 
 
 def _engine_alone(runner: Any, prompts: list[Prompt], settings: Settings) -> dict[str, Any]:
-    """The worker's engine and batch selection (`select_batch`, `rows_to_join`) with
+    """The worker's engine and batch selection (`select_batch`, `join_room`) with
     every request already pooled, in-process: the pipeline without Kafka, Redis, the
     processor and the other processes on the machine."""
     pending = []
@@ -139,8 +139,8 @@ def _engine_alone(runner: Any, prompts: list[Prompt], settings: Settings) -> dic
     engine = runner.engine(settings.prefix_cache_entries)
     started, tokens = time.monotonic(), 0
     while pending or engine.busy:
-        room = settings.max_batch - len(engine.active)
-        if pending and (not engine.busy or room >= settings.rows_to_join):
+        room = settings.join_room(len(engine.active), engine.busy)
+        if pending and room:
             joining, pending = select_batch(pending, lambda r: len(r.ids), room, settings.batch_tokens)
             tokens += sum(len(r.out) for r in engine.add(joining))
         if engine.busy:
