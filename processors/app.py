@@ -1,7 +1,7 @@
 """The processors' faust app: reads tidegate.requests in batches, writes envelopes.
 
 The work itself is `RequestHandler` (processors/handler.py); this module wires it
-to faust: one agent, batches from `take_events`, every output awaited before the
+to faust: one agent, batches from `take_batches`, every output awaited before the
 batch's offsets can be committed, and any failure sent to the dead-letter topic
 rather than skipped.
 """
@@ -19,6 +19,7 @@ import faust
 from redis.asyncio import Redis
 
 from inference.assets import load_tokenizer
+from processors.event_batches import take_batches
 from processors.faust_tuning import set_fetch_wait_ms
 from processors.handler import STAGE, Admission, Incoming, RequestHandler
 from processors.tokens import TokenCounter
@@ -94,7 +95,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(requests)
     async def process(stream: Any) -> None:
-        async for events in stream.take_events(settings.processor_batch, within=wait_s):
+        async for events in take_batches(stream, settings.processor_batch, wait_s):
             batch = [_incoming(e) for e in events]
             try:
                 outgoing = await handler.handle(batch)
