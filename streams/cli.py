@@ -33,6 +33,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"tidegate: {message} (see `{self.prog} --help`)\n")
 
 
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidegate", description="LLM inference pipeline on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -79,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--raw-requests", type=int, default=32, help="raw batched generate requests, for `batching`")
     bench.add_argument(
         "--modes", default="continuous,static,continuous-noprefix", help="pipeline modes, for `batching`"
+    )
+    bench.add_argument(
+        "--fetch-wait-ms",
+        type=_positive_ints,
+        help="comma-separated FETCH_WAIT_MS values to run each pipeline mode at, for `batching` (the setting's)",
     )
 
     sub.add_parser("processor", help="run one processor in the foreground")

@@ -29,6 +29,9 @@ def test_bad_flag_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     result = run(["bench", "nonsense"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "invalid choice: 'nonsense'" in result.stderr
+    result = run(["bench", "batching", "--fetch-wait-ms", "25,0"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "positive integers, got '25,0'" in result.stderr
     result = run(["send", "hi"], tmp_path)  # no dev stack running here
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "dev up" in result.stderr

@@ -44,6 +44,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             args.batch_tokens,
             args.modes.split(","),
             args.torch_threads or 2,
+            args.fetch_wait_ms,
         )
         write_json(args.json_path, results)
         return 0

@@ -215,10 +215,20 @@ def _worker_stats(redis_url: str, after_ms: int) -> EngineStats:
 
 
 def measure_pipeline(
-    model: str, prompts: list[Prompt], mode: str, batch: int, batch_tokens: int, threads: int
+    model: str,
+    prompts: list[Prompt],
+    mode: str,
+    batch: int,
+    batch_tokens: int,
+    threads: int,
+    fetch_wait_ms: int | None = None,
 ) -> dict[str, Any]:
+    """One pipeline run on a fresh stack; `fetch_wait_ms` overrides FETCH_WAIT_MS for
+    the stack and this benchmark's own reply consumer."""
     batching, _, variant = mode.partition("-")
+    fetch_wait_ms = fetch_wait_ms or Settings().fetch_wait_ms
     env = {
+        "TIDEGATE_FETCH_WAIT_MS": str(fetch_wait_ms),
         "TIDEGATE_BATCHING": batching,
         "TIDEGATE_MAX_BATCH": str(batch),
         "TIDEGATE_BATCH_TOKENS": str(batch_tokens),
@@ -229,10 +239,10 @@ def measure_pipeline(
         "TIDEGATE_BACKPRESSURE": "false",  # saturation on purpose: no queue_full
         "TIDEGATE_MAX_NEW_TOKENS_LIMIT": str(NEW_TOKENS[1]),
     }
-    print(f"== pipeline, {mode}: starting a fresh embedded stack")
+    print(f"== pipeline, {mode}, FETCH_WAIT_MS={fetch_wait_ms}: starting a fresh embedded stack")
     stack = devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / f"batching-{mode}", extra_env=env)
     try:
-        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
+        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, fetch_wait_ms=fetch_wait_ms)
         replies, elapsed = asyncio.run(_saturate(settings, prompts, f"batching-{mode}"))
         bad = [r for r in replies if r["status"] != "ok"]
         if bad:
@@ -243,6 +253,7 @@ def measure_pipeline(
     tokens = sum(r["tokens_out"] for r in replies)
     latencies = [r["latency_s"] for r in replies]
     result = {
+        "fetch_wait_ms": fetch_wait_ms,
         "requests": len(replies),
         "tokens": tokens,
         "seconds": round(elapsed, 2),
@@ -271,6 +282,7 @@ def run(
     batch_tokens: int,
     modes: list[str],
     threads: int,
+    fetch_waits_ms: list[int] | None = None,
 ) -> dict[str, Any]:
     from inference.assets import load_tokenizer
 
@@ -292,8 +304,11 @@ def run(
         ),
         "pipeline": {},
     }
-    for mode in modes:
-        results["pipeline"][mode] = measure_pipeline(model, prompts, mode, batch, batch_tokens, threads)
+    default_wait = Settings().fetch_wait_ms
+    for wait in fetch_waits_ms or [default_wait]:
+        for mode in modes:
+            name = mode if wait == default_wait else f"{mode}, fetch wait {wait} ms"
+            results["pipeline"][name] = measure_pipeline(model, prompts, mode, batch, batch_tokens, threads, wait)
     base, raw = results["baseline"]["tokens_per_s"], results["raw_batched"]["tokens_per_s"]
     same = results["baseline_worker_kernels"]["tokens_per_s"]
     alone = results["engine_alone"]["tokens_per_s"]
@@ -303,7 +318,7 @@ def run(
         r["of_raw_batched"] = round(r["tokens_per_s"] / raw, 3) if raw else None
         r["of_engine_alone"] = round(r["tokens_per_s"] / alone, 3) if alone else None
         print(
-            f"{mode:20s} {r['x_baseline']:.2f}x the one-at-a-time baseline "
+            f"{mode:36s} {r['x_baseline']:.2f}x the one-at-a-time baseline "
             f"({r['x_baseline_worker_kernels']:.2f}x on the worker's model), {r['of_raw_batched']:.0%} of raw "
             f"batched, {r['of_engine_alone']:.0%} of the engine alone"
         )
