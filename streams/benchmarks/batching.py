@@ -221,12 +221,11 @@ def measure_pipeline(
     batch: int,
     batch_tokens: int,
     threads: int,
-    fetch_wait_ms: int | None = None,
+    fetch_wait_ms: int,
 ) -> dict[str, Any]:
-    """One pipeline run on a fresh stack; `fetch_wait_ms` overrides FETCH_WAIT_MS for
-    the stack and this benchmark's own reply consumer."""
+    """One pipeline run on a fresh stack; `fetch_wait_ms` is FETCH_WAIT_MS for the
+    stack and this benchmark's own reply consumer."""
     batching, _, variant = mode.partition("-")
-    fetch_wait_ms = fetch_wait_ms or Settings().fetch_wait_ms
     env = {
         "TIDEGATE_FETCH_WAIT_MS": str(fetch_wait_ms),
         "TIDEGATE_BATCHING": batching,
@@ -240,7 +239,8 @@ def measure_pipeline(
         "TIDEGATE_MAX_NEW_TOKENS_LIMIT": str(NEW_TOKENS[1]),
     }
     print(f"== pipeline, {mode}, FETCH_WAIT_MS={fetch_wait_ms}: starting a fresh embedded stack")
-    stack = devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / f"batching-{mode}", extra_env=env)
+    log_dir = Path(".tidegate/bench-logs") / f"batching-{mode}-fetch{fetch_wait_ms}"
+    stack = devstack.up(model=model, log_dir=log_dir, extra_env=env)
     try:
         settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, fetch_wait_ms=fetch_wait_ms)
         replies, elapsed = asyncio.run(_saturate(settings, prompts, f"batching-{mode}"))
