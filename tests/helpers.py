@@ -9,6 +9,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from streams.config import Settings
+from streams.lag import LagReader, pipeline_stages
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -21,6 +22,21 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+def wait_for_stage_lag(settings: Settings, stage_name: str, expected: int, timeout_s: float) -> None:
+    """Waits until a pipeline stage's lag (log end - committed) is `expected`."""
+    stage = next(s for s in pipeline_stages(settings) if s.name == stage_name)
+    reader = LagReader(settings, [stage])
+    try:
+
+        def lag_now() -> int:
+            reader.poll(0.1)
+            return reader.lag(stage).lag
+
+        wait_for(lambda: lag_now() == expected, timeout_s, f"{stage_name}' lag == {expected}")
+    finally:
+        reader.close()
 
 
 class TopicReader:

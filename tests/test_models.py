@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from inference.models import Prompt, load_runner
 from streams.client import Client
-from streams.lag import WORKERS, LagReader, pipeline_stages
+from streams.lag import WORKERS
 from tests.conftest import Pipeline
-from tests.helpers import wait_for
+from tests.helpers import wait_for_stage_lag
 
 
 def test_tiny_runner_respects_max_new_tokens_per_request() -> None:
@@ -68,14 +68,4 @@ def test_continuous_batching_answers_mixed_requests_once_and_commits_all(
     assert [r["status"] for r in replies] == ["ok"] * 16
     assert all(0 < r["tokens_out"] <= 2 + 5 * (i % 4) for i, r in enumerate(replies))
     assert len({r["request_id"] for r in replies}) == 16
-    stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
-    reader = LagReader(pipeline.settings, [stage])
-    try:
-
-        def lag_now() -> int:
-            reader.poll(0.1)
-            return reader.lag(stage).lag
-
-        assert wait_for(lambda: lag_now() == 0, 20, "workers' lag == 0")
-    finally:
-        reader.close()
+    wait_for_stage_lag(pipeline.settings, WORKERS, 0, 20)

@@ -11,11 +11,10 @@ import orjson
 from confluent_kafka import Producer
 
 from schemas import get_codec
-from streams import devstack
 from streams.client import Client
-from streams.lag import PROCESSORS, LagReader, pipeline_stages
+from streams.lag import PROCESSORS
 from tests.conftest import Pipeline
-from tests.helpers import TopicReader
+from tests.helpers import TopicReader, wait_for_stage_lag
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -85,15 +84,7 @@ def test_200_concurrent_requests_get_exactly_one_ok_reply_each(echo_pipeline: Pi
     assert all(counts[i] == 1 for i in ids)
     reader.close()
     # every request a processor batch took was acked: the processors' group commits to the log end
-    stage = next(s for s in pipeline_stages(settings) if s.name == PROCESSORS)
-    lag = LagReader(settings, [stage])
-
-    def caught_up() -> bool:
-        lag.poll(0.05)
-        return lag.lag(stage).lag == 0
-
-    devstack.wait_until(caught_up, 20, "the processors' group committed every request")
-    lag.close()
+    wait_for_stage_lag(settings, PROCESSORS, 0, 20)
 
 
 def test_undecodable_input_goes_to_dead_letter_and_the_stage_goes_on(echo_pipeline: Pipeline) -> None:
