@@ -152,15 +152,16 @@ class Codec:
         (the record's own value for `field` is ignored). Same bytes as encoding the items."""
         schema = self.schemas[name]
         split = schema.array_field(field)
+        fields = dict(record)
         out = io.BytesIO()
         out.write(schema.prefix)
         try:
-            schemaless_writer(out, split.before, dict(record))
+            schemaless_writer(out, split.before, fields)
             if bodies:
                 out.write(_long(len(bodies)))
                 out.write(b"".join(bodies))
             out.write(b"\x00")
-            schemaless_writer(out, split.after, dict(record))
+            schemaless_writer(out, split.after, fields)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerializationError(f"cannot encode {name}: {exc}") from exc
         return out.getvalue()
