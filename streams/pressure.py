@@ -77,11 +77,13 @@ class PressureGauge:
     The drain rate is what the stage commits while it has work: only sample
     intervals that began with a backlog count. An idle or starved stage therefore
     keeps the rate it showed when busy, and a seconds-cap reflects what the stage
-    can do, not what it was offered. It is the lower of the averages over the last
-    `window_s` and `short_s` of busy time: the cap follows a slowdown within seconds
-    (admitted work then still drains in about the cap's seconds) and grows back only
-    as the longer average does. Until `window_s` of busy time has been seen, a
-    seconds-cap ramps up from its floor in proportion (StageCap.resolve).
+    can do, not what it was offered. It is the rate of the slowest `short_s` spell
+    in the last `window_s` of busy time: a seconds-cap is a promise that admitted
+    work drains within its seconds, so it is set from a pace the stage kept all
+    through the window, not from its average. The cap follows a slowdown within
+    `short_s` and grows back only once the slow spell left the window. Until
+    `window_s` of busy time has been seen, a seconds-cap ramps up from its floor in
+    proportion (StageCap.resolve).
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class PressureGauge:
                     self._busy.popleft()
                 self.busy_s = sum(d for d, _ in self._busy)
                 if self.busy_s >= 0.5:
-                    self.drain_rate = max(0.0, min(self._rate_over(self.window_s), self._rate_over(self.short_s)))
+                    self.drain_rate = max(0.0, self._slowest_spell())
         self._last = (at, committed, lag)
         cap = self.cap.resolve(self.drain_rate, self.busy_s / self.window_s)
         self.state = self._next_state(lag, cap)
@@ -123,15 +125,18 @@ class PressureGauge:
             "updated_ms": now_ms(),
         }
 
-    def _rate_over(self, seconds: float) -> float:
-        """Commits per second over the newest `seconds` of busy time (all of it if less)."""
+    def _slowest_spell(self) -> float:
+        """Commits per second of the slowest `short_s` of busy time in the window,
+        counted back from the newest (all of it while less than `short_s` was seen)."""
+        rates: list[float] = []
         busy, done = 0.0, 0
         for duration, committed in reversed(self._busy):
             busy += duration
             done += committed
-            if busy >= seconds:
-                break
-        return done / busy
+            if busy >= self.short_s:
+                rates.append(done / busy)
+                busy, done = 0.0, 0
+        return min(rates) if rates else done / busy
 
     def _next_state(self, lag: int, cap: int) -> str:
         warn_at = self.warn_ratio * cap

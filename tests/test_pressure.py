@@ -33,21 +33,27 @@ def test_drain_rate_and_seconds_cap() -> None:
     assert idle["cap"] == 100 and idle["state"] == OK and abs(idle["drain_rate"] - 50) < 1e-6
 
 
-def test_the_drain_rate_follows_a_slowdown_at_once_and_a_speedup_slowly() -> None:
+def test_the_drain_rate_follows_a_slowdown_at_once_and_a_speedup_after_the_window() -> None:
     g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0, short_s=5.0)
     committed, t = 0, 1000.0
-    for _ in range(100):  # 20 s at 100/s
-        committed, t = committed + 20, t + 0.2
-        g.update(1000, committed, at=t)
+
+    def run(seconds: float, rate: int) -> dict:
+        nonlocal committed, t
+        for _ in range(round(seconds / 0.2)):
+            committed, t = committed + rate // 5, t + 0.2
+            state = g.update(1000, committed, at=t)
+        return state
+
+    run(20, 100)
     assert abs(g.drain_rate - 100) < 1e-6
-    for _ in range(25):  # 5 s at 50/s: the short average is all slow
-        committed, t = committed + 10, t + 0.2
-        g.update(1000, committed, at=t)
+    run(5, 50)  # a slow spell: the rate drops to it at once
     assert abs(g.drain_rate - 50) < 1e-6
-    for _ in range(25):  # 5 s back at 100/s: the 15 s average still holds the slow part
-        committed, t = committed + 20, t + 0.2
-        state = g.update(1000, committed, at=t)
-    assert abs(g.drain_rate - (50 * 5 + 100 * 10) / 15) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
+    state = run(5, 100)  # back at 100/s: the slow spell is still in the window
+    assert abs(g.drain_rate - 50) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
+    run(5, 100)
+    assert abs(g.drain_rate - 50) < 1e-6
+    state = run(5, 100)  # the slow spell has left the 15 s window
+    assert abs(g.drain_rate - 100) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
 
 
 def test_seconds_cap_ramps_up_while_the_rate_window_fills() -> None:
