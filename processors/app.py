@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from inference.assets import load_tokenizer
 from processors.event_batches import take_batches
-from processors.faust_tuning import set_fetch_wait_ms
+from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import STAGE, Admission, Incoming, RequestHandler
 from processors.tokens import TokenCounter
 from streams.config import Settings
@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         datadir=datadir,
+        Worker=QuietWorker,
         web_enabled=False,
         web_bind="127.0.0.1",
         broker_session_timeout=settings.session_timeout_ms / 1000,
