@@ -15,6 +15,20 @@ def counter() -> TokenCounter:
     return TokenCounter(load_tokenizer("default"))
 
 
+@pytest.mark.parametrize("text", ["Hello there", "naïve café — 東京 🌊", "", "word " * 300])
+def test_a_turn_counts_the_tokens_it_adds_to_the_chat_template(counter: TokenCounter, text: str) -> None:
+    tokenizer = load_tokenizer("default")
+    system = {"role": "system", "content": "You are helpful."}
+
+    def tokens(messages: list[dict]) -> int:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    added = tokens([system, {"role": "user", "content": text}]) - tokens([system])
+    assert counter.count(text) == added
+    assert counter.count_many(["first", text, "last"])[1] == added
+
+
 def turn(counter: TokenCounter, role: str, content: str) -> dict:
     return {"role": role, "content": content, "tokens": counter.count(content)}
 
