@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from inference.assets import load_tokenizer
@@ -11,13 +13,17 @@ from processors.tokens import TokenCounter
 
 
 @pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter(load_tokenizer("default"))
+def tokenizer() -> Any:
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="module")
+def counter(tokenizer: Any) -> TokenCounter:
+    return TokenCounter(tokenizer)
 
 
 @pytest.mark.parametrize("text", ["Hello there", "naïve café — 東京 🌊", "", "word " * 300])
-def test_a_turn_counts_the_tokens_it_adds_to_the_chat_template(counter: TokenCounter, text: str) -> None:
-    tokenizer = load_tokenizer("default")
+def test_a_turn_counts_what_it_adds_to_the_chat_template(counter: TokenCounter, tokenizer: Any, text: str) -> None:
     system = {"role": "system", "content": "You are helpful."}
 
     def tokens(messages: list[dict]) -> int:
