@@ -168,8 +168,13 @@ def pick_device(dtype: str = "auto") -> tuple[str, Any]:
         return device, getattr(torch, dtype)
     if device == "cuda":
         return device, torch.bfloat16
-    native_bf16 = torch.backends.cpu.get_cpu_capability() in {"AVX512_BF16", "AMX"} or _cpu_has("avx512_bf16")
-    return device, torch.bfloat16 if native_bf16 else torch.float32
+    return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability() in {"AVX512_BF16", "AMX"} or _cpu_has("avx512_bf16")
 
 
 def _cpu_has(flag: str) -> bool:
@@ -183,8 +188,8 @@ def _cpu_has(flag: str) -> bool:
 def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto", optimized: bool = True) -> ModelRunner:
     """Builds the runner `model` names; raises ModelError naming it on failure.
     `optimized` (the workers' way) adds the grouped decode attention and, for CPU
-    float32, oneDNN-packed linear weights; `optimized=False` is stock transformers
-    (the batching benchmark's plain baseline)."""
+    float32 (and bf16 where the CPU has it natively), oneDNN-packed linear weights;
+    `optimized=False` is stock transformers (the batching benchmark's plain baseline)."""
     if model == "echo":
         return EchoRunner()
     import torch
@@ -229,7 +234,8 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto", op
     net.to(device).eval()
     if optimized and getattr(net.config, "_attn_implementation", None) == "sdpa":
         use_grouped_decode(net)  # decode steps read grouped KV heads without copying them
-    if optimized and device == "cpu" and dtype == torch.float32:
+    packable = dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_native_bf16())
+    if optimized and device == "cpu" and packable:
         pack_linear_weights(net)
     log.info("model=%s device=%s dtype=%s loaded in %.1fs", model, device, dtype, time.monotonic() - started)
     return TransformersRunner(model, net, tokenizer, device)

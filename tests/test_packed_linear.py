@@ -21,10 +21,19 @@ def test_packed_linear_matches_linear(bias: bool) -> None:
         torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-4, atol=1e-4)
 
 
-def test_only_cpu_float32_linears_are_packed() -> None:
-    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4).to(torch.bfloat16))
-    assert pack_linear_weights(net) == 1
-    assert isinstance(net[0], PackedLinear) and isinstance(net[2], nn.Linear)
+def test_only_cpu_float32_and_bf16_linears_are_packed() -> None:
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 4).to(torch.float16))
+    assert pack_linear_weights(net) == 2
+    assert isinstance(net[0], PackedLinear) and isinstance(net[1], PackedLinear)
+    assert type(net[2]) is nn.Linear
+
+
+def test_packed_bf16_linear_matches_linear() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=2e-2, atol=2e-2)
 
 
 def test_packed_model_generates_like_the_stock_one() -> None:
