@@ -3,7 +3,9 @@
 The work itself is `RequestHandler` (processors/handler.py); this module wires it
 to faust: one agent, batches from `take_batches`, every output awaited before the
 batch's offsets can be committed, and any failure sent to the dead-letter topic
-rather than skipped.
+rather than skipped. faust consumes and commits; the outputs go through a
+confluent-kafka producer (streams/delivery.py), idempotent, whose per-record cost
+is librdkafka's C code rather than aiokafka's Python send path.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import STAGE, Admission, Incoming, RequestHandler
 from processors.tokens import TokenCounter
 from streams.config import Settings
+from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.devstack import READY_MARKER
+from streams.kafka import producer_config
 from streams.lag import WORKERS
 from streams.outgoing import Outgoing, dead_letter
 from streams.pressure import PressureBoard
 from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
+DELIVERY_RETRY_MAX_S = 5.0
 
 
 def _incoming(event: Any) -> Incoming:
@@ -89,10 +94,23 @@ def create_app(settings: Settings) -> faust.App:
         admission = downstream_admission(pressure.board)
     handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
     wait_s = settings.processor_batch_wait_ms / 1000
+    delivery = DeliveryProducer(producer_config(settings))
+    delivery.start()
 
-    async def send_all(outgoing: list[Outgoing]) -> None:
-        futures = [await app.producer.send(o.topic, o.key, o.value, None, None, o.headers) for o in outgoing]
-        await asyncio.gather(*futures)
+    async def deliver(outgoing: list[Outgoing]) -> None:
+        """Every output acknowledged before the batch is acked. librdkafka retries a
+        record itself until its message timeout; past that (the broker gone for
+        minutes) the whole batch is sent again rather than committed past:
+        consumers dedupe by request_id."""
+        attempt = 0
+        while True:
+            try:
+                await delivery.send_all(outgoing)
+                return
+            except DeliveryFailed as exc:
+                attempt += 1
+                log.warning("attempt=%d %s; sending the batch again", attempt, exc)
+                await asyncio.sleep(min(DELIVERY_RETRY_MAX_S, 0.1 * 2**attempt))
 
     @app.agent(requests)
     async def process(stream: Any) -> None:
@@ -115,7 +133,11 @@ def create_app(settings: Settings) -> faust.App:
                     )
                     for r in batch
                 ]
-            await send_all(outgoing)
+            await deliver(outgoing)
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(app: faust.App, **kwargs: Any) -> None:
+        await asyncio.to_thread(delivery.close)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:

@@ -4,8 +4,9 @@
         reply = await client.generate(messages=[{"role": "user", "content": "hi"}], session_id="s1")
         request_id = await client.submit(...)      # the reply comes on the reply topic
 
-One background thread polls the reply consumer and the producer's delivery
-reports; another keeps the latest pressure per stage (streams/pressure_feed.py), so
+One background thread polls the reply consumer; the producer serves its own
+delivery reports (streams/delivery.py); another thread keeps the latest pressure
+per stage (streams/pressure_feed.py), so
 `QueueFull` is raised before anything is sent, without a broker round trip.
 The reply consumer is assigned (no group join), starting at each reply
 partition's end as listed before the first request: on the embedded broker that
@@ -22,14 +23,15 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
+from streams.delivery import DeliveryProducer
 from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
 from streams.kafka import check_reachable, consumer_config, producer_config
 from streams.lag import PROCESSORS, WORKERS
-from streams.outgoing import now_ms
+from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class Client:
         self.codec = get_codec()
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._producer: Producer | None = None
+        self._producer = DeliveryProducer(producer_config(self.settings))
         self._consumer: Consumer | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -83,7 +85,7 @@ class Client:
     async def start(self) -> None:
         await asyncio.to_thread(check_reachable, self.settings.bootstrap)
         self._loop = asyncio.get_running_loop()
-        self._producer = Producer(producer_config(self.settings))
+        self._producer.start()
         self._consumer = Consumer(consumer_config(self.settings, f"tidegate-client-{uuid.uuid4().hex}"))
         await asyncio.to_thread(self._assign_reply_partitions)
         if self._pressure is not None:
@@ -117,8 +119,7 @@ class Client:
             await asyncio.to_thread(self._pressure.close)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
-        if self._producer is not None:
-            await asyncio.to_thread(self._producer.flush, 5)
+        await asyncio.to_thread(self._producer.close, 5)
         if self._consumer is not None:
             await asyncio.to_thread(self._consumer.close)
         for future in self._pending.values():
@@ -126,9 +127,8 @@ class Client:
         self._pending.clear()
 
     def _poll_loop(self) -> None:
-        assert self._consumer is not None and self._producer is not None
+        assert self._consumer is not None
         while not self._stop.is_set():
-            self._producer.poll(0)
             for message in self._consumer.consume(500, 0.05):
                 if message.error() is not None:
                     if message.error().code() != KafkaError._PARTITION_EOF:
@@ -238,32 +238,13 @@ class Client:
             self._pending.pop(request["request_id"], None)
 
     async def _produce(self, request: dict[str, Any]) -> None:
-        assert self._producer is not None and self._loop is not None
         value = self.codec.encode("InferenceRequest", request)
-        delivered: asyncio.Future[None] = self._loop.create_future()
-        loop = self._loop
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is None:
-                loop.call_soon_threadsafe(_resolve, delivered, None)
-            else:
-                loop.call_soon_threadsafe(_fail, delivered, TidegateError(f"request not delivered: {err}"))
-
-        self._producer.produce(
-            self.settings.topics.requests,
-            value,
-            request["session_id"].encode(),
-            headers=[content_type_header(AVRO)],
-            on_delivery=on_delivery,
+        record = Outgoing(
+            self.settings.topics.requests, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )
-        await delivered
+        await self._producer.send_all([record])
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
