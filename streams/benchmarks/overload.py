@@ -3,7 +3,10 @@
 1. capacity: a fresh stack, backpressure off, kept saturated by a closed loop of
    concurrent requests; capacity = ok replies per second after a warm-up.
 2. two runs on fresh stacks, same open-loop offered load (factor x capacity,
-   evenly spaced, `duration_s`): once with backpressure, once without. Capacity
+   evenly spaced, `duration_s`): once with backpressure, once without. Each stack
+   first gets the same warm-up as a capacity run (the closed loop for
+   CAPACITY_WARMUP_S, every reply awaited), so that a cold start (faust's first
+   fetch, first model calls) is left out of goodput as it is out of capacity. Capacity
    is measured again between them, and goodput is set against the mean of the two
    measurements around the backpressure run: on a shared 2-core machine speed
    drifts by 10-15% over minutes, and one measurement before would bias it.
@@ -38,6 +41,7 @@ CAPACITY_CONCURRENCY = 256  # about 4 s of backlog for the tiny model: never idl
 REPLY_GRACE_S = 60.0
 CAPACITY_WARMUP_S = 5.0
 CAPACITY_MEASURE_S = 20.0
+WARMUP_FIRST_ID = 10_000_000  # warm-up sessions apart from the measured ones
 STAGES = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms")
 
 
@@ -70,10 +74,12 @@ def _request(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Question {i}: what colour is the sky at noon?"}]
 
 
-async def _one(client: Client, i: int, outcomes: list[Outcome]) -> None:
+async def _one(client: Client, i: int, outcomes: list[Outcome], wait: bool = False) -> None:
     started = time.monotonic()
     try:
-        reply = await client.generate(_request(i), f"load-{i}", max_new_tokens=MAX_NEW_TOKENS, deadline_s=DEADLINE_S)
+        reply = await client.generate(
+            _request(i), f"load-{i}", max_new_tokens=MAX_NEW_TOKENS, deadline_s=DEADLINE_S, wait=wait
+        )
         status, total, timings = reply["status"], reply["timings"]["total_ms"], reply["timings"]
     except QueueFull as exc:
         status, total, timings = f"rejected:{exc.stage}", 0, None
@@ -83,20 +89,29 @@ async def _one(client: Client, i: int, outcomes: list[Outcome]) -> None:
     outcomes.append(Outcome(started, done, status, (done - started) * 1000, total, timings))
 
 
+async def _closed_loop(client: Client, seconds: float, outcomes: list[Outcome], first: int = 0) -> float:
+    """CAPACITY_CONCURRENCY requests always in flight for `seconds`, then every reply
+    awaited; returns when it started. With backpressure on, a refused request waits
+    (`wait=True`) instead of spinning."""
+    stop_at = time.monotonic() + seconds
+
+    async def loop(worker: int) -> None:
+        i = first + worker
+        while time.monotonic() < stop_at:
+            await _one(client, i, outcomes, wait=client.settings.backpressure)
+            i += CAPACITY_CONCURRENCY
+
+    started = time.monotonic()
+    await asyncio.gather(*(loop(w) for w in range(CAPACITY_CONCURRENCY)))
+    return started
+
+
 async def _capacity(settings: Settings) -> float:
     """ok replies/s with CAPACITY_CONCURRENCY requests always in flight."""
     outcomes: list[Outcome] = []
-    stop_at = time.monotonic() + CAPACITY_WARMUP_S + CAPACITY_MEASURE_S
     async with Client(settings=settings, reply_grace_s=REPLY_GRACE_S) as client:
-
-        async def loop(worker: int) -> None:
-            i = worker
-            while time.monotonic() < stop_at:
-                await _one(client, i, outcomes)
-                i += CAPACITY_CONCURRENCY
-
-        started = time.monotonic()
-        await asyncio.gather(*(loop(w) for w in range(CAPACITY_CONCURRENCY)))
+        started = await _closed_loop(client, CAPACITY_WARMUP_S + CAPACITY_MEASURE_S, outcomes)
+    stop_at = started + CAPACITY_WARMUP_S + CAPACITY_MEASURE_S
     window_start = started + CAPACITY_WARMUP_S
     done = [o for o in outcomes if o.status == "ok" and window_start <= o.done_at <= stop_at]
     return len(done) / CAPACITY_MEASURE_S
@@ -109,6 +124,8 @@ async def _offer(settings: Settings, rate: float, duration_s: float) -> dict[str
     recorder.start()
     try:
         async with Client(settings=settings, reply_grace_s=REPLY_GRACE_S) as client:
+            warmup_started = await _closed_loop(client, CAPACITY_WARMUP_S, [], first=WARMUP_FIRST_ID)
+            print(f"  warm-up: {time.monotonic() - warmup_started:.1f} s")
             tasks = []
             n = int(rate * duration_s)
             t0 = time.monotonic()
