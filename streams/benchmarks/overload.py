@@ -20,6 +20,7 @@ never rejected). A PNG shows lag, cap and latency over time for both runs.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,12 @@ def _run_on_fresh_stack(model: str, name: str, backpressure: bool, torch_threads
 
 
 def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None) -> dict[str, Any]:
+    # The load generator stands in for services on other machines: it runs as nice as
+    # the stack's control plane (devstack.up), below the worker, which stands in for
+    # the accelerator. Under 3x overload it does three times the work of a capacity
+    # run (every refusal is an attempt), and at the worker's priority that work came
+    # out of the worker's core, in the overload runs only.
+    os.nice(Settings().control_plane_nice)
     before = _run_on_fresh_stack(model, "capacity", False, torch_threads, _capacity)
     print(f"capacity: {before:.1f} requests/s at saturation")
     rate = factor * before
