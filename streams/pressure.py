@@ -64,10 +64,16 @@ class StageCap:
 
 
 def stage_caps(settings: Settings) -> dict[str, StageCap]:
-    floor = settings.max_batch * 4  # until a drain rate is measured
+    """A seconds-cap is never below four of the stage's own batches: that much lag is
+    normal work in hand. For the processors it also covers what they finished since
+    their last commit (every PROCESSOR_COMMIT_INTERVAL_MS): at the workers' 4 x
+    MAX_BATCH (64) the processors' stage read `full` at 150 requests/s whenever their
+    measured rate dipped, and refused requests the workers had room for."""
     return {
-        "processors": StageCap(settings.processors_cap_messages, settings.processors_cap_seconds, floor),
-        "workers": StageCap(settings.workers_cap_messages, settings.workers_cap_seconds, floor),
+        "processors": StageCap(
+            settings.processors_cap_messages, settings.processors_cap_seconds, settings.processor_batch * 4
+        ),
+        "workers": StageCap(settings.workers_cap_messages, settings.workers_cap_seconds, settings.max_batch * 4),
     }
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+from streams.config import Settings
 from streams.outgoing import now_ms
-from streams.pressure import FULL, OK, WARN, PressureBoard, PressureGauge, StageCap, retry_after_ms
+from streams.pressure import FULL, OK, WARN, PressureBoard, PressureGauge, StageCap, retry_after_ms, stage_caps
 
 
 def gauge(cap: int = 100) -> PressureGauge:
@@ -120,3 +121,10 @@ def test_retry_after_follows_the_drain() -> None:
     assert retry_after_ms(300, 100, 100.0) == 2000
     assert retry_after_ms(101, 100, 1000.0) == 50  # floor
     assert retry_after_ms(10, 5, 0.0) == 1000  # unknown rate
+
+
+def test_each_stage_cap_floor_is_four_of_its_own_batches() -> None:
+    caps = stage_caps(Settings(max_batch=16, processor_batch=64))
+    assert caps["workers"].resolve(0.0) == 64
+    assert caps["processors"].resolve(0.0) == 256
+    assert caps["processors"].resolve(1000.0) == 2000  # 2 s of work once the rate is known
