@@ -40,7 +40,7 @@ def test_a_record_the_broker_never_takes_raises() -> None:
     producer = DeliveryProducer(config)
     producer.start()
     try:
-        with pytest.raises(DeliveryFailed, match="tidegate.requests"):
+        with pytest.raises(DeliveryFailed, match=r"tidegate\.requests"):
             asyncio.run(asyncio.wait_for(producer.send_all([Outgoing("tidegate.requests", b"k", b"v")]), 10))
     finally:
         producer.close(timeout_s=0)
