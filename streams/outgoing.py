@@ -1,7 +1,7 @@
 """What a stage sends: replies in the caller's encoding, envelopes, and dead letters.
 
-Built here once and sent by whichever Kafka client the stage uses (aiokafka
-inside faust, confluent-kafka in the workers).
+Built here once and sent with confluent-kafka: from asyncio through
+streams/delivery.py (processors, client), from the workers' loop directly.
 """
 
 from __future__ import annotations
