@@ -94,8 +94,7 @@ def create_app(settings: Settings) -> faust.App:
         admission = downstream_admission(pressure.board)
     handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
     wait_s = settings.processor_batch_wait_ms / 1000
-    delivery = DeliveryProducer(producer_config(settings))
-    delivery.start()
+    delivery = DeliveryProducer(producer_config(settings))  # connects on its first batch
 
     async def deliver(outgoing: list[Outgoing]) -> None:
         """Every output acknowledged before the batch is acked. librdkafka retries a

@@ -39,6 +39,7 @@ class DeliveryProducer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Connects and starts the report thread; `send_all` calls it if nobody did."""
         self._producer = Producer(self._config)
         self._thread = threading.Thread(target=self._serve_reports, name="tidegate-delivery", daemon=True)
         self._thread.start()
@@ -53,7 +54,9 @@ class DeliveryProducer:
         raises DeliveryFailed naming the first that failed."""
         if not records:
             return
-        assert self._producer is not None, "DeliveryProducer.start() first"
+        if self._producer is None:
+            self.start()  # connects on first use
+        assert self._producer is not None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         remaining = len(records)

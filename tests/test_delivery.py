@@ -19,8 +19,7 @@ def test_send_all_returns_once_every_record_is_on_the_topic(settings_factory: Se
     settings = settings_factory()
     topic = settings.topics.contexts
     records = [Outgoing(topic, f"s{i % 5}".encode(), f"v{i}".encode(), [("n", str(i).encode())]) for i in range(300)]
-    producer = DeliveryProducer(producer_config(settings))
-    producer.start()
+    producer = DeliveryProducer(producer_config(settings))  # not started: connects on first use
     reader = TopicReader(settings, topic)
     try:
         asyncio.run(producer.send_all(records[:1]))
