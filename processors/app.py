@@ -94,7 +94,7 @@ def create_app(settings: Settings) -> faust.App:
         admission = downstream_admission(pressure.board)
     handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
     wait_s = settings.processor_batch_wait_ms / 1000
-    delivery = DeliveryProducer(producer_config(settings))  # connects on its first batch
+    delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
 
     async def deliver(outgoing: list[Outgoing]) -> None:
         """Every output acknowledged before the batch is acked. librdkafka retries a
@@ -113,6 +113,9 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(requests)
     async def process(stream: Any) -> None:
+        # before the group join: the first batch must not wait for the producer's id,
+        # or its envelopes reach the log after the pressure board forgot its admissions
+        await asyncio.to_thread(delivery.start)
         async for events in take_batches(stream, settings.processor_batch, wait_s):
             batch = [_incoming(e) for e in events]
             try:

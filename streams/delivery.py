@@ -39,7 +39,11 @@ class DeliveryProducer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Connects and starts the report thread; `send_all` calls it if nobody did."""
+        """Connects and starts the report thread (once); `send_all` calls it if nobody
+        did, but start early where the first batch's latency matters: an idempotent
+        producer's first send waits for its producer id."""
+        if self._producer is not None:
+            return
         self._producer = Producer(self._config)
         self._thread = threading.Thread(target=self._serve_reports, name="tidegate-delivery", daemon=True)
         self._thread.start()
