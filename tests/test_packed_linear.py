@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from inference.models import Prompt, TransformersRunner, load_runner
+from inference.models import Prompt, TransformersRunner, cpu_has_native_bf16, load_runner
 from inference.packed_linear import PackedLinear, pack_linear_weights, packing_available
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="no oneDNN in this torch build")
+native_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is packed only where the CPU has it natively")
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -21,6 +22,7 @@ def test_packed_linear_matches_linear(bias: bool) -> None:
         torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-4, atol=1e-4)
 
 
+@native_bf16
 def test_only_cpu_float32_and_bf16_linears_are_packed() -> None:
     net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 4).to(torch.float16))
     assert pack_linear_weights(net) == 2
@@ -28,6 +30,7 @@ def test_only_cpu_float32_and_bf16_linears_are_packed() -> None:
     assert type(net[2]) is nn.Linear
 
 
+@native_bf16
 def test_packed_bf16_linear_matches_linear() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 96).to(torch.bfloat16)
