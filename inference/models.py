@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -171,6 +172,7 @@ def pick_device(dtype: str = "auto") -> tuple[str, Any]:
     return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     import torch
 

@@ -63,17 +63,22 @@ class StageCap:
         return max(self.floor, int(self.seconds * drain_rate * min(1.0, confidence)))
 
 
+FLOOR_BATCHES = 4  # a seconds-cap's floor, in the stage's own batches
+
+
 def stage_caps(settings: Settings) -> dict[str, StageCap]:
-    """A seconds-cap is never below four of the stage's own batches: that much lag is
-    normal work in hand. For the processors it also covers what they finished since
+    """A seconds-cap is never below FLOOR_BATCHES of the stage's own batches: that much
+    lag is normal work in hand. For the processors it also covers what they finished since
     their last commit (every PROCESSOR_COMMIT_INTERVAL_MS): at the workers' 4 x
     MAX_BATCH (64) the processors' stage read `full` at 150 requests/s whenever their
     measured rate dipped, and refused requests the workers had room for."""
     return {
         "processors": StageCap(
-            settings.processors_cap_messages, settings.processors_cap_seconds, settings.processor_batch * 4
+            settings.processors_cap_messages, settings.processors_cap_seconds, settings.processor_batch * FLOOR_BATCHES
         ),
-        "workers": StageCap(settings.workers_cap_messages, settings.workers_cap_seconds, settings.max_batch * 4),
+        "workers": StageCap(
+            settings.workers_cap_messages, settings.workers_cap_seconds, settings.max_batch * FLOOR_BATCHES
+        ),
     }
 
 

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,13 +202,14 @@ def _run_on_fresh_stack(model: str, name: str, backpressure: bool, torch_threads
     stack = _stack(model, name, backpressure, torch_threads)
     try:
         settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, backpressure=backpressure)
-        return _as_control_plane(lambda: asyncio.run(job(settings)))
+        return _as_control_plane(settings.control_plane_nice, lambda: asyncio.run(job(settings)))
     finally:
         stack.stop()
 
 
-def _as_control_plane(load: Callable[[], Any]) -> Any:
-    """Runs `load` in a thread as nice as the stack's control plane (devstack.up).
+def _as_control_plane(nice: int, load: Callable[[], Any]) -> Any:
+    """Runs `load` in a thread `nice` levels down, like the stack's control plane
+    (devstack.up), and returns its result (or raises its error).
 
     The load generator stands in for services on other machines; on this one it runs
     below the worker, which stands in for the accelerator, like the broker and the
@@ -216,21 +218,13 @@ def _as_control_plane(load: Callable[[], Any]) -> Any:
     the worker's core in the overload runs only. Linux sets a nice level per thread;
     the client's threads, started from this one, inherit it.
     """
-    outcome: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), Settings().control_plane_nice)
-            outcome["value"] = load()
-        except BaseException as exc:  # re-raised in the caller's thread
-            outcome["error"] = exc
+    def reniced() -> Any:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        return load()
 
-    thread = threading.Thread(target=target, name="tidegate-load")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-load") as pool:
+        return pool.submit(reniced).result()
 
 
 def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None) -> dict[str, Any]:
