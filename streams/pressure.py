@@ -32,6 +32,7 @@ HIGH_PRIORITY_FACTOR = 1.25
 # hysteresis: a state is left only when lag falls this far below the line that set it
 EXIT_FACTOR = 0.9
 MIN_RETRY_AFTER_MS = 50
+SPELL_SLACK_S = 1e-6  # sample intervals that add up to a spell, give or take float rounding
 MAX_RETRY_AFTER_MS = 30_000
 DEFAULT_RETRY_AFTER_MS = 1000
 # a request admitted this long before a state was published is assumed to be in its
@@ -91,10 +92,14 @@ class PressureGauge:
     can do, not what it was offered. It is the rate of the slowest `short_s` spell
     in the last `window_s` of busy time: a seconds-cap is a promise that admitted
     work drains within its seconds, so it is set from a pace the stage kept all
-    through the window, not from its average. The cap follows a slowdown within
-    `short_s` and grows back only once the slow spell left the window. Until
-    `window_s` of busy time has been seen, a seconds-cap ramps up from its floor in
-    proportion (StageCap.resolve).
+    through the window, not from its average. Spells are consecutive, fixed
+    stretches of busy time, so the rate changes only when a spell ends: the cap
+    follows a slowdown once the spell holding it ends, and grows back only once that
+    spell left the window. (Spells counted back from each newest sample slid across
+    a slow stretch, a cold start, and swung the cap between 489 and 818 within a
+    second, below the lag it had just admitted.) Before the first spell ends the rate
+    is the average so far, and until `window_s` of busy time has been seen a
+    seconds-cap ramps up from its floor in proportion (StageCap.resolve).
     """
 
     def __init__(
@@ -107,19 +112,23 @@ class PressureGauge:
         self.short_s = short_s
         self.state = OK
         self.drain_rate = 0.0
-        self.busy_s = 0.0  # busy time behind the drain rate
+        self.busy_s = 0.0  # busy time behind the drain rate, up to window_s
         self._last: tuple[float, int, int] | None = None  # (at, committed, lag)
-        self._busy: collections.deque[tuple[float, int]] = collections.deque()  # (seconds, committed)
+        self._spell = (0.0, 0)  # the spell being measured: (busy seconds, committed)
+        # the ended spells in the window: (busy seconds, committed)
+        self._spells: collections.deque[tuple[float, int]] = collections.deque(maxlen=max(1, round(window_s / short_s)))
 
     def update(self, lag: int, committed: int, at: float | None = None) -> dict[str, Any]:
         at = time.monotonic() if at is None else at
         if self._last is not None:
             last_at, last_committed, last_lag = self._last
             if last_lag > 0 and at > last_at:
-                self._busy.append((at - last_at, committed - last_committed))
-                while len(self._busy) > 1 and sum(d for d, _ in self._busy) - self._busy[0][0] >= self.window_s:
-                    self._busy.popleft()
-                self.busy_s = sum(d for d, _ in self._busy)
+                busy, done = self._spell
+                self._spell = (busy + at - last_at, done + committed - last_committed)
+                if self._spell[0] >= self.short_s - SPELL_SLACK_S:
+                    self._spells.append(self._spell)
+                    self._spell = (0.0, 0)
+                self.busy_s = min(self.window_s, self._spell[0] + sum(b for b, _ in self._spells))
                 if self.busy_s >= 0.5:
                     self.drain_rate = max(0.0, self._slowest_spell())
         self._last = (at, committed, lag)
@@ -137,17 +146,12 @@ class PressureGauge:
         }
 
     def _slowest_spell(self) -> float:
-        """Commits per second of the slowest `short_s` of busy time in the window,
-        counted back from the newest (all of it while less than `short_s` was seen)."""
-        rates: list[float] = []
-        busy, done = 0.0, 0
-        for duration, committed in reversed(self._busy):
-            busy += duration
-            done += committed
-            if busy >= self.short_s:
-                rates.append(done / busy)
-                busy, done = 0.0, 0
-        return min(rates) if rates else done / busy
+        """Commits per second of the slowest ended spell in the window (of the spell
+        being measured while none has ended)."""
+        if not self._spells:
+            busy, done = self._spell
+            return done / busy
+        return min(done / busy for busy, done in self._spells)
 
     def _next_state(self, lag: int, cap: int) -> str:
         warn_at = self.warn_ratio * cap

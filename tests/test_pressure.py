@@ -34,7 +34,7 @@ def test_drain_rate_and_seconds_cap() -> None:
     assert idle["cap"] == 100 and idle["state"] == OK and abs(idle["drain_rate"] - 50) < 1e-6
 
 
-def test_the_drain_rate_follows_a_slowdown_at_once_and_a_speedup_after_the_window() -> None:
+def test_the_drain_rate_follows_a_slowdown_and_a_speedup_after_the_window() -> None:
     g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0, short_s=5.0)
     committed, t = 0, 1000.0
 
@@ -47,14 +47,24 @@ def test_the_drain_rate_follows_a_slowdown_at_once_and_a_speedup_after_the_windo
 
     run(20, 100)
     assert abs(g.drain_rate - 100) < 1e-6
-    run(5, 50)  # a slow spell: the rate drops to it at once
+    run(10, 50)  # a slow stretch: the rate drops to it once a spell has ended inside it
     assert abs(g.drain_rate - 50) < 1e-6
-    state = run(5, 100)  # back at 100/s: the slow spell is still in the window
+    state = run(10, 100)  # back at 100/s: the slow spell is still in the window
     assert abs(g.drain_rate - 50) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
-    run(5, 100)
-    assert abs(g.drain_rate - 50) < 1e-6
-    state = run(5, 100)  # the slow spell has left the 15 s window
+    state = run(10, 100)  # three 5 s spells at 100/s since: the slow one has left
     assert abs(g.drain_rate - 100) < 1e-6 and state["cap"] == int(4 * g.drain_rate)
+
+
+def test_a_slow_start_does_not_swing_the_cap() -> None:
+    """Spells counted back from each sample slid across a slow start and swung the cap
+    up and down by 40% within a second, below lag it had just admitted."""
+    g = PressureGauge("workers", StageCap(None, 4.0, 64), warn_ratio=0.8, window_s=15.0, short_s=5.0)
+    committed, caps = 0, []
+    for i in range(150):  # 30 s sampled every 0.2 s: 3 s at 50/s, then 100/s
+        committed += 10 if i < 15 else 20
+        caps.append(g.update(1000, committed, at=1000.0 + i * 0.2)["cap"])
+    assert caps == sorted(caps)
+    assert abs(caps[-1] - 400) <= 1  # 4 s at 100/s, once the slow start left the window
 
 
 def test_seconds_cap_ramps_up_while_the_rate_window_fills() -> None:
