@@ -29,7 +29,7 @@ from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
 from streams.delivery import DeliveryProducer
 from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
-from streams.kafka import check_reachable, consumer_config, producer_config
+from streams.kafka import check_reachable, consume_ready, consumer_config, producer_config
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
@@ -129,7 +129,7 @@ class Client:
     def _poll_loop(self) -> None:
         assert self._consumer is not None
         while not self._stop.is_set():
-            for message in self._consumer.consume(500, 0.05):
+            for message in consume_ready(self._consumer, 500, 0.05):
                 if message.error() is not None:
                     if message.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("reply consumer: %s", message.error())

@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Settings
@@ -56,6 +56,16 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
         "fetch.wait.max.ms": settings.fetch_wait_ms,
         **overrides,
     }
+
+
+def consume_ready(consumer: Consumer, max_messages: int, timeout_s: float) -> list[Message]:
+    """Waits up to `timeout_s` for one message, then takes whatever else is already
+    fetched, up to `max_messages`. `consume(n, timeout)` itself waits until it has all
+    n or the timeout ran out: a reply loop on `consume(500, 0.05)` handed each reply
+    over up to 50 ms late, a pressure listener on `consume(100, 0.1)` each state up to
+    100 ms late."""
+    first = consumer.consume(1, timeout_s)
+    return first + consumer.consume(max_messages - 1, 0) if first and max_messages > 1 else first
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:

@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas import SerializationError, get_codec
 from streams.config import Settings
+from streams.kafka import consume_ready
 from streams.pressure import PressureBoard
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class PressureListener:
         assert self._consumer is not None
         codec = get_codec()
         while not self._stop.is_set():
-            for message in self._consumer.consume(100, 0.1):
+            for message in consume_ready(self._consumer, 100, 0.1):
                 if message.error() is not None:
                     if message.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("pressure listener: %s", message.error())
