@@ -32,7 +32,6 @@ HIGH_PRIORITY_FACTOR = 1.25
 # hysteresis: a state is left only when lag falls this far below the line that set it
 EXIT_FACTOR = 0.9
 MIN_RETRY_AFTER_MS = 50
-SPELL_SLACK_S = 1e-6  # sample intervals that add up to a spell, give or take float rounding
 MAX_RETRY_AFTER_MS = 30_000
 DEFAULT_RETRY_AFTER_MS = 1000
 # a request admitted this long before a state was published is assumed to be in its
@@ -65,6 +64,7 @@ class StageCap:
 
 
 FLOOR_BATCHES = 4  # a seconds-cap's floor, in the stage's own batches
+SPELL_SLACK_S = 1e-6  # sample intervals that add up to a drain-rate spell, give or take float rounding
 
 
 def stage_caps(settings: Settings) -> dict[str, StageCap]:

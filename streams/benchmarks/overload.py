@@ -4,8 +4,8 @@
    concurrent requests; capacity = ok replies per second after a warm-up, over as
    long as the offered load will last (`duration_s`).
 2. two runs on fresh stacks, same open-loop offered load (factor x capacity for
-   `duration_s`, what is due sent every PACING_TICK_S): once with backpressure, once without. Each stack
-   first gets the same warm-up as a capacity run (the closed loop for
+   `duration_s`, what is due sent every PACING_TICK_S): once with backpressure, once
+   without. Each stack first gets the same warm-up as a capacity run (the closed loop for
    CAPACITY_WARMUP_S, every reply awaited), so that a cold start (faust's first
    fetch, first model calls) is left out of goodput as it is out of capacity. Capacity
    is measured again between them, and goodput is set against the mean of the two
@@ -234,10 +234,10 @@ def _as_control_plane(nice: int, load: Callable[[], Any]) -> Any:
 
 
 def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None) -> dict[str, Any]:
-    def capacity(settings: Settings) -> Any:
+    def measure_capacity(settings: Settings) -> Any:
         return _capacity(settings, duration_s)
 
-    before = _run_on_fresh_stack(model, "capacity", False, torch_threads, capacity)
+    before = _run_on_fresh_stack(model, "capacity", False, torch_threads, measure_capacity)
     print(f"capacity: {before:.1f} requests/s at saturation")
     rate = factor * before
     results: dict[str, Any] = {
@@ -253,7 +253,7 @@ def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_p
     for name, backpressure in (("with_backpressure", True), ("without_backpressure", False)):
         summary = _run_on_fresh_stack(model, name, backpressure, torch_threads, lambda s: _offer(s, rate, duration_s))
         if backpressure:
-            after = _run_on_fresh_stack(model, "capacity-again", False, torch_threads, capacity)
+            after = _run_on_fresh_stack(model, "capacity-again", False, torch_threads, measure_capacity)
             capacity = (before + after) / 2
             print(f"capacity again: {after:.1f} requests/s; mean of the two {capacity:.1f}")
             results["capacity_after_rps"] = round(after, 1)
