@@ -10,8 +10,8 @@ Admission rules (per stage on the request's path):
   `high` only past 1.25 x cap.
 - Between two published states, the board adds the requests it let through itself
   that the last state cannot have counted yet (admitted later than `TRANSIT_MS`
-  before it was measured, `FORWARD_TRANSIT_MS` in the processors, and within
-  `ADMISSION_MEMORY_MS`), so a burst is cut at the cap, not one update after it.
+  before it was measured, and within `ADMISSION_MEMORY_MS`), so a burst is cut at
+  the cap, not one update after it.
 - A stage with no update for `pressure_stale_s` counts as `full` for `low` and
   `warn` for the rest (so `normal` and `high` still pass).
 """
@@ -39,12 +39,6 @@ DEFAULT_RETRY_AFTER_MS = 1000
 # (200), which the embedded broker re-checks at half the remaining wait, so a record
 # can reach the published lag about 100 ms after it was written
 TRANSIT_MS = 150
-# ...and for the processors' board, which counts the requests it forwarded: they are on
-# the contexts topic within milliseconds, without a processor hop still ahead of them.
-# At TRANSIT_MS it counted a forward that the published lag already held, so near the
-# cap it refused what the clients had let through (2,200-2,600 `queue_full` replies
-# per overload run; 142 at 50 ms)
-FORWARD_TRANSIT_MS = 50
 # an admission older than this is in the lag by now, or was refused downstream:
 # the monitor measures at least every pressure interval while anything changes
 ADMISSION_MEMORY_MS = 600
@@ -191,10 +185,9 @@ class Refusal:
 class PressureBoard:
     """The latest PressureState per stage, plus what this process let through since."""
 
-    def __init__(self, stale_s: float, warn_ratio: float, transit_ms: int = TRANSIT_MS) -> None:
+    def __init__(self, stale_s: float, warn_ratio: float) -> None:
         self.stale_s = stale_s
         self.warn_ratio = warn_ratio
-        self.transit_ms = transit_ms
         self._states: dict[str, dict[str, Any]] = {}
         self._received_at: dict[str, float] = {}
         self._admitted: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -210,7 +203,7 @@ class PressureBoard:
             self._states[stage] = state
             self._received_at[stage] = time.monotonic()
             admitted = self._admitted[stage]
-            while admitted and admitted[0] < state["updated_ms"] - self.transit_ms:
+            while admitted and admitted[0] < state["updated_ms"] - TRANSIT_MS:
                 admitted.popleft()
 
     def state(self, stage: str) -> dict[str, Any] | None:
