@@ -31,7 +31,7 @@ from streams.devstack import READY_MARKER
 from streams.kafka import producer_config
 from streams.lag import WORKERS
 from streams.outgoing import Outgoing, dead_letter
-from streams.pressure import PressureBoard
+from streams.pressure import FORWARD_TRANSIT_MS, PressureBoard
 from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def create_app(settings: Settings) -> faust.App:
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     admission = None
     if settings.backpressure:
-        pressure = PressureListener(settings)
+        board = PressureBoard(settings.pressure_stale_s, settings.warn_ratio, transit_ms=FORWARD_TRANSIT_MS)
+        pressure = PressureListener(settings, board)
         pressure.start()
         admission = downstream_admission(pressure.board)
     handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)

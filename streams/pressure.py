@@ -10,8 +10,8 @@ Admission rules (per stage on the request's path):
   `high` only past 1.25 x cap.
 - Between two published states, the board adds the requests it let through itself
   that the last state cannot have counted yet (admitted later than `TRANSIT_MS`
-  before it was measured, and within `ADMISSION_MEMORY_MS`), so a burst is cut at
-  the cap, not one update after it.
+  before it was measured, `FORWARD_TRANSIT_MS` in the processors, and within
+  `ADMISSION_MEMORY_MS`), so a burst is cut at the cap, not one update after it.
 - A stage with no update for `pressure_stale_s` counts as `full` for `low` and
   `warn` for the rest (so `normal` and `high` still pass).
 """
@@ -34,11 +34,17 @@ EXIT_FACTOR = 0.9
 MIN_RETRY_AFTER_MS = 50
 MAX_RETRY_AFTER_MS = 30_000
 DEFAULT_RETRY_AFTER_MS = 1000
-# a request admitted this long before a state was published is assumed to be in its
-# lag: the monitor learns log ends from fetches that wait up to CONTROL_FETCH_WAIT_MS
-# (200), which the embedded broker re-checks at half the remaining wait, so a record
-# can reach the published lag about 100 ms after it was written
-TRANSIT_MS = 150
+# A request let through this long before a state was measured is assumed to be in its
+# lag. From a client it first crosses the processors (p99 ~110 ms under overload),
+# then reaches the published lag once the monitor's tail fetched it (up to ~100 ms:
+# the embedded broker re-checks a waiting fetch at half the remaining wait).
+TRANSIT_MS = 300
+# From the processors' board, which counts what it forwarded: on the contexts topic
+# within milliseconds. With one transit for both (150 ms), the processors counted
+# forwards the published lag already held, and near the cap refused what the clients
+# had let through (2,200-2,600 `queue_full` replies per overload run; 90 at 50 ms),
+# while the clients forgot admissions still in the processors' hop.
+FORWARD_TRANSIT_MS = 50
 # an admission older than this is in the lag by now, or was refused downstream:
 # the monitor measures at least every pressure interval while anything changes
 ADMISSION_MEMORY_MS = 600
@@ -185,9 +191,10 @@ class Refusal:
 class PressureBoard:
     """The latest PressureState per stage, plus what this process let through since."""
 
-    def __init__(self, stale_s: float, warn_ratio: float) -> None:
+    def __init__(self, stale_s: float, warn_ratio: float, transit_ms: int = TRANSIT_MS) -> None:
         self.stale_s = stale_s
         self.warn_ratio = warn_ratio
+        self.transit_ms = transit_ms
         self._states: dict[str, dict[str, Any]] = {}
         self._received_at: dict[str, float] = {}
         self._admitted: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -203,7 +210,7 @@ class PressureBoard:
             self._states[stage] = state
             self._received_at[stage] = time.monotonic()
             admitted = self._admitted[stage]
-            while admitted and admitted[0] < state["updated_ms"] - TRANSIT_MS:
+            while admitted and admitted[0] < state["updated_ms"] - self.transit_ms:
                 admitted.popleft()
 
     def state(self, stage: str) -> dict[str, Any] | None:

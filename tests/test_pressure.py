@@ -6,7 +6,18 @@ import time
 
 from streams.config import Settings
 from streams.outgoing import now_ms
-from streams.pressure import FULL, OK, WARN, PressureBoard, PressureGauge, StageCap, retry_after_ms, stage_caps
+from streams.pressure import (
+    FORWARD_TRANSIT_MS,
+    FULL,
+    OK,
+    TRANSIT_MS,
+    WARN,
+    PressureBoard,
+    PressureGauge,
+    StageCap,
+    retry_after_ms,
+    stage_caps,
+)
 
 
 def gauge(cap: int = 100) -> PressureGauge:
@@ -112,6 +123,24 @@ def test_admitted_requests_count_until_the_next_state() -> None:
     assert admitted == 10  # up to the cap, not one update interval past it
     board.publish(state(50, 100, OK))  # a newer state resets the local count
     assert board.admit(["workers"], "normal") is None
+
+
+def test_a_state_measured_past_the_transit_time_takes_over_the_count() -> None:
+    for transit_ms in (TRANSIT_MS, FORWARD_TRANSIT_MS):
+        board = PressureBoard(stale_s=3, warn_ratio=0.8, transit_ms=transit_ms)
+        board.publish(state(80, 100, WARN))
+        for _ in range(15):
+            assert board.admit(["workers"], "normal") is None
+        sent_ms = now_ms()
+        # measured before the sends had time to reach the lag: they still count
+        board.publish({**state(80, 100, WARN), "updated_ms": sent_ms + transit_ms // 2})
+        assert board.check(["workers"], "normal") is None
+        for _ in range(5):
+            board.admit(["workers"], "normal")
+        assert board.check(["workers"], "normal") is not None  # 80 + 20 sent
+        # measured past the transit time: the state holds them, the board stops adding
+        board.publish({**state(95, 100, WARN), "updated_ms": sent_ms + transit_ms + 20})
+        assert board.check(["workers"], "normal") is None, transit_ms
 
 
 def test_stale_pressure_is_full_for_low_and_warn_for_the_rest() -> None:
