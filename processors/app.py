@@ -92,7 +92,7 @@ def create_app(settings: Settings) -> faust.App:
         board = PressureBoard(settings.pressure_stale_s, settings.warn_ratio, transit_ms=FORWARD_TRANSIT_MS)
         pressure = PressureListener(settings, board)
         pressure.start()
-        admission = downstream_admission(pressure.board)
+        admission = downstream_admission(board)
     handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
     wait_s = settings.processor_batch_wait_ms / 1000
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
