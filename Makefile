@@ -27,7 +27,7 @@ redis-server:
 
 # converts the default GGUF model once to a cached safetensors folder (~/.cache/tidegate)
 model: setup
-	$(BIN)/python -c "from inference.assets import default_model_dir; print(default_model_dir())"
+	$(BIN)/python -c "from conversation.model_files import default_model_dir; print(default_model_dir())"
 
 demo: setup model
 	$(BIN)/tidegate demo

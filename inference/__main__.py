@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from inference.models import load_runner
+from inference.runners import load_runner
 from inference.worker import InferenceWorker
 from streams.config import Settings
-from streams.devstack import stop_on_signals
+from streams.lifecycle import stop_on_signals
 
 
 def main() -> None:

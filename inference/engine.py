@@ -12,7 +12,7 @@ prefix and its own tokens, or before a row that joined later). Per step:
   (end-of-turn token or max_new_tokens); their rows are dropped, and cache columns
   that only finished rows used are trimmed.
 
-Static batching (transformers' `generate` on a whole batch) is in `models.py`; the
+Static batching (transformers' `generate` on a whole batch) is in `runners.py`; the
 worker picks one with `TIDEGATE_BATCHING`.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from inference.kv_cache import roomy_cache
+from inference.kernels.kv_cache import roomy_cache
 from inference.prefix_cache import PrefixCache, PrefixKV
 
 

@@ -1,7 +1,6 @@
-"""Errors of the inference stage."""
+"""Errors of the inference stage: a model error is raised where its files are found
+(conversation/model_files.py) as well as where it runs."""
 
-from streams.exceptions import TidegateError
+from conversation.exceptions import ModelError
 
-
-class ModelError(TidegateError):
-    """A model could not be found, loaded or run; the message names it."""
+__all__ = ["ModelError"]

@@ -1,48 +1,43 @@
 """An inference worker: one member of the workers' consumer group on tidegate.contexts.
 
-Each record is decoded once, when it enters the batcher's pool (undecodable -> dead
-letter); expired envelopes are answered without the model, greedy repeats from the
-response cache. The rest are generated in one of two ways (`TIDEGATE_BATCHING`):
+Each record is decoded once, when it enters the batcher's pool (inference/jobs.py;
+undecodable -> dead letter); expired envelopes are answered without the model,
+greedy repeats from the response cache (inference/session_store.py). The rest are
+generated in one of two ways (`TIDEGATE_BATCHING`):
 
 - `continuous` (default): requests join the running batch at the next decode step
   and leave it when they end (inference/engine.py), each replied to at once;
 - `static`: a whole batch through transformers' `generate`, replied to together.
 
 Either way a record's offset is committed only after the broker acknowledged its
-reply (inference/offsets.py), and its assistant turn is appended to the history.
+reply (inference/commits.py), and its assistant turn is appended to the history.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from inference.batcher import Batcher
+from inference.commits import ReplyCommitter
 from inference.engine import EngineStats, Request
-from inference.models import Generation, ModelRunner, Prompt
-from inference.offsets import OffsetLedger
-from inference.response_cache import cache_key, cacheable, lookup, store
-from processors.history import KEY_PREFIX, HistoryWriter
-from schemas import SerializationError, get_codec
+from inference.jobs import Job, decode_job
+from inference.runners import Generation, ModelRunner, Prompt
+from inference.session_store import STATS_KEY, SessionStore
 from streams.config import Settings
-from streams.devstack import READY_MARKER
 from streams.kafka import consumer_config, producer_config
-from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
+from streams.lifecycle import announce_ready
+from streams.outgoing import Outgoing, build_reply, now_ms, reply_message
 
 log = logging.getLogger(__name__)
 
-STAGE = "workers"
-STATS_KEY = f"{KEY_PREFIX}worker-stats:"  # + topic prefix + host:pid; a hash of EngineStats
 COMMIT_INTERVAL_S = 0.1  # continuous batching: commits of answered records, at most this often
 
 
@@ -64,29 +59,10 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
     )
 
 
-@dataclass(slots=True)
-class Job:
-    """One record, decoded once when it entered the pool."""
-
-    record: Message
-    envelope: dict[str, Any] | None = None
-    dead_letter: Outgoing | None = None
-    prompt: Prompt | None = None
-    ids: list[int] = dataclasses.field(default_factory=list)
-    prefix_len: int = 0
-    cache_key: str | None = None
-    started_ms: int = 0  # taken from the pool
-
-
-class DeliveryError(RuntimeError):
-    """The broker did not acknowledge a reply; the batch is not committed."""
-
-
 class InferenceWorker:
     def __init__(self, settings: Settings, runner: ModelRunner) -> None:
         self.settings = settings
         self.runner = runner
-        self.codec = get_codec()
         self.batcher = Batcher(
             settings.max_batch,
             settings.max_wait_ms,
@@ -94,11 +70,9 @@ class InferenceWorker:
             token_budget=settings.batch_tokens,
             cost=self._cost,
         )
-        self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
-        self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.store = SessionStore(settings, runner)
         self.consumer = Consumer(consumer_settings(settings))
-        self.producer = Producer(producer_config(settings))
-        self.ledger = OffsetLedger()
+        self.replies = ReplyCommitter(Producer(producer_config(settings)))
         self.jobs: dict[tuple[str, int, int], Job] = {}
         make_engine = getattr(runner, "engine", None)
         continuous = settings.batching == "continuous" and make_engine is not None
@@ -106,7 +80,6 @@ class InferenceWorker:
         self.stats = self.engine.stats if self.engine is not None else EngineStats()
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
-        self._failures: list[str] = []
         self._announced = False
         self._committed_at = 0.0
         self._stats_at = 0.0
@@ -135,7 +108,7 @@ class InferenceWorker:
                     self.continuous_round()
                 self._publish_stats()
         finally:
-            self.producer.flush(10)
+            self.replies.producer.flush(10)
             self._commit(asynchronous=False)
             self.consumer.close()
 
@@ -143,13 +116,13 @@ class InferenceWorker:
         log.warning("worker assigned %d partitions", len(partitions))
         if not self._announced:
             self._announced = True
-            print(READY_MARKER, flush=True)
+            announce_ready()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
         self._commit(asynchronous=False)
         self.batcher.drop_partitions(revoked)
-        self.ledger.forget(revoked)
+        self.replies.forget(revoked)
         self.jobs = {k: j for k, j in self.jobs.items() if (k[0], k[1]) not in revoked}
 
     # -- decoding, once per record --------------------------------------------
@@ -158,39 +131,12 @@ class InferenceWorker:
         key = (record.topic(), record.partition(), record.offset())
         job = self.jobs.get(key)
         if job is None:
-            job = self.jobs[key] = self._decode(record)
+            job = self.jobs[key] = decode_job(record, self.runner, self.settings.topics.dead_letter)
         return job
 
     def _cost(self, record: Message) -> int:
         """Prompt tokens, for the batch's token budget; 0 where no model is needed."""
         return len(self._job(record).ids)
-
-    def _decode(self, record: Message) -> Job:
-        job = Job(record)
-        try:
-            job.envelope = self.codec.decode(record.value(), "ContextEnvelope")[1]
-        except SerializationError as exc:
-            job.dead_letter = dead_letter(
-                self.settings.topics.dead_letter,
-                record.value(),
-                record.key(),
-                reason=str(exc),
-                source_topic=record.topic(),
-                partition=record.partition(),
-                offset=record.offset(),
-                stage=STAGE,
-            )
-            return job
-        job.prompt = self._prompt(job.envelope)
-        job.ids, job.prefix_len = self.runner.encode(job.prompt)
-        return job
-
-    def _prompt(self, envelope: dict[str, Any]) -> Prompt:
-        messages = [{"role": "system", "content": envelope["system_prompt"]}] if envelope["system_prompt"] else []
-        if envelope["summary"]:
-            messages.append({"role": "system", "content": f"Earlier in this conversation: {envelope['summary']}"})
-        messages.extend({"role": t["role"], "content": t["content"]} for t in envelope["turns"])
-        return Prompt(messages, envelope["max_new_tokens"], envelope["temperature"])
 
     def _take(self, records: Sequence[Message]) -> tuple[list[tuple[Message, Outgoing]], list[Job]]:
         """Takes records from the pool: answers those that need no model (dead letter,
@@ -204,19 +150,20 @@ class InferenceWorker:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", error)
                 continue
-            job = self.jobs.pop((record.topic(), record.partition(), record.offset()), None) or self._decode(record)
+            key = (record.topic(), record.partition(), record.offset())
+            job = self.jobs.pop(key, None) or decode_job(record, self.runner, self.settings.topics.dead_letter)
             job.started_ms = started
-            self.ledger.take([record])
+            self.replies.take([record])
             if job.dead_letter is not None:
                 answered.append((record, job.dead_letter))
-            elif job.envelope is not None and job.envelope["deadline_ms"] and started > job.envelope["deadline_ms"]:
+            elif job.expired(started):
                 answered.append((record, self._reply(job, "expired", error="deadline passed before inference")))
             else:
                 jobs.append(job)
-        hits = self._cached(jobs)
+        hits = self.store.cached(jobs)
         for job, hit in zip(jobs, hits, strict=True):
             if hit is not None:
-                self._append_history([job], [hit])
+                self.store.append_turns([job], [hit])
                 answered.append((job.record, self._ok(job, hit, cache_hit=True)))
         return answered, [j for j, hit in zip(jobs, hits, strict=True) if hit is None]
 
@@ -227,11 +174,8 @@ class InferenceWorker:
         answered, jobs = self._take(records)
         if jobs:
             answered.extend(self._generate_static(jobs))
-        self._send(answered)
-        remaining = self.producer.flush(30)
-        if remaining:
-            self._failures.append(f"{remaining} replies unacknowledged")
-        self._raise_on_failures()
+        self.replies.send(answered)
+        self.replies.flush(30)
         self._commit(asynchronous=False)
 
     def _generate_static(self, jobs: list[Job]) -> list[tuple[Message, Outgoing]]:
@@ -243,8 +187,7 @@ class InferenceWorker:
             return [(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in jobs]
         inference_ms = int((time.monotonic() - started) * 1000)
         self._count_static(jobs, generated)
-        self._remember(jobs, generated)
-        self._append_history(jobs, generated)
+        self._finished(jobs, generated)
         return [(j.record, self._ok(j, g, inference_ms=inference_ms)) for j, g in zip(jobs, generated, strict=True)]
 
     def _count_static(self, jobs: list[Job], generated: list[Generation]) -> None:
@@ -267,24 +210,21 @@ class InferenceWorker:
         busy = self.engine.busy
         if not busy and not self.batcher.pool:
             # about to wait for work: let the broker ack and commit first. Not while the
-            # pool holds work: a tiny model's rows end together, and a flush and a
-            # synchronous commit per cohort left the worker waiting on the broker (85%
-            # of a core under overload against 94% in a closed loop); the periodic
+            # pool holds work: a flush and a synchronous commit per cohort of rows that
+            # ended together would keep the worker waiting on the broker; the periodic
             # commit below covers a busy worker.
-            self.producer.flush(10)
-            self._raise_on_failures()
+            self.replies.flush(10)
             self._commit(asynchronous=False)
         room = self.settings.join_room(len(self.engine.active), busy)
         records = self.batcher.collect(self.consumer, room, wait=not busy)  # room 0: keeps fetching
         if records:
             answered, jobs = self._take(records)
-            self._send(answered)
+            self.replies.send(answered)
             if jobs:
                 self._run_engine(lambda: self.engine.add([self._request(j) for j in jobs]), jobs)
         if self.engine.busy:
             self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
-        self.producer.poll(0)
-        self._raise_on_failures()
+        self.replies.poll()
         if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
             self._commit(asynchronous=True)
 
@@ -292,7 +232,7 @@ class InferenceWorker:
         assert job.prompt is not None
         return Request(job, job.ids, job.prompt.max_new_tokens, job.prompt.temperature, job.prefix_len)
 
-    def _run_engine(self, call: Any, jobs: list[Job]) -> None:
+    def _run_engine(self, call: Callable[[], list[Request]], jobs: list[Job]) -> None:
         """Runs an engine call; on a model failure every job it touched gets an `error`
         reply and the running batch is dropped (its cache may be half-updated)."""
         assert self.engine is not None
@@ -301,22 +241,26 @@ class InferenceWorker:
         except Exception as exc:
             log.exception("model %s failed with %d requests in the batch", self.runner.name, len(jobs))
             dropped = {id(j): j for j in [*jobs, *(r.tag for r in self.engine.reset())]}
-            self._send([(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in dropped.values()])
+            failed = [(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in dropped.values()]
+            self.replies.send(failed)
             return
         if not finished:
             return
         jobs_done: list[Job] = [r.tag for r in finished]
-        generations = [self.runner.finish(r.out, len(r.ids)) for r in finished]
-        self._remember(jobs_done, generations)
-        self._append_history(jobs_done, generations)
-        self._send(
+        generations = [self.runner.finish(r.out, len(r.ids)) for r in finished]  # type: ignore[attr-defined]
+        self._finished(jobs_done, generations)
+        self.replies.send(
             [
                 (j.record, self._ok(j, g, inference_ms=int((time.monotonic() - r.admitted_at) * 1000)))
                 for j, g, r in zip(jobs_done, generations, finished, strict=True)
             ]
         )
 
-    # -- replies, cache, history ----------------------------------------------
+    # -- replies --------------------------------------------------------------
+
+    def _finished(self, jobs: list[Job], generations: list[Generation]) -> None:
+        self.store.remember(jobs, generations)
+        self.store.append_turns(jobs, generations)
 
     def _ok(self, job: Job, g: Generation, *, cache_hit: bool = False, inference_ms: int = 0) -> Outgoing:
         return self._reply(
@@ -343,86 +287,14 @@ class InferenceWorker:
         )
         return reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
 
-    def _cached(self, jobs: list[Job]) -> list[Generation | None]:
-        """Response-cache hits for greedy prompts, in one MGET; None where the model
-        must run. Sets each cacheable job's key."""
-        misses: list[Generation | None] = [None] * len(jobs)
-        if not self.settings.response_cache_ttl_s:
-            return misses
-        for j in jobs:
-            if j.prompt is not None and cacheable(j.prompt):
-                j.cache_key = cache_key(self.runner.name, j.prompt)
-        index = [i for i, j in enumerate(jobs) if j.cache_key is not None]
-        if not index:
-            return misses
-        try:
-            found = lookup(self.redis, [jobs[i].cache_key for i in index if jobs[i].cache_key])
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; response cache skipped: %s", exc)
-            return misses
-        for i, g in zip(index, found, strict=True):
-            misses[i] = g
-        return misses
-
-    def _remember(self, jobs: list[Job], generated: list[Generation]) -> None:
-        entries = [(j.cache_key, g) for j, g in zip(jobs, generated, strict=True) if j.cache_key is not None]
-        try:
-            store(self.redis, entries, self.settings.response_cache_ttl_s)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; responses not cached: %s", exc)
-
-    def _append_history(self, jobs: list[Job], generations: list[Generation]) -> None:
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                for j, g in zip(jobs, generations, strict=True):
-                    assert j.envelope is not None
-                    turn = {"role": "assistant", "content": g.text, "tokens": self.runner.count_turn_tokens(g)}
-                    self.history.append(pipe, j.envelope["tenant"], j.envelope["session_id"], [turn])
-                pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; assistant turns not stored: %s", exc)
-
-    # -- delivery and commits -------------------------------------------------
-
-    def _send(self, answered: list[tuple[Message, Outgoing]]) -> None:
-        """Produces each reply; its record counts as answered once the broker acked it."""
-        for record, o in answered:
-
-            def on_delivery(err: KafkaError | None, _msg: Message, record: Message = record) -> None:
-                if err is None:
-                    self.ledger.answered(record.topic(), record.partition(), record.offset())
-                else:
-                    self._failures.append(str(err))
-
-            self.producer.produce(o.topic, o.value, o.key, headers=o.headers, on_delivery=on_delivery)
-
-    def _raise_on_failures(self) -> None:
-        if self._failures:
-            failures, self._failures = self._failures, []
-            raise DeliveryError(f"replies not acknowledged: {failures[:3]}")
+    # -- commits and stats ----------------------------------------------------
 
     def _commit(self, asynchronous: bool) -> None:
-        """Commits past answered records, never past one that is pooled or open."""
         self._committed_at = time.monotonic()
-        moved = self.ledger.positions(self.batcher.pending_offsets())
-        if moved:
-            offsets = [TopicPartition(t, p, o) for (t, p), o in moved.items()]
-            self.consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        self.replies.commit(self.consumer, self.batcher.pending_offsets(), asynchronous)
 
     def _publish_stats(self) -> None:
-        """Batching counters to a Redis hash (`tidegate bench batching` reads them)."""
         if time.monotonic() - self._stats_at < self.settings.stats_interval_s:
             return
         self._stats_at = time.monotonic()
-        fields: dict[str, Any] = {
-            **dataclasses.asdict(self.stats),
-            "batching": "continuous" if self.engine else "static",
-            "updated_ms": now_ms(),
-        }
-        try:
-            with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(self.stats_key, mapping=fields)
-                pipe.expire(self.stats_key, 3600)
-                pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; stats not published: %s", exc)
+        self.store.publish_stats(self.stats_key, self.stats, "continuous" if self.engine else "static")

@@ -20,16 +20,16 @@ from typing import Any
 import faust
 from redis.asyncio import Redis
 
-from inference.assets import load_tokenizer
+from conversation.model_files import load_tokenizer
+from conversation.tokens import TokenCounter
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import STAGE, Admission, Incoming, RequestHandler
-from processors.tokens import TokenCounter
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
-from streams.devstack import READY_MARKER
 from streams.kafka import producer_config
 from streams.lag import WORKERS
+from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, dead_letter
 from streams.pressure import FORWARD_TRANSIT_MS, PressureBoard
 from streams.pressure_feed import PressureListener
@@ -145,6 +145,6 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         log.warning("processor assigned %d partitions", len(assigned))
-        print(READY_MARKER, flush=True)
+        announce_ready()
 
     return app

@@ -21,8 +21,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from processors.history import Turn
-from processors.tokens import TURN_OVERHEAD, TokenCounter
+from conversation.history import Turn
+from conversation.tokens import TURN_OVERHEAD, TokenCounter
 
 CUT_MARKER = "[...cut to fit the context budget...] "
 OMITTED = "[later turns omitted]"

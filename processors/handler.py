@@ -20,10 +20,10 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from conversation.history import ENVELOPE, TURNS, HistoryWriter, StoredHistory, Turn, content_digest, loaded_history
+from conversation.tokens import TokenCounter
 from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
-from processors.history import ENVELOPE, TURNS, HistoryWriter, StoredHistory, Turn, content_digest, loaded_history
-from processors.tokens import TokenCounter
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
@@ -184,7 +184,7 @@ class RequestHandler:
         )
         forwarded = now_ms()
         envelope = {
-            "version": 1,
+            "version": 2,
             "request_id": request["request_id"],
             "session_id": request["session_id"],
             "tenant": request["tenant"],
@@ -198,7 +198,6 @@ class RequestHandler:
             "system_prompt": item.system_prompt,
             "turns": [],  # spliced in below
             "summary": context.summary,
-            "snippets": [],
             "token_budget": budget,
             "tokens_used": context.tokens_used + item.system_tokens,
             "strategy": context.strategy,

@@ -4,17 +4,18 @@ from schemas.codec import (
     AVRO,
     JSON,
     Codec,
-    SerializationError,
     content_type,
     content_type_header,
     get_codec,
 )
+from schemas.exceptions import SerializationError, TidegateError
 
 __all__ = [
     "AVRO",
     "JSON",
     "Codec",
     "SerializationError",
+    "TidegateError",
     "content_type",
     "content_type_header",
     "get_codec",

@@ -25,7 +25,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.validation import validate
 
-from streams.exceptions import TidegateError
+from schemas.exceptions import SerializationError
 
 MARKER = b"\xc3\x01"
 HEADER_LEN = 10
@@ -42,12 +42,14 @@ SCHEMA_FILES = {
     "PressureState": "pressure_state.avsc",
 }
 
+# Schemas this version no longer writes but still reads (resolved to the current
+# one): a stage upgraded first keeps reading what the others still send.
+PREVIOUS_SCHEMA_FILES = {
+    "ContextEnvelope": ["previous/context_envelope.v1.avsc"],
+}
+
 Record = dict[str, Any]
 Headers = Sequence[tuple[str, bytes | str | None]] | None
-
-
-class SerializationError(TidegateError, ValueError):
-    """A message could not be encoded or decoded; the message says which schema and why."""
 
 
 class _Schema:
@@ -108,12 +110,24 @@ def _load_schemas() -> dict[str, _Schema]:
     return {name: _Schema(name, json.loads(folder.joinpath(file).read_text())) for name, file in SCHEMA_FILES.items()}
 
 
+def _load_previous() -> list[_Schema]:
+    folder = resources.files("schemas")
+    return [
+        _Schema(name, json.loads(folder.joinpath(file).read_text()))
+        for name, files in PREVIOUS_SCHEMA_FILES.items()
+        for file in files
+    ]
+
+
 class Codec:
     """Parses every `.avsc` once; encodes records and decodes bytes by fingerprint."""
 
     def __init__(self) -> None:
         self.schemas = _load_schemas()
-        self._by_fingerprint = {s.fingerprint: s for s in self.schemas.values()}
+        # fingerprint -> (writer, reader): a previous writer is read as its current schema
+        self._by_fingerprint = {s.fingerprint: (s, s) for s in self.schemas.values()}
+        for old in _load_previous():
+            self._by_fingerprint[old.fingerprint] = (old, self.schemas[old.name])
 
     def fingerprint(self, name: str) -> bytes:
         return self.schemas[name].fingerprint
@@ -170,13 +184,15 @@ class Codec:
         """Decodes single-object Avro; `expected` refuses any other schema."""
         if not data or len(data) < HEADER_LEN or data[:2] != MARKER:
             raise SerializationError("not Avro single-object encoding (no C3 01 marker)")
-        schema = self._by_fingerprint.get(data[2:HEADER_LEN])
-        if schema is None:
+        found = self._by_fingerprint.get(data[2:HEADER_LEN])
+        if found is None:
             raise SerializationError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
+        writer, schema = found
         if expected is not None and schema.name != expected:
             raise SerializationError(f"expected {expected}, got {schema.name}")
         try:
-            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), schema.parsed, None)
+            reader = None if writer is schema else schema.parsed
+            record = schemaless_reader(io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader)
         except Exception as exc:  # fastavro raises many types on truncated input
             raise SerializationError(f"corrupt {schema.name} body: {exc}") from exc
         return schema.name, record  # type: ignore[return-value]

@@ -1,25 +1,9 @@
-"""Kafka plumbing: config, topics, the client, replies, lag and pressure, the dev stack, the CLI."""
+"""Kafka and the shared runtime: settings, topics and client configuration, delivery,
+outgoing records, lag, pressure, and the `Client` services use."""
 
-from typing import TYPE_CHECKING, Any
-
+from streams.client import Client
+from streams.config import Settings
 from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
+from streams.reply import Reply, StageTimings
 
-if TYPE_CHECKING:
-    from streams.client import Client
-    from streams.config import Settings
-
-__all__ = ["Client", "QueueFull", "ReplyTimeout", "Settings", "TidegateError"]
-
-
-def __getattr__(name: str) -> Any:
-    # Imported lazily: the schemas package imports streams.exceptions, and the
-    # client imports schemas.
-    if name == "Client":
-        from streams.client import Client
-
-        return Client
-    if name == "Settings":
-        from streams.config import Settings
-
-        return Settings
-    raise AttributeError(name)
+__all__ = ["Client", "QueueFull", "Reply", "ReplyTimeout", "Settings", "StageTimings", "TidegateError"]

@@ -2,15 +2,19 @@
 
     async with Client(bootstrap="127.0.0.1:9092") as client:
         reply = await client.generate(messages=[{"role": "user", "content": "hi"}], session_id="s1")
-        request_id = await client.submit(...)      # the reply comes on the reply topic
+        request_id = await client.submit(messages=..., session_id="s2")
+        reply = await client.reply(request_id)       # or: async for reply in client.replies()
 
 One background thread polls the reply consumer; the producer serves its own
 delivery reports (streams/delivery.py); another thread keeps the latest pressure
-per stage (streams/pressure_feed.py), so
-`QueueFull` is raised before anything is sent, without a broker round trip.
-The reply consumer is assigned (no group join), starting at each reply
-partition's end as listed before the first request: on the embedded broker that
-listing may be a little early, never late, so no reply is missed.
+per stage (streams/pressure_feed.py), so `QueueFull` is raised before anything is
+sent, without a broker round trip. The reply consumer is assigned (no group
+join), starting at each reply partition's end as listed before the first
+request, so no reply to this client's requests is missed.
+
+Each reply is handed over once: to `generate`, to `reply(request_id)`, or to the
+`replies()` iterator, whichever takes it first; a second copy of a reply (a
+redelivery after a crash) is dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ import asyncio
 import logging
 import random
 import threading
+import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -33,13 +40,25 @@ from streams.kafka import check_reachable, consume_ready, consumer_config, produ
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
+from streams.reply import Reply
 
 log = logging.getLogger(__name__)
 
-Reply = dict[str, Any]
+Messages = list[dict[str, str]]
 REPLY_GRACE_S = 5.0
+# a reply nobody took with reply() or replies() is dropped this long after it arrived
+UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
 BACKOFF_FACTOR = 2.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request this client sent, until its reply is handed over."""
+
+    future: asyncio.Future[Reply]
+    give_up_at: float  # monotonic: deadline + grace, or arrival + UNCLAIMED_REPLY_S
+    claimed: bool = False  # someone awaits it through reply() / generate()
 
 
 class Client:
@@ -48,8 +67,8 @@ class Client:
     :param bootstrap: Kafka bootstrap servers; default from settings (TIDEGATE_BOOTSTRAP).
     :param settings: full settings; topics come from its prefix.
     :param reply_topic: where replies are sent; default the settings' reply topic.
-    :param reply_grace_s: how long past a request's deadline `generate` still waits
-        for its reply (an `expired` one included); default 5 s.
+    :param reply_grace_s: how long past a request's deadline a reply is still awaited
+        (an `expired` one included); default 5 s.
     """
 
     def __init__(
@@ -65,7 +84,8 @@ class Client:
         self.settings = base.model_copy(update={"bootstrap": bootstrap}) if bootstrap else base
         self.reply_topic = reply_topic or self.settings.topics.replies
         self.codec = get_codec()
-        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._arrived: asyncio.Queue[str] | None = None  # ids whose reply came, while replies() runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer = DeliveryProducer(producer_config(self.settings))
         self._consumer: Consumer | None = None
@@ -122,9 +142,159 @@ class Client:
         await asyncio.to_thread(self._producer.close, 5)
         if self._consumer is not None:
             await asyncio.to_thread(self._consumer.close)
-        for future in self._pending.values():
-            future.cancel()
+        for pending in self._pending.values():
+            pending.future.cancel()
         self._pending.clear()
+
+    # -- sending --------------------------------------------------------------
+
+    async def submit(
+        self,
+        messages: Messages,
+        session_id: str,
+        *,
+        tenant: str = "default",
+        priority: str = "normal",
+        max_new_tokens: int = 64,
+        deadline_s: float = 30.0,
+        temperature: float = 0.0,
+        strategy: str | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        wait: bool = False,
+    ) -> str:
+        """Produces a request and returns its id once the broker has it; take its
+        reply with `reply(request_id)` or from `replies()`.
+
+        :param messages: the new turns, `{"role": ..., "content": ...}`; a `system`
+            message replaces the configured system prompt.
+        :param session_id: the conversation: its history is kept per (tenant, session).
+        :param priority: `low` is refused first under pressure, `high` last.
+        :param deadline_s: seconds from now after which nobody waits for the reply;
+            0: none.
+        :param strategy: context compression (`window`, `summary`, `relevance`,
+            `prefix-stable`); None: the configured default.
+        :param wait: when the path is full, retry with backoff until the deadline
+            instead of raising QueueFull at once.
+        :raises QueueFull: the path is full for this priority (nothing was sent).
+        """
+        assert self._loop is not None, "use `async with Client(...)`"
+        request = self._build_request(
+            messages,
+            session_id,
+            tenant=tenant,
+            priority=priority,
+            max_new_tokens=max_new_tokens,
+            deadline_s=deadline_s,
+            temperature=temperature,
+            strategy=strategy,
+            request_id=request_id,
+            metadata=metadata,
+        )
+        await self._admit(request, wait)
+        request_id = str(request["request_id"])
+        self._pending[request_id] = _Pending(self._loop.create_future(), self._give_up_at(request))
+        try:
+            await self._produce(request)
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return request_id
+
+    async def generate(
+        self,
+        messages: Messages,
+        session_id: str,
+        *,
+        tenant: str = "default",
+        priority: str = "normal",
+        max_new_tokens: int = 64,
+        deadline_s: float = 30.0,
+        temperature: float = 0.0,
+        strategy: str | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        wait: bool = False,
+    ) -> Reply:
+        """`submit`, then `reply`: the reply (any status) once it arrives.
+
+        :raises QueueFull: as `submit`.
+        :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
+        """
+        request_id = await self.submit(
+            messages,
+            session_id,
+            tenant=tenant,
+            priority=priority,
+            max_new_tokens=max_new_tokens,
+            deadline_s=deadline_s,
+            temperature=temperature,
+            strategy=strategy,
+            request_id=request_id,
+            metadata=metadata,
+            wait=wait,
+        )
+        return await self.reply(request_id)
+
+    # -- replies --------------------------------------------------------------
+
+    async def reply(self, request_id: str, timeout_s: float | None = None) -> Reply:
+        """The reply to a request this client submitted, once it arrives (at once if it
+        already did). Waits until the request's deadline plus `reply_grace_s`, or
+        `timeout_s` when given.
+
+        :raises ReplyTimeout: no reply by then (the request stays pending when a
+            `timeout_s` shorter than its deadline ran out).
+        :raises KeyError: the id is not a pending request of this client (never
+            submitted here, or its reply was already handed over).
+        """
+        pending = self._pending.get(request_id)
+        if pending is None or pending.claimed:
+            raise KeyError(f"{request_id!r} is not a pending request of this client")
+        pending.claimed = True
+        wait_s = max(0.0, pending.give_up_at - time.monotonic()) if timeout_s is None else timeout_s
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(pending.future), wait_s)
+        except TimeoutError as exc:
+            pending.claimed = False
+            if timeout_s is None or time.monotonic() >= pending.give_up_at:
+                self._pending.pop(request_id, None)
+            raise ReplyTimeout(f"no reply to {request_id} in time") from exc
+        self._pending.pop(request_id, None)
+        return reply
+
+    async def replies(self) -> AsyncIterator[Reply]:
+        """Replies to the requests this client submitted, as they arrive; those taken
+        with `reply()` are not repeated here. Runs until the client closes."""
+        assert self._loop is not None, "use `async with Client(...)`"
+        if self._arrived is None:
+            self._arrived = asyncio.Queue()
+            for request_id, pending in self._pending.items():
+                if pending.future.done() and not pending.claimed:
+                    self._arrived.put_nowait(request_id)
+        while not self._stop.is_set():
+            request_id = await self._arrived.get()
+            pending = self._pending.get(request_id)
+            if pending is None or pending.claimed or not pending.future.done():
+                continue
+            del self._pending[request_id]
+            yield pending.future.result()
+
+    def pending_count(self) -> int:
+        """Requests submitted whose reply was not handed over yet."""
+        return len(self._pending)
+
+    def pressure(self, stage: str) -> dict[str, Any] | None:
+        """The latest PressureState of `stage` (`processors` or `workers`) this client
+        read, or None (no state yet, or backpressure off)."""
+        return self._pressure.board.state(stage) if self._pressure is not None else None
+
+    def check_pressure(self, priority: str = "normal") -> None:
+        """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
+        if self._pressure is not None:
+            refusal = self._pressure.board.check(PATH, priority)
+            if refusal is not None:
+                raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
 
     def _poll_loop(self) -> None:
         assert self._consumer is not None
@@ -138,27 +308,54 @@ class Client:
 
     def _on_reply(self, value: bytes | None, headers: Any) -> None:
         try:
-            reply, _ = self.codec.decode_message(value, headers, "InferenceReply")
-        except SerializationError as exc:
+            record, _ = self.codec.decode_message(value, headers, "InferenceReply")
+            reply = Reply.from_record(record)
+        except (SerializationError, TypeError) as exc:
             log.warning("undecodable reply skipped: %s", exc)
             return
-        future = self._pending.get(reply["request_id"])
-        if future is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(_resolve, future, reply)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, reply)
 
-    def build_request(
+    def _deliver(self, reply: Reply) -> None:
+        """On the event loop: resolves the request's future (the first copy only)."""
+        pending = self._pending.get(reply.request_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(reply)
+            pending.give_up_at = time.monotonic() + UNCLAIMED_REPLY_S
+            if self._arrived is not None and not pending.claimed:
+                self._arrived.put_nowait(reply.request_id)
+        self._forget_abandoned()
+
+    def _forget_abandoned(self) -> None:
+        """Drops unclaimed requests whose reply never came by their deadline plus grace,
+        or came and was not taken within UNCLAIMED_REPLY_S: memory stays bounded for
+        callers that submit and never read."""
+        now = time.monotonic()
+        if len(self._pending) < 1024:
+            return
+        for request_id in [k for k, p in self._pending.items() if not p.claimed and p.give_up_at < now]:
+            self._pending.pop(request_id).future.cancel()
+
+    def _give_up_at(self, request: dict[str, Any]) -> float:
+        if not request["deadline_ms"]:
+            return float("inf")
+        return time.monotonic() + (request["deadline_ms"] - now_ms()) / 1000 + self.reply_grace_s
+
+    # -- building and producing -----------------------------------------------
+
+    def _build_request(
         self,
-        messages: list[dict[str, str]],
+        messages: Messages,
         session_id: str,
         *,
-        tenant: str = "default",
-        priority: str = "normal",
-        max_new_tokens: int = 64,
-        deadline_s: float = 30.0,
-        temperature: float = 0.0,
-        strategy: str | None = None,
-        request_id: str | None = None,
-        metadata: dict[str, str] | None = None,
+        tenant: str,
+        priority: str,
+        max_new_tokens: int,
+        deadline_s: float,
+        temperature: float,
+        strategy: str | None,
+        request_id: str | None,
+        metadata: dict[str, str] | None,
     ) -> dict[str, Any]:
         created = now_ms()
         return {
@@ -170,18 +367,11 @@ class Client:
             "max_new_tokens": max_new_tokens,
             "temperature": temperature,
             "created_ms": created,
-            "deadline_ms": created + int(deadline_s * 1000) if deadline_s else 0,
+            "deadline_ms": created + max(1, int(deadline_s * 1000)) if deadline_s else 0,
             "reply_to": self.reply_topic,
             "strategy": strategy,
             "metadata": metadata or {},
         }
-
-    def check_pressure(self, priority: str = "normal") -> None:
-        """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
-        if self._pressure is not None:
-            refusal = self._pressure.board.check(PATH, priority)
-            if refusal is not None:
-                raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
 
     async def _admit(self, request: dict[str, Any], wait: bool) -> None:
         """Raises QueueFull at once when the path is full for the request's priority;
@@ -202,49 +392,9 @@ class Client:
             attempt += 1
             await asyncio.sleep(delay_ms / 1000)
 
-    async def submit(
-        self, messages: list[dict[str, str]], session_id: str, *, wait: bool = False, **options: Any
-    ) -> str:
-        """Produces the request and returns its id once the broker has it.
-
-        Raises QueueFull (before sending) when the path is full for its priority;
-        `wait=True` retries with backoff until the deadline instead.
-        """
-        request = self.build_request(messages, session_id, **options)
-        await self._admit(request, wait)
-        await self._produce(request)
-        return str(request["request_id"])
-
-    async def generate(
-        self, messages: list[dict[str, str]], session_id: str, *, wait: bool = False, **options: Any
-    ) -> Reply:
-        """Produces the request and waits for its reply (any status) until the deadline.
-
-        Raises QueueFull as `submit` does, and ReplyTimeout when no reply came in time.
-        """
-        request = self.build_request(messages, session_id, **options)
-        assert self._loop is not None, "use `async with Client(...)`"
-        await self._admit(request, wait)
-        future: asyncio.Future[Reply] = self._loop.create_future()
-        self._pending[request["request_id"]] = future
-        try:
-            await self._produce(request)
-            wait_s = (request["deadline_ms"] - now_ms()) / 1000 + self.reply_grace_s if request["deadline_ms"] else None
-            try:
-                return await asyncio.wait_for(future, wait_s)
-            except TimeoutError as exc:
-                raise ReplyTimeout(f"no reply to {request['request_id']} before its deadline") from exc
-        finally:
-            self._pending.pop(request["request_id"], None)
-
     async def _produce(self, request: dict[str, Any]) -> None:
         value = self.codec.encode("InferenceRequest", request)
         record = Outgoing(
             self.settings.topics.requests, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )
         await self._producer.send_all([record])
-
-
-def _resolve(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)

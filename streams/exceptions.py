@@ -1,14 +1,10 @@
-"""Every error tidegate raises derives from `TidegateError`."""
+"""The errors a caller of the Kafka layer and the client sees; all are `TidegateError`s."""
 
 from __future__ import annotations
 
+from schemas.exceptions import TidegateError
 
-class TidegateError(Exception):
-    """Root of tidegate's exceptions."""
-
-
-class ConfigurationError(TidegateError):
-    """A setting or flag has a value tidegate cannot use."""
+__all__ = ["QueueFull", "ReplyTimeout", "TidegateError"]
 
 
 class QueueFull(TidegateError):

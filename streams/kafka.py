@@ -116,16 +116,3 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         log.info("topic=%s created", name)
-
-
-def ensure_topic(settings: Settings, name: str, partitions: int = 1) -> None:
-    """Creates one extra topic (e.g. a caller's own reply topic) if it is missing."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
-    if name in admin.list_topics(timeout=10).topics:
-        return
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        try:
-            future.result(timeout=10)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise

@@ -13,7 +13,8 @@ from typing import Any
 
 from schemas import AVRO, content_type_header, get_codec
 
-REPLY_STATUSES = ("ok", "queue_full", "expired", "rate_limited", "invalid", "error")
+# the statuses a stage sends; the schema's enum also reserves `rate_limited` for quotas
+REPLY_STATUSES = ("ok", "queue_full", "expired", "invalid", "error")
 TIMING_FIELDS = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms", "total_ms")
 
 

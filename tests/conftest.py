@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from streams import devstack
 from streams.config import Settings
 from streams.kafka import create_topics
+from tidegate import devstack
 
 LOG_DIR = Path(os.environ.get("TIDEGATE_TEST_LOGS", "/tmp/tidegate-test-logs"))
 

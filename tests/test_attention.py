@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from inference.attention import grouped_decode_attention
+from inference.kernels.attention import grouped_decode_attention
 
 
 class _Heads(nn.Module):

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from streams.client import Client
+from streams import Client, Reply
 from streams.exceptions import QueueFull
 from streams.lag import WORKERS
 from streams.outgoing import now_ms
@@ -39,7 +39,7 @@ async def wait_for_lag(client: Client, lag: int, timeout_s: float = 20) -> dict:
     since_ms = now_ms() + TRANSIT_MS
     deadline = time.monotonic() + timeout_s
     while True:
-        state = client._pressure.board.state(WORKERS) if client._pressure else None
+        state = client.pressure(WORKERS)
         if state is not None and state["lag"] >= lag and state["updated_ms"] > since_ms:
             return state
         if time.monotonic() > deadline:
@@ -152,19 +152,16 @@ def test_producer_ignoring_the_signal_is_answered_queue_full_and_nothing_is_lost
 def test_request_expired_in_the_queue_never_reaches_the_model(no_worker: Pipeline) -> None:
     settings = no_worker.settings
 
-    async def run() -> dict:
-        async with Client(settings=settings) as client:
-            request = client.build_request(user("short-lived"), "expiring", deadline_s=1.0)
-            future = asyncio.get_running_loop().create_future()
-            client._pending[request["request_id"]] = future
-            await client._produce(request)
+    async def run() -> Reply:
+        async with Client(settings=settings, reply_grace_s=60) as client:
+            deadline_passed = time.time() + 1.0
+            request_id = await client.submit(user("short-lived"), "expiring", deadline_s=1.0)
             # past the deadline while queued for a worker, then a worker starts
-            deadline_passed = request["deadline_ms"] / 1000
             while time.time() < deadline_passed:
                 await asyncio.sleep(0.05)
             await asyncio.to_thread(no_worker.start, ("worker",))
-            return await asyncio.wait_for(future, 30)
+            return await client.reply(request_id)
 
     reply = asyncio.run(run())
-    assert reply["status"] == "expired"
-    assert reply["tokens_out"] == 0 and reply["timings"]["inference_ms"] == 0
+    assert reply.status == "expired"
+    assert reply.tokens_out == 0 and reply.timings.inference_ms == 0

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TIDEGATE = [sys.executable, "-m", "streams.cli"]
+TIDEGATE = [sys.executable, "-m", "tidegate.cli"]
 
 
 def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:

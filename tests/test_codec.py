@@ -121,3 +121,32 @@ def test_bad_items_are_refused() -> None:
         codec.encode_item("ContextEnvelope", "summary", {})
     with pytest.raises(SerializationError, match="corrupt"):
         codec.decode_items("ContextEnvelope", "turns", [b"\x7f"])
+
+
+def test_an_envelope_written_with_the_previous_schema_is_read_as_the_current_one() -> None:
+    """A processor still on v1 (with `snippets`) keeps talking to an upgraded worker."""
+    import io
+    import json
+    from importlib import resources
+
+    from fastavro import parse_schema, schemaless_writer
+    from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+    raw = json.loads(resources.files("schemas").joinpath("previous/context_envelope.v1.avsc").read_text())
+    v1 = parse_schema(raw, named_schemas={})
+    record = {
+        "version": 1,
+        "request_id": "r1",
+        "session_id": "s1",
+        "turns": [{"role": "user", "content": "hi", "tokens": 6}],
+        "snippets": [],
+        "token_budget": 100,
+        "tokens_used": 6,
+    }
+    out = io.BytesIO()
+    out.write(MARKER + bytes.fromhex(fingerprint(to_parsing_canonical_form(v1), "CRC-64-AVRO")))
+    schemaless_writer(out, v1, record)
+    name, decoded = get_codec().decode(out.getvalue(), "ContextEnvelope")
+    assert name == "ContextEnvelope"
+    assert decoded["version"] == 1 and "snippets" not in decoded
+    assert decoded["turns"] == [{"role": "user", "content": "hi", "tokens": 6}]

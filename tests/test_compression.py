@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from inference.assets import load_tokenizer
+from conversation.history import StoredHistory, encode_turn, history_key
+from conversation.model_files import load_tokenizer
+from conversation.tokens import TokenCounter
 from processors.compression import CUT_MARKER, compress
-from processors.history import StoredHistory, encode_turn, history_key
-from processors.tokens import TokenCounter
 
 
 @pytest.fixture(scope="module")

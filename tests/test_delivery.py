@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from streams import devstack
 from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import producer_config
 from streams.outgoing import Outgoing
 from tests.conftest import SettingsFactory
 from tests.helpers import TopicReader
+from tidegate import devstack
 
 
 def test_send_all_returns_once_every_record_is_on_the_topic(settings_factory: SettingsFactory) -> None:

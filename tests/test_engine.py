@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference.engine import ContinuousEngine, Request
-from inference.models import Prompt, TransformersRunner, load_runner
+from inference.runners import Prompt, TransformersRunner, load_runner
 
 SYSTEM = {"role": "system", "content": "You answer questions about the weather in one sentence, politely, always."}
 

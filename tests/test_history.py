@@ -12,16 +12,16 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from inference.assets import load_tokenizer
+from conversation.history import HistoryWriter, embeddings_key, encode_turn, history_key, loaded_history
+from conversation.model_files import load_tokenizer
+from conversation.tokens import TokenCounter
 from processors.compression import compress
 from processors.handler import Incoming, RequestHandler
-from processors.history import HistoryWriter, embeddings_key, encode_turn, history_key, loaded_history
-from processors.tokens import TokenCounter
 from schemas import get_codec
-from streams import devstack
 from streams.config import Settings
 from streams.outgoing import Outgoing
 from tests.conftest import LOG_DIR
+from tidegate import devstack
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from inference.models import Prompt, load_runner
+from inference.runners import Prompt, load_runner
 from streams.client import Client
 from streams.lag import WORKERS
 from tests.conftest import Pipeline
@@ -35,9 +35,9 @@ def test_pipeline_with_tiny_model_answers(pipeline_factory: Callable[..., Pipeli
             )
 
     replies = asyncio.run(ask())
-    assert [r["status"] for r in replies] == ["ok"] * 4
-    assert all(r["model"] == "tiny" and 0 < r["tokens_out"] <= 6 for r in replies)
-    assert all(r["timings"]["inference_ms"] > 0 for r in replies)
+    assert [r.status for r in replies] == ["ok"] * 4
+    assert all(r.model == "tiny" and 0 < r.tokens_out <= 6 for r in replies)
+    assert all(r.timings.inference_ms > 0 for r in replies)
 
 
 def test_continuous_batching_answers_mixed_requests_once_and_commits_all(
@@ -65,7 +65,7 @@ def test_continuous_batching_answers_mixed_requests_once_and_commits_all(
             )
 
     replies = asyncio.run(ask())
-    assert [r["status"] for r in replies] == ["ok"] * 16
-    assert all(0 < r["tokens_out"] <= 2 + 5 * (i % 4) for i, r in enumerate(replies))
-    assert len({r["request_id"] for r in replies}) == 16
+    assert [r.status for r in replies] == ["ok"] * 16
+    assert all(0 < r.tokens_out <= 2 + 5 * (i % 4) for i, r in enumerate(replies))
+    assert len({r.request_id for r in replies}) == 16
     wait_for_stage_lag(pipeline.settings, WORKERS, 0, 20)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from inference.models import Prompt, TransformersRunner, cpu_has_native_bf16, load_runner
-from inference.packed_linear import PackedLinear, pack_linear_weights, packing_available
+from inference.kernels.packed_linear import PackedLinear, pack_linear_weights, packing_available
+from inference.runners import Prompt, TransformersRunner, cpu_has_native_bf16, load_runner
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="no oneDNN in this torch build")
 native_bf16 = pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is packed only where the CPU has it natively")

@@ -11,7 +11,7 @@ import orjson
 from confluent_kafka import Producer
 
 from schemas import get_codec
-from streams.client import Client
+from streams import Client, Reply
 from streams.lag import PROCESSORS
 from tests.conftest import Pipeline
 from tests.helpers import TopicReader, wait_for_stage_lag
@@ -26,24 +26,24 @@ def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline)
     session = f"conv-{uuid.uuid4().hex[:6]}"
     turns = ["My name is Ada.", "I keep bees.", "What is my name?"]
 
-    async def converse() -> list[dict]:
+    async def converse() -> list[Reply]:
         async with Client(settings=settings) as client:
             return [await client.generate(user(t), session, max_new_tokens=16) for t in turns]
 
     replies = asyncio.run(converse())
-    assert [r["status"] for r in replies] == ["ok"] * 3
-    assert [r["text"] for r in replies] == turns  # echo answers with the user turn, in order
+    assert [r.status for r in replies] == ["ok"] * 3
+    assert [r.text for r in replies] == turns  # echo answers with the user turn, in order
 
     reader = TopicReader(settings, settings.topics.contexts)
     codec = get_codec()
     envelopes = reader.wait(
-        lambda ms: any(codec.decode(m.value())[1]["request_id"] == replies[2]["request_id"] for m in ms),
+        lambda ms: any(codec.decode(m.value())[1]["request_id"] == replies[2].request_id for m in ms),
         20,
         "the third envelope",
     )
     reader.close()
     third = next(
-        e for e in (codec.decode(m.value())[1] for m in envelopes) if e["request_id"] == replies[2]["request_id"]
+        e for e in (codec.decode(m.value())[1] for m in envelopes) if e["request_id"] == replies[2].request_id
     )
     contents = [(t["role"], t["content"]) for t in third["turns"]]
     assert contents == [
@@ -53,7 +53,7 @@ def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline)
         ("assistant", turns[1]),
         ("user", turns[2]),
     ]
-    assert third["version"] == 1 and third["strategy"] == "window" and not third["degraded"]
+    assert third["version"] == 2 and third["strategy"] == "window" and not third["degraded"]
     assert 0 < third["tokens_used"] <= third["token_budget"]
 
 
@@ -62,7 +62,7 @@ def test_200_concurrent_requests_get_exactly_one_ok_reply_each(echo_pipeline: Pi
     reader = TopicReader(settings, settings.topics.replies)
     tag = uuid.uuid4().hex[:6]
 
-    async def burst() -> list[dict]:
+    async def burst() -> list[Reply]:
         async with Client(settings=settings) as client:
             return await asyncio.gather(
                 *(
@@ -72,8 +72,8 @@ def test_200_concurrent_requests_get_exactly_one_ok_reply_each(echo_pipeline: Pi
             )
 
     replies = asyncio.run(burst())
-    assert collections.Counter(r["status"] for r in replies) == {"ok": 200}
-    ids = {r["request_id"] for r in replies}
+    assert collections.Counter(r.status for r in replies) == {"ok": 200}
+    ids = {r.request_id for r in replies}
     assert len(ids) == 200
     codec = get_codec()
     # every reply on the topic: exactly one per request, no duplicates
@@ -114,13 +114,13 @@ def test_undecodable_input_goes_to_dead_letter_and_the_stage_goes_on(echo_pipeli
     assert any("unknown schema fingerprint" in e for e in errors)
     assert any("marker" in e for e in errors)
 
-    async def still_answers() -> dict:
+    async def still_answers() -> Reply:
         async with Client(settings=settings) as client:
             return await client.generate(user("still there?"), "after-garbage", max_new_tokens=8)
 
     reply = asyncio.run(still_answers())
-    assert reply["status"] == "ok" and reply["text"] == "still there?"
-    assert codec.decode(codec.encode("InferenceReply", reply))[1] == reply
+    assert reply.status == "ok" and reply.text == "still there?"
+    assert Reply.from_record(codec.decode(codec.encode("InferenceReply", reply.to_record()))[1]) == reply
 
 
 def test_json_request_from_a_plain_producer_gets_a_json_reply(echo_pipeline: Pipeline) -> None:
@@ -160,38 +160,35 @@ def test_bad_requests_get_invalid_replies_that_say_why(echo_pipeline: Pipeline) 
         (user("x" * (settings.max_prompt_chars + 1)), "over the limit"),
     ]
 
-    async def send_all() -> list[dict]:
+    async def send_all() -> list[Reply]:
         async with Client(settings=settings) as client:
             return [await client.generate(messages, "bad-requests", max_new_tokens=8) for messages, _ in cases]
 
     replies = asyncio.run(send_all())
     for reply, (_, why) in zip(replies, cases, strict=True):
-        assert reply["status"] == "invalid"
-        assert why in reply["error"]
+        assert reply.status == "invalid"
+        assert why in reply.error
 
 
 def test_request_past_its_deadline_is_answered_expired(echo_pipeline: Pipeline) -> None:
     settings = echo_pipeline.settings
 
-    async def send_late() -> dict:
+    async def send_late() -> Reply:
         async with Client(settings=settings) as client:
-            request = client.build_request(user("too late"), "late-session", deadline_s=30)
-            request["deadline_ms"] = request["created_ms"] - 1
-            future = asyncio.get_running_loop().create_future()
-            client._pending[request["request_id"]] = future
-            await client._produce(request)
-            return await asyncio.wait_for(future, 30)
+            # past its deadline by the time a processor reads it
+            request_id = await client.submit(user("too late"), "late-session", deadline_s=0.001)
+            return await client.reply(request_id)
 
     reply = asyncio.run(send_late())
-    assert reply["status"] == "expired"
-    assert "deadline" in reply["error"]
+    assert reply.status == "expired"
+    assert "deadline" in reply.error
 
 
 def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pipeline: Pipeline) -> None:
     settings = echo_pipeline.settings
     text = f"cache me {uuid.uuid4().hex[:6]}"
 
-    async def ask() -> list[dict]:
+    async def ask() -> list[Reply]:
         async with Client(settings=settings) as client:
             # fresh sessions: the same context (system prompt + the question) each time
             first = await client.generate(user(text), f"c1-{text}", max_new_tokens=8)
@@ -201,8 +198,64 @@ def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pip
             return [first, second, sampled, longer]
 
     first, second, sampled, longer = asyncio.run(ask())
-    assert [r["status"] for r in (first, second, sampled, longer)] == ["ok"] * 4
-    assert not first["cache_hit"] and second["cache_hit"]
-    assert second["text"] == first["text"] and second["timings"]["inference_ms"] == 0
-    assert not sampled["cache_hit"]  # sampling is never cached
-    assert not longer["cache_hit"]  # other generation parameters: another entry
+    assert [r.status for r in (first, second, sampled, longer)] == ["ok"] * 4
+    assert not first.cache_hit and second.cache_hit
+    assert second.text == first.text and second.timings.inference_ms == 0
+    assert not sampled.cache_hit  # sampling is never cached
+    assert not longer.cache_hit  # other generation parameters: another entry
+
+
+def test_submitted_requests_are_answered_through_reply_and_the_replies_iterator(echo_pipeline: Pipeline) -> None:
+    settings = echo_pipeline.settings
+    tag = uuid.uuid4().hex[:6]
+
+    async def scenario() -> tuple[Reply, list[Reply], int]:
+        async with Client(settings=settings) as client:
+            first = await client.submit(user(f"{tag} by id"), f"{tag}-a", max_new_tokens=8)
+            by_id = await client.reply(first)
+            ids = [await client.submit(user(f"{tag} stream {i}"), f"{tag}-s{i}", max_new_tokens=8) for i in range(5)]
+            streamed: list[Reply] = []
+            async for reply in client.replies():
+                streamed.append(reply)
+                if len(streamed) == len(ids):
+                    break
+            assert {r.request_id for r in streamed} == set(ids)
+            return by_id, streamed, client.pending_count()
+
+    by_id, streamed, left = asyncio.run(scenario())
+    assert by_id.ok and by_id.text == f"{tag} by id"
+    assert all(r.ok and r.text.startswith(f"{tag} stream") for r in streamed)
+    assert left == 0
+
+
+def test_a_duplicate_reply_on_the_topic_is_handed_over_once(echo_pipeline: Pipeline) -> None:
+    """A redelivered reply (the same request_id twice on the reply topic) reaches the caller once."""
+    settings = echo_pipeline.settings
+    codec = get_codec()
+
+    async def scenario() -> tuple[Reply, list[Reply]]:
+        async with Client(settings=settings) as client:
+            first = await client.generate(user("once"), f"dup-{uuid.uuid4().hex[:6]}", max_new_tokens=8)
+            second_id = await client.submit(user("twice"), f"dup-{uuid.uuid4().hex[:6]}", max_new_tokens=8)
+            copies = Producer({"bootstrap.servers": settings.bootstrap})
+            for reply_id in (first.request_id, second_id, second_id):
+                record = Reply(request_id=reply_id, status="ok", text="copy").to_record()
+                copies.produce(settings.topics.replies, codec.encode("InferenceReply", record), reply_id.encode())
+            assert copies.flush(10) == 0
+            got: list[Reply] = []
+
+            async def drain() -> None:
+                async for reply in client.replies():
+                    got.append(reply)
+
+            task = asyncio.create_task(drain())
+            deadline = asyncio.get_running_loop().time() + 30
+            while not got and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)  # an absence: watch a second for another copy
+            task.cancel()
+            return first, got
+
+    first, got = asyncio.run(scenario())
+    assert first.ok and first.text == "once"
+    assert len(got) == 1  # the second request, once: its first copy or the real reply

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.assets import load_tokenizer
+from conversation.model_files import load_tokenizer
+from conversation.tokens import TokenCounter
 from processors.compression import EPOCH_TURNS, compress
-from processors.tokens import TokenCounter
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from inference.assets import default_model_dir, load_tokenizer
+from conversation.model_files import default_model_dir, load_tokenizer
+from conversation.tokens import TURN_OVERHEAD
 from inference.exceptions import ModelError
-from processors.tokens import TURN_OVERHEAD
 
 if TYPE_CHECKING:
     from inference.engine import ContinuousEngine
@@ -197,8 +197,8 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto", op
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-    from inference.attention import use_grouped_decode
-    from inference.packed_linear import pack_linear_weights
+    from inference.kernels.attention import use_grouped_decode
+    from inference.kernels.packed_linear import pack_linear_weights
 
     torch.set_num_threads(torch_threads)
     device, dtype = pick_device(dtype_name)

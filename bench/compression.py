@@ -24,17 +24,17 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Producer
 
-from inference.assets import load_tokenizer
+from bench.stats import percentile
+from conversation.history import HistoryWriter
+from conversation.model_files import load_tokenizer
+from conversation.tokens import TokenCounter
 from processors.compression import STRATEGIES, compress
 from processors.embeddings import Embedder
-from processors.history import HistoryWriter
-from processors.tokens import TokenCounter
 from schemas import AVRO, content_type_header, get_codec
-from streams import devstack
-from streams.benchmarks.stats import percentile
 from streams.config import Settings
 from streams.kafka import create_topics
 from streams.lag import PROCESSORS, LagReader, pipeline_stages
+from tidegate import devstack
 
 CONVERSATIONS = 50
 TURNS = 200

@@ -28,14 +28,14 @@ from typing import Any
 
 import redis
 
+from bench.stats import percentile
 from inference.batcher import select_batch
 from inference.engine import EngineStats, Request
-from inference.models import Prompt, chat_ids, load_runner
-from inference.worker import STATS_KEY
-from streams import devstack
-from streams.benchmarks.stats import percentile
+from inference.runners import Prompt, chat_ids, load_runner
+from inference.session_store import STATS_KEY
 from streams.client import Client
 from streams.config import Settings
+from tidegate import devstack
 
 SYSTEM_PROMPT = (
     "You are the support assistant of Tideway Outfitters, a shop for sailing and kayaking gear. "
@@ -191,7 +191,7 @@ async def _saturate(settings: Settings, prompts: list[Prompt], tag: str) -> tupl
             reply = await client.generate(
                 p.messages, f"{tag}-{i}", max_new_tokens=p.max_new_tokens, deadline_s=TIME_LIMIT_S
             )
-            return {**reply, "latency_s": time.monotonic() - started}
+            return {**reply.to_record(), "latency_s": time.monotonic() - started}
 
         replies = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         return list(replies), time.monotonic() - started
@@ -284,7 +284,7 @@ def run(
     threads: int,
     fetch_waits_ms: list[int] | None = None,
 ) -> dict[str, Any]:
-    from inference.assets import load_tokenizer
+    from conversation.model_files import load_tokenizer
 
     prompts = workload(load_tokenizer(model), requests)
     device = _device_name()
@@ -328,7 +328,7 @@ def run(
 def _device_name() -> str:
     import torch
 
-    from inference.models import pick_device
+    from inference.runners import pick_device
 
     device, dtype = pick_device()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"

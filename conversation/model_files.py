@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from inference.exceptions import ModelError
+from conversation.exceptions import ModelError
 
 log = logging.getLogger(__name__)
 

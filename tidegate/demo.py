@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from streams import devstack
-from streams.client import Client, Reply
+from streams import Client, Reply
 from streams.config import Settings
+from tidegate import devstack
 
 CONVERSATION = [
     "Hi! My name is Ada and I keep bees.",
@@ -29,13 +29,13 @@ QUESTIONS = [
 
 
 def format_reply(reply: Reply) -> str:
-    t = reply["timings"]
+    t = reply.timings
     head = (
-        f"[{reply['status']}] total {t['total_ms']} ms (queued {t['queued_ms']}, context {t['context_ms']}, "
-        f"batch wait {t['batch_wait_ms']}, inference {t['inference_ms']}; "
-        f"{reply['tokens_in']} in, {reply['tokens_out']} out)"
+        f"[{reply.status}] total {t.total_ms} ms (queued {t.queued_ms}, context {t.context_ms}, "
+        f"batch wait {t.batch_wait_ms}, inference {t.inference_ms}; "
+        f"{reply.tokens_in} in, {reply.tokens_out} out)"
     )
-    body = reply["text"] if reply["status"] == "ok" else reply["error"]
+    body = reply.text if reply.ok else (reply.error or "")
     return f"{head}\n  {body.strip()}"
 
 
@@ -76,4 +76,4 @@ async def send_one(settings: Settings, text: str, session: str, max_new_tokens: 
     async with Client(settings=settings) as client:
         reply = await client.generate([{"role": "user", "content": text}], session, max_new_tokens=max_new_tokens)
     print(format_reply(reply))
-    return 0 if reply["status"] == "ok" else 1
+    return 0 if reply.ok else 1

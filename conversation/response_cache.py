@@ -10,35 +10,42 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from inference.models import Generation, Prompt
-from processors.history import KEY_PREFIX
+from conversation.history import KEY_PREFIX
 
 
-def cacheable(prompt: Prompt) -> bool:
-    return prompt.temperature == 0
+@dataclass(frozen=True, slots=True)
+class CachedReply:
+    text: str
+    tokens_in: int
+    tokens_out: int
 
 
-def cache_key(model: str, prompt: Prompt) -> str:
-    material = orjson.dumps([model, prompt.messages, prompt.max_new_tokens])
+def cacheable(temperature: float) -> bool:
+    return temperature == 0
+
+
+def cache_key(model: str, messages: Sequence[dict[str, str]], max_new_tokens: int) -> str:
+    material = orjson.dumps([model, list(messages), max_new_tokens])
     return f"{KEY_PREFIX}resp:{hashlib.blake2b(material, digest_size=20).hexdigest()}"
 
 
-def lookup(client: Any, keys: Sequence[str]) -> list[Generation | None]:
+def lookup(client: Any, keys: Sequence[str]) -> list[CachedReply | None]:
     """One round trip for the whole batch."""
     if not keys:
         return []
-    return [None if raw is None else Generation(**orjson.loads(raw)) for raw in client.mget(list(keys))]
+    return [None if raw is None else CachedReply(**orjson.loads(raw)) for raw in client.mget(list(keys))]
 
 
-def store(client: Any, entries: Sequence[tuple[str, Generation]], ttl_s: int) -> None:
+def store(client: Any, entries: Sequence[tuple[str, CachedReply]], ttl_s: int) -> None:
     if not entries:
         return
     with client.pipeline(transaction=False) as pipe:
-        for key, g in entries:
-            value = {"text": g.text, "tokens_in": g.tokens_in, "tokens_out": g.tokens_out}
+        for key, reply in entries:
+            value = {"text": reply.text, "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out}
             pipe.set(key, orjson.dumps(value), ex=ttl_s)
         pipe.execute()

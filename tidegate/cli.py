@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def stack_settings() -> Settings:
     """Settings from TIDEGATE_* when the bootstrap is set there, else the running dev stack's."""
-    from streams.devstack import STATE_FILE, DevStack
+    from tidegate.devstack import STATE_FILE, DevStack
 
     if "TIDEGATE_BOOTSTRAP" in os.environ or not STATE_FILE.exists():
         return Settings()
@@ -127,9 +128,19 @@ def stack_settings() -> Settings:
     return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
 
 
+def _run_benchmark(args: argparse.Namespace) -> int:
+    """The benchmarks sit a layer above this package (they start dev stacks and call
+    the client): they are found by name, and need the `bench` extra installed."""
+    try:
+        bench = importlib.import_module("bench")
+    except ImportError as exc:
+        raise TidegateError(f"the benchmarks need the bench extra: pip install -e '.[bench]' ({exc})") from exc
+    return int(bench.run_benchmark(args))
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "dev":
-        from streams import devstack
+        from tidegate import devstack
 
         if args.action == "up":
             stack = devstack.up(model=args.model)
@@ -145,28 +156,26 @@ def _run(args: argparse.Namespace) -> int:
             print(devstack.STATE_FILE.read_text() if devstack.STATE_FILE.exists() else "not running")
         return 0
     if args.command == "demo":
-        from streams.demo import run_demo
+        from tidegate.demo import run_demo
 
         return run_demo(args.model)
     if args.command == "send":
-        from streams.demo import send_one
+        from tidegate.demo import send_one
 
         return asyncio.run(send_one(stack_settings(), args.text, args.session, args.max_new_tokens))
     if args.command == "lag":
-        from streams.lag_report import report
+        from ops.lag_report import report
 
         return report(stack_settings(), args.json, args.watch)
     if args.command == "bench":
-        from streams.benchmarks import run_benchmark
-
-        return run_benchmark(args)
+        return _run_benchmark(args)
     if args.command == "processor":
         from processors.__main__ import main as processor_main
 
         processor_main()
         return 0
     if args.command == "monitor":
-        from streams.monitor import main as monitor_main
+        from ops.monitor import main as monitor_main
 
         monitor_main()
         return 0

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streams import devstack
-from streams.benchmarks.stats import percentile
+from bench.stats import percentile
 from streams.client import Client
 from streams.config import Settings
 from streams.outgoing import TIMING_FIELDS
+from tidegate import devstack
 
 WARMUP = 3
 MAX_NEW_TOKENS = 16
@@ -36,9 +36,9 @@ async def _measure(settings: Settings, requests: int) -> list[dict[str, Any]]:
                 f"bench-{i}",
                 max_new_tokens=MAX_NEW_TOKENS,
             )
-            if reply["status"] != "ok":
-                raise RuntimeError(f"benchmark request failed: {reply['status']} {reply['error']}")
-            replies.append(reply)
+            if not reply.ok:
+                raise RuntimeError(f"benchmark request failed: {reply.status} {reply.error}")
+            replies.append(reply.to_record())
     return replies
 
 

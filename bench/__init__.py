@@ -17,23 +17,23 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
 
 def run_benchmark(args: argparse.Namespace) -> int:
     if args.name == "latency":
-        from streams.benchmarks.latency import run
+        from bench.latency import run
 
         write_json(args.json_path, run(args.models.split(","), args.requests or 100))
         return 0
     if args.name == "overload":
-        from streams.benchmarks.overload import run as run_overload
+        from bench.overload import run as run_overload
 
         results = run_overload(args.model or "tiny", args.factor, args.duration, args.torch_threads or 1, args.plot)
         write_json(args.json_path, results)
         return 0
     if args.name == "compression":
-        from streams.benchmarks.compression import run as run_compression
+        from bench.compression import run as run_compression
 
         write_json(args.json_path, run_compression())
         return 0
     if args.name == "batching":
-        from streams.benchmarks.batching import run as run_batching
+        from bench.batching import run as run_batching
 
         results = run_batching(
             args.model or "default",

@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from streams.exceptions import TidegateError
+from streams.lifecycle import READY_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +141,6 @@ def start_stage(module: str, env: Mapping[str, str], log_dir: Path, nice: int = 
     return _spawn([sys.executable, "-m", module], log_dir / f"{module}.log", env, nice)
 
 
-def stop_on_signals(stopping: threading.Event) -> None:
-    """SIGTERM and SIGINT set `stopping`: a stage finishes its batch, then exits."""
-
-    def stop(signum: int, _frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-
-
 def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
     """SIGTERM, then SIGKILL after `timeout_s`; the process group goes with it."""
     try:
@@ -227,9 +217,8 @@ def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], t
     )
 
 
-READY_MARKER = "tidegate-ready"
 # role -> module run as `python -m MODULE`; each prints READY_MARKER once it has joined
-STAGE_MODULES = {"monitor": "streams.monitor", "processor": "processors", "worker": "inference"}
+STAGE_MODULES = {"monitor": "ops", "processor": "processors", "worker": "inference"}
 
 
 def up(

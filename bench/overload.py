@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streams import devstack
-from streams.benchmarks.stats import percentile
+from bench.stats import percentile
 from streams.client import Client
 from streams.config import Settings
 from streams.exceptions import QueueFull, ReplyTimeout
 from streams.lag import PROCESSORS, WORKERS
 from streams.pressure import PressureBoard
 from streams.pressure_feed import PressureListener
+from tidegate import devstack
 
 MAX_NEW_TOKENS = 16
 DEADLINE_S = 10.0
@@ -88,7 +88,7 @@ async def _one(client: Client, i: int, outcomes: list[Outcome], wait: bool = Fal
         reply = await client.generate(
             _request(i), f"load-{i}", max_new_tokens=MAX_NEW_TOKENS, deadline_s=DEADLINE_S, wait=wait
         )
-        status, total, timings = reply["status"], reply["timings"]["total_ms"], reply["timings"]
+        status, total, timings = reply.status, reply.timings.total_ms, reply.to_record()["timings"]
     except QueueFull as exc:
         status, total, timings = f"rejected:{exc.stage}", 0, None
     except ReplyTimeout:
@@ -262,7 +262,7 @@ def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_p
         results["runs"][name] = summary
         print(_format(name, summary))
     if plot_path:
-        from streams.benchmarks.overload_plot import plot
+        from bench.overload_plot import plot
 
         plot(results, plot_path)
         print(f"plot written to {plot_path}")

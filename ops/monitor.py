@@ -17,9 +17,9 @@ from confluent_kafka import Producer
 
 from schemas import AVRO, content_type_header, get_codec
 from streams.config import Settings
-from streams.devstack import READY_MARKER, stop_on_signals
 from streams.kafka import producer_config
 from streams.lag import LagReader, pipeline_stages
+from streams.lifecycle import announce_ready, stop_on_signals
 from streams.pressure import PressureGauge, stage_caps
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LagMonitor:
                 last_signature, last_sent = signature, started
                 if not announced:
                     announced = True
-                    print(READY_MARKER, flush=True)
+                    announce_ready()
             # tail the topics until the next sample: keeps the log ends current
             self.reader.poll(max(0.0, interval - (time.monotonic() - started)))
         self.reader.close()
@@ -79,6 +79,7 @@ class LagMonitor:
 
 
 def main() -> None:
+    """Runs the monitor until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     monitor = LagMonitor(Settings())
 
@@ -86,5 +87,3 @@ def main() -> None:
     monitor.run()
 
 
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""What operators run and read: the lag monitor and `tidegate lag`."""

@@ -1,0 +1,63 @@
+"""What a caller gets back for a request: a typed view of an InferenceReply record."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["ok", "queue_full", "expired", "rate_limited", "invalid", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageTimings:
+    """Milliseconds per stage: created -> picked up by a processor (`queued_ms`),
+    building the context (`context_ms`), waiting for a batch (`batch_wait_ms`),
+    generating (`inference_ms`), and created -> reply produced (`total_ms`)."""
+
+    queued_ms: int = 0
+    context_ms: int = 0
+    batch_wait_ms: int = 0
+    inference_ms: int = 0
+    total_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The answer to one request. `status` is `ok` (then `text` holds the completion),
+    `queue_full` (`retry_after_ms` says when to try again), `expired`, `invalid` or
+    `error` (then `error` says why); `rate_limited` is reserved for quotas."""
+
+    request_id: str
+    status: Status
+    session_id: str = ""
+    text: str = ""
+    error: str | None = None
+    retry_after_ms: int | None = None
+    model: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cache_hit: bool = False
+    degraded: bool = False
+    timings: StageTimings = dataclasses.field(default_factory=StageTimings)
+    replied_ms: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Reply:
+        """From a decoded InferenceReply (Avro or JSON); unknown fields are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in record.items() if k in names}
+        timings = record.get("timings") or {}
+        fields["timings"] = StageTimings(**{k: int(timings.get(k, 0)) for k in _TIMING_NAMES})
+        return cls(**fields)
+
+    def to_record(self) -> dict[str, Any]:
+        """The InferenceReply record (what the codec encodes)."""
+        return dataclasses.asdict(self)
+
+
+_TIMING_NAMES = tuple(f.name for f in dataclasses.fields(StageTimings))
