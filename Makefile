@@ -5,9 +5,32 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup redis-server model demo test lint bench clean
+KAFKA_VERSION := 4.4.0
+KAFKA_LIBS := $(HOME)/.cache/tidegate/kafka-$(KAFKA_VERSION)/libs
 
-setup: $(STAMP) redis-server
+.PHONY: setup system-packages kafka redis-server model demo test test-tansu lint bench clean
+
+setup: $(STAMP) system-packages kafka
+
+# Debian packages: redis-server, a JRE and Maven for Apache Kafka, kcat for the foreign-client test
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
+	command -v kcat >/dev/null 2>&1 || missing="$$missing kcat"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+
+redis-server: system-packages
+
+# Apache Kafka's jars from Maven Central (deploy/kafka/pom.xml), once
+kafka: $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar
+
+$(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | system-packages
+	rm -rf $(KAFKA_LIBS).tmp
+	mvn -q -B -f deploy/kafka/pom.xml -Dkafka.version=$(KAFKA_VERSION) dependency:copy-dependencies \
+		-DoutputDirectory=$(KAFKA_LIBS).tmp -DincludeScope=runtime
+	rm -rf $(KAFKA_LIBS) && mv $(KAFKA_LIBS).tmp $(KAFKA_LIBS)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +55,14 @@ model: setup
 demo: setup model
 	$(BIN)/tidegate demo
 
+# the whole suite on Apache Kafka, then the integration tests again on Tansu
 test: setup model
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
+
+test-tansu: setup model
+	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
 
 bench: setup model
 	$(BIN)/tidegate bench latency --json bench-results/latency.json

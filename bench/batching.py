@@ -35,7 +35,7 @@ from inference.runners import Prompt, chat_ids, load_runner
 from inference.session_store import STATS_KEY
 from streams.client import Client
 from streams.config import Settings
-from tidegate import devstack
+from tidegate import devstack, processes
 
 SYSTEM_PROMPT = (
     "You are the support assistant of Tideway Outfitters, a shop for sailing and kayaking gear. "
@@ -205,7 +205,7 @@ def _worker_stats(redis_url: str, after_ms: int) -> EngineStats:
     def read() -> list[dict[bytes, bytes]]:
         return [client.hgetall(k) for k in client.scan_iter(f"{STATS_KEY}*")]
 
-    devstack.wait_until(lambda: any(int(h.get(b"updated_ms", 0)) > after_ms for h in read()), 10, "worker stats")
+    processes.wait_until(lambda: any(int(h.get(b"updated_ms", 0)) > after_ms for h in read()), 10, "worker stats")
     total = EngineStats()
     for h in read():
         for f in fields:

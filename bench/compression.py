@@ -34,7 +34,9 @@ from schemas import AVRO, content_type_header, get_codec
 from streams.config import Settings
 from streams.kafka import create_topics
 from streams.lag import PROCESSORS, LagReader, pipeline_stages
+from streams.lifecycle import READY_MARKER
 from tidegate import devstack
+from tidegate.processes import free_port, stop_pid
 
 CONVERSATIONS = 50
 TURNS = 200
@@ -131,18 +133,18 @@ def measure_strategies(seed: int = 7) -> dict[str, Any]:
     return results
 
 
-def measure_processor_throughput(processors: int = 1) -> dict[str, Any]:
+def measure_processor_throughput(processors: int = 1, broker: devstack.Broker = "kafka") -> dict[str, Any]:
     """Requests/s through `processors` real processors (faust, one consumer group)
     with 200-turn histories in Redis."""
     import redis
 
     log_dir = Path(".tidegate/bench-logs/compression")
-    bport, rport = devstack.free_port(), devstack.free_port()
-    pids = []
+    rport = free_port()
+    pids: list[int] = []
+    brokers = devstack.start_brokers(broker, 1, log_dir / "kafka", log_dir)
     try:
-        pids.append(devstack.start_broker(bport, log_dir).pid)
         pids.append(devstack.start_redis(rport, log_dir).pid)
-        settings = Settings(bootstrap=f"127.0.0.1:{bport}", redis_url=f"redis://127.0.0.1:{rport}/0")
+        settings = Settings(bootstrap=brokers.bootstrap, redis_url=f"redis://127.0.0.1:{rport}/0", broker=broker)
         create_topics(settings)
         counter = TokenCounter(load_tokenizer("default"))
         rng = random.Random(3)
@@ -157,13 +159,14 @@ def measure_processor_throughput(processors: int = 1) -> dict[str, Any]:
         env = {
             "TIDEGATE_BOOTSTRAP": settings.bootstrap,
             "TIDEGATE_REDIS_URL": settings.redis_url,
+            "TIDEGATE_BROKER": broker,
             "TIDEGATE_MODEL": "echo",
             "TIDEGATE_BACKPRESSURE": "false",
         }
         for n in range(processors):
             proc = devstack.start_stage("processors", env, log_dir / f"p{n}")
             pids.append(proc.pid)
-            devstack.wait_for_ready(log_dir / f"p{n}" / "processors.log", devstack.READY_MARKER, proc, 120)
+            devstack.wait_for_ready(log_dir / f"p{n}" / "processors.log", READY_MARKER, proc, 120)
         codec = get_codec()
         producer = Producer({"bootstrap.servers": settings.bootstrap, "linger.ms": 5})
         for i in range(THROUGHPUT_REQUESTS):
@@ -221,7 +224,8 @@ def measure_processor_throughput(processors: int = 1) -> dict[str, Any]:
         }
     finally:
         for pid in reversed(pids):
-            devstack.stop_pid(pid)
+            stop_pid(pid)
+        brokers.stop()
 
 
 def run() -> dict[str, Any]:

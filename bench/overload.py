@@ -116,8 +116,8 @@ async def _closed_loop(client: Client, seconds: float, outcomes: list[Outcome], 
 
 async def _capacity(settings: Settings, measure_s: float) -> float:
     """ok replies/s with CAPACITY_CONCURRENCY requests always in flight, over `measure_s`
-    after the warm-up: as long as the offered load lasts, since the embedded broker's
-    cost per fetch grows with the record batches it holds (DESIGN.md), and a short
+    after the warm-up: as long as the offered load lasts, since Tansu's
+    cost per fetch grows with the record batches it holds (docs/design.md), and a short
     window on a fresh broker overstates what the stack keeps up for a minute."""
     outcomes: list[Outcome] = []
     async with Client(settings=settings, reply_grace_s=REPLY_GRACE_S) as client:

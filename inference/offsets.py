@@ -4,7 +4,7 @@ A record is open from the moment the worker takes it from its pool until the
 broker acknowledged its reply (or dead letter). With continuous batching records
 finish out of order, so a partition's commit position is its lowest open or pooled
 offset, or one past the highest answered offset when none is open. Lag therefore
-counts everything fetched but not answered (DESIGN.md: never a commit before the
+counts everything fetched but not answered (docs/design.md: never a commit before the
 work is done).
 """
 

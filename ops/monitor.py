@@ -3,7 +3,7 @@
 Runs as its own process (`tidegate monitor`, started by `dev up`), one per
 deployment; a second one only publishes the same states twice. It publishes every
 `pressure_interval_ms` while anything moves (a log end or a commit), and at least
-once a second otherwise: on the embedded broker every publish is a record batch on
+once a second otherwise: on Tansu every publish is a record batch on
 the pressure topic's one partition (about 5 a second under load, 1 when idle).
 """
 
@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from schemas import AVRO, content_type_header, get_codec
 from streams.config import Settings
+from streams.exceptions import TidegateError
 from streams.kafka import producer_config
 from streams.lag import LagReader, pipeline_stages
 from streams.lifecycle import announce_ready, stop_on_signals
@@ -24,6 +25,7 @@ from streams.pressure import PressureGauge, stage_caps
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
+RETRY_MAX_S = 5.0
 
 
 class LagMonitor:
@@ -63,9 +65,21 @@ class LagMonitor:
         last_signature: tuple[int, ...] = ()
         last_sent = 0.0
         announced = False
+        failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()
-            states, signature = self.sample()
+            try:
+                states, signature = self.sample()
+            except (KafkaException, TidegateError) as exc:
+                # a broker restarting, or its group coordinator still loading: wait and
+                # measure again; the states go stale for readers meanwhile, never wrong
+                failures += 1
+                log.warning("attempt=%d lag not measured, retrying: %s", failures, exc)
+                self.stopping.wait(min(RETRY_MAX_S, interval * 2**min(failures, 5)))
+                continue
+            if failures:
+                log.warning("lag measured again after %d failed attempts", failures)
+                failures = 0
             if signature != last_signature or started - last_sent >= HEARTBEAT_S:
                 self.publish(states)
                 last_signature, last_sent = signature, started

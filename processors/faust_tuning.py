@@ -1,7 +1,7 @@
 """Two faust-streaming 0.15.3 defaults that cost the processors latency or CPU.
 
-- Its aiokafka consumer is built with fetch_max_wait_ms=1500; on the embedded
-  broker that costs about 0.4 s per hop (DESIGN.md). aiokafka reads the value when
+- Its aiokafka consumer is built with fetch_max_wait_ms=1500; on Tansu
+  that costs about 0.4 s per hop (docs/design.md). aiokafka reads the value when
   the consumer starts, so setting it right after creation is enough.
 - Its worker spins a terminal spinner on every log record, and for that sets the
   root logger to DEBUG for the life of the process (`faust/worker.py`

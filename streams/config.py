@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +19,10 @@ class Topics:
         self.replies = f"{prefix}replies"
         self.pressure = f"{prefix}pressure"
         self.dead_letter = f"{prefix}dead-letter"
+
+
+# broker -> (fetch_wait_ms, control_fetch_wait_ms) where unset
+BROKER_FETCH_WAITS = {"kafka": (500, 500), "tansu": (25, 200)}
 
 
 class Settings(BaseSettings):
@@ -35,13 +39,16 @@ class Settings(BaseSettings):
     processor_group: str = "tidegate-processors"
     worker_group: str = "tidegate-workers"
 
-    # Latency of each Kafka hop: the embedded broker re-checks a waiting fetch only
-    # every half of the remaining wait, so this bounds per-hop latency (DESIGN.md).
-    fetch_wait_ms: int = Field(25, ge=1, le=1000)
+    # Which broker the stages talk to: Apache Kafka answers a waiting fetch as soon as
+    # data arrives; Tansu re-checks it only every half of the remaining wait, so there
+    # the fetch wait is the latency of every hop (docs/design.md).
+    broker: Literal["kafka", "tansu"] = "kafka"
+    # A consumer's longest wait for data (fetch.wait.max.ms); unset: 500 on Kafka
+    # (an upper bound there, not a latency), 25 on Tansu.
+    fetch_wait_ms: int | None = Field(None, ge=1, le=1000)
     # The lag monitor's and pressure listeners' consumers: no request waits on them,
-    # and every waiting fetch costs the embedded broker CPU (an idle stack's broker
-    # used 27% of a core at 25 ms for everything, 6% at 250 ms)
-    control_fetch_wait_ms: int = Field(200, ge=1, le=1000)
+    # and every waiting fetch costs Tansu CPU; unset: 500 on Kafka, 200 on Tansu.
+    control_fetch_wait_ms: int | None = Field(None, ge=1, le=1000)
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
 
@@ -66,7 +73,7 @@ class Settings(BaseSettings):
     max_wait_ms: int = Field(20, ge=0)
     # A batch also closes at this many prompt tokens, padding counted (rows x longest
     # prompt); with continuous batching it bounds each group that joins the running
-    # batch. Measured: `tidegate bench batching` (README).
+    # batch. Measured: `tidegate bench batching` (docs/benchmark-history.md).
     batch_tokens: int = Field(2048, ge=16)
     batching: Literal["continuous", "static"] = "continuous"
     # Continuous batching: waiting requests join the running batch once this many rows
@@ -94,6 +101,15 @@ class Settings(BaseSettings):
     # on a shared machine the worker (standing in for the accelerator) gets the CPU
     # first; 0 runs everything alike. Production runs each stage on its own machines.
     control_plane_nice: int = Field(5, ge=0, le=19)
+
+    @model_validator(mode="after")
+    def _broker_defaults(self) -> Settings:
+        """Fills the fetch waits left unset with the broker's defaults."""
+        defaults = BROKER_FETCH_WAITS[self.broker]
+        for name, value in zip(("fetch_wait_ms", "control_fetch_wait_ms"), defaults, strict=True):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        return self
 
     def join_room(self, active: int, busy: bool) -> int:
         """Rows waiting requests may take in a continuous batch with `active` rows: the

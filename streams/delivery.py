@@ -6,7 +6,7 @@ commits its input only after that. One thread of ours serves the delivery report
 and wakes the awaiting coroutine once per call, not once per record.
 
 Used by the processors (where it replaced faust's aiokafka producer: the
-processors' send path was about 13% of a busy processor in py-spy, see the README)
+processors' send path was about 13% of a busy processor in py-spy, docs/internals.md)
 and by the client.
 """
 

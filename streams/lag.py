@@ -2,11 +2,15 @@
 
 The log end is taken from fetch responses, never from ListOffsets: the embedded
 broker answers ListOffsets "latest" with the base offset of the last record batch
-plus one, which undercounts whenever producers batch (DESIGN.md). A group-less
+plus one, which undercounts whenever producers batch (docs/design.md). A group-less
 consumer therefore reads each stage's topic at its tail; the end of a partition is
 the larger of the fetch response's high watermark and the last offset seen plus one.
 This is right on Apache Kafka too, and needs no live member in the stage's group.
-Committed offsets come from the admin API (OffsetFetch), also right on both brokers.
+Committed offsets come from OffsetFetch through a consumer that carries the stage's
+group id but never joins it (`Consumer.committed`), also right on both brokers. (The
+admin client's list_consumer_group_offsets crashed the process, SIGSEGV in
+confluent-kafka 2.16.1, when Apache Kafka's group coordinator answered "load in
+progress" right after a start.)
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
@@ -53,7 +56,18 @@ class LagReader:
 
     def __init__(self, settings: Settings, stages: list[Stage]) -> None:
         self.stages = stages
-        self._admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+        # one per stage: OffsetFetch for the stage's group, never subscribed, never committing
+        self._offsets = {
+            stage.name: Consumer(
+                {
+                    "bootstrap.servers": settings.bootstrap,
+                    "group.id": stage.group,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                }
+            )
+            for stage in stages
+        }
         self._tail = Consumer(
             {
                 "bootstrap.servers": settings.bootstrap,
@@ -98,10 +112,10 @@ class LagReader:
                     self._end[key] = max(self._end[key], high)
 
     def committed(self, stage: Stage, timeout_s: float = 5.0) -> dict[int, int]:
-        """The group's committed offset per partition; -1 where it has none."""
-        request = [ConsumerGroupTopicPartitions(stage.group, self._partitions[stage.topic])]
-        result = self._admin.list_consumer_group_offsets(request, request_timeout=timeout_s)[stage.group]
-        return {tp.partition: tp.offset for tp in result.result(timeout_s).topic_partitions}
+        """The group's committed offset per partition; -1 where it has none.
+        Raises KafkaException while the group's coordinator is unavailable."""
+        found = self._offsets[stage.name].committed(self._partitions[stage.topic], timeout=timeout_s)
+        return {tp.partition: tp.offset if tp.offset >= 0 else -1 for tp in found}
 
     def lag(self, stage: Stage) -> StageLag:
         committed = self.committed(stage)
@@ -119,3 +133,5 @@ class LagReader:
 
     def close(self) -> None:
         self._tail.close()
+        for consumer in self._offsets.values():
+            consumer.close()

@@ -37,7 +37,7 @@ DEFAULT_RETRY_AFTER_MS = 1000
 # A request let through this long before a state was measured is assumed to be in its
 # lag. From a client it first crosses the processors (p99 ~110 ms under overload),
 # then reaches the published lag once the monitor's tail fetched it (up to ~100 ms:
-# the embedded broker re-checks a waiting fetch at half the remaining wait).
+# Tansu re-checks a waiting fetch at half the remaining wait).
 TRANSIT_MS = 300
 # From the processors' board, which counts what it forwarded: on the contexts topic
 # within milliseconds. With one transit for both (150 ms), the processors counted

@@ -1,6 +1,6 @@
 """Keeps a PressureBoard current from the pressure topic, in a background thread.
 
-Assigned (no group join) near the topic's end: the embedded broker never compacts,
+Assigned (no group join) near the topic's end: Tansu never compacts (Kafka does),
 so the topic is not replayed from the start; the monitor republishes every stage at
 least once a second, so a fresh reader is current within a second.
 """

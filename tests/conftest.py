@@ -1,6 +1,10 @@
-"""Real services for the tests: the embedded broker and redis-server once per session,
-and per-module pipelines (processor + worker processes) on fresh topic prefixes.
-Everything started here is stopped here, by process id."""
+"""Real services for the tests: a broker and redis-server once per session, and
+per-module pipelines (monitor, processor and worker processes) on fresh topic
+prefixes. Everything started here is stopped here, by process id.
+
+The broker is Apache Kafka (one KRaft node) unless TIDEGATE_TEST_BROKER=tansu;
+`make test` runs the integration tests (those that use the services) on both.
+Tests marked `kafka_only` need what Tansu lacks (durability, replication, kcat)."""
 
 from __future__ import annotations
 
@@ -13,27 +17,39 @@ import pytest
 
 from streams.config import Settings
 from streams.kafka import create_topics
+from streams.lifecycle import READY_MARKER
 from tidegate import devstack
+from tidegate.processes import free_port, stop_pid
 
 LOG_DIR = Path(os.environ.get("TIDEGATE_TEST_LOGS", "/tmp/tidegate-test-logs"))
+BROKER: devstack.Broker = "tansu" if os.environ.get("TIDEGATE_TEST_BROKER") == "tansu" else "kafka"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks tests that use a broker or Redis `integration`; skips `kafka_only` ones on Tansu."""
+    for item in items:
+        if "services" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+        if BROKER == "tansu" and item.get_closest_marker("kafka_only"):
+            item.add_marker(pytest.mark.skip(reason="needs Apache Kafka"))
 
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[tuple[str, str]]:
     """(bootstrap, redis_url) of a fresh broker and redis-server on free loopback ports."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    bport, rport = devstack.free_port(), devstack.free_port()
-    broker = devstack.start_broker(bport, LOG_DIR)
+    brokers = devstack.start_brokers(BROKER, 1, LOG_DIR / f"kafka-{uuid.uuid4().hex[:6]}", LOG_DIR)
+    redis_port = free_port()
     try:
-        redis = devstack.start_redis(rport, LOG_DIR)
+        redis = devstack.start_redis(redis_port, LOG_DIR)
     except BaseException:
-        devstack.stop_pid(broker.pid)
+        brokers.stop()
         raise
     try:
-        yield f"127.0.0.1:{bport}", f"redis://127.0.0.1:{rport}/0"
+        yield brokers.bootstrap, f"redis://127.0.0.1:{redis_port}/0"
     finally:
-        devstack.stop_pid(redis.pid)
-        devstack.stop_pid(broker.pid)
+        stop_pid(redis.pid)
+        brokers.stop()
 
 
 SettingsFactory = Callable[..., Settings]
@@ -49,6 +65,7 @@ def settings_factory(services: tuple[str, str]) -> SettingsFactory:
         settings = Settings(
             bootstrap=bootstrap,
             redis_url=redis_url,
+            broker=BROKER,
             topic_prefix=f"t{tag}.",
             processor_group=f"processors-{tag}",
             worker_group=f"workers-{tag}",
@@ -86,13 +103,13 @@ class Pipeline:
             self.pids[role] = procs[role].pid
         for role, proc in procs.items():
             log_path = self.log_dir / f"{devstack.STAGE_MODULES[role]}.log"
-            devstack.wait_for_ready(log_path, devstack.READY_MARKER, proc, 120)
+            devstack.wait_for_ready(log_path, READY_MARKER, proc, 120)
 
     def stop(self, roles: tuple[str, ...] | None = None) -> None:
         for role in list(roles or self.pids):
             pid = self.pids.pop(role, None)
             if pid is not None:
-                devstack.stop_pid(pid)
+                stop_pid(pid)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""DeliveryProducer against the real embedded broker: awaited records are on the topic,
+"""DeliveryProducer against the real broker (Apache Kafka, or Tansu): awaited records are on the topic,
 and a record the broker never takes raises instead of passing silently."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from streams.kafka import producer_config
 from streams.outgoing import Outgoing
 from tests.conftest import SettingsFactory
 from tests.helpers import TopicReader
-from tidegate import devstack
+from tidegate import processes
 
 
 def test_send_all_returns_once_every_record_is_on_the_topic(settings_factory: SettingsFactory) -> None:
@@ -34,7 +34,7 @@ def test_send_all_returns_once_every_record_is_on_the_topic(settings_factory: Se
 
 
 def test_a_record_the_broker_never_takes_raises() -> None:
-    closed = f"127.0.0.1:{devstack.free_port()}"  # nothing listens there
+    closed = f"127.0.0.1:{processes.free_port()}"  # nothing listens there
     config = {"bootstrap.servers": closed, "message.timeout.ms": 300, "enable.idempotence": False}
     producer = DeliveryProducer(config)
     producer.start()

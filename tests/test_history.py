@@ -21,7 +21,7 @@ from schemas import get_codec
 from streams.config import Settings
 from streams.outgoing import Outgoing
 from tests.conftest import LOG_DIR
-from tidegate import devstack
+from tidegate import devstack, processes
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_relevance_embeds_each_turn_once_and_finds_the_needle(services: tuple[st
 
 
 def test_redis_outage_is_degraded_not_an_outage_and_history_resumes(counter: TokenCounter) -> None:
-    port = devstack.free_port()
+    port = processes.free_port()
     log_dir = Path(LOG_DIR) / "redis-outage"
     server = devstack.start_redis(port, log_dir)
     url = f"redis://127.0.0.1:{port}/0"
@@ -158,7 +158,7 @@ def test_redis_outage_is_degraded_not_an_outage_and_history_resumes(counter: Tok
     session = f"out-{uuid.uuid4().hex[:6]}"
     try:
         assert not envelope(handle(handler, incoming("before", session)))["degraded"]
-        devstack.stop_pid(server.pid)
+        processes.stop_pid(server.pid)
         env = envelope(handle(handler, incoming("during", session)))
         assert env["degraded"] and [t["content"] for t in env["turns"]] == ["during"]
         server = devstack.start_redis(port, log_dir)
@@ -169,4 +169,4 @@ def test_redis_outage_is_degraded_not_an_outage_and_history_resumes(counter: Tok
         env = envelope(handle(handler, incoming("again", session)))
         assert [t["content"] for t in env["turns"]] == ["after", "again"]  # and resumes by itself
     finally:
-        devstack.stop_pid(server.pid)
+        processes.stop_pid(server.pid)

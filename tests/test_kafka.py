@@ -1,4 +1,4 @@
-"""streams/kafka.py helpers against the real embedded broker."""
+"""streams/kafka.py helpers against the real broker (Apache Kafka, or Tansu)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Lag against the real embedded broker: batched producers, and groups with no live member."""
+"""Lag against the real broker (Apache Kafka, or Tansu): batched producers, and groups with no live member."""
 
 from __future__ import annotations
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streams.lag import PROCESSORS, LagReader, pipeline_stages
-from tests.conftest import SettingsFactory
+from tests.conftest import BROKER, SettingsFactory
 from tests.helpers import wait_for
 
 RECORDS = 3000
@@ -39,7 +39,10 @@ def test_lag_is_exact_with_batched_records_and_no_live_member(settings_factory: 
             return reader.lag(stage).lag
 
         assert wait_for(lambda: lag_now() == RECORDS, 20, f"lag == {RECORDS}")
-        assert naive < RECORDS, "ListOffsets was right: the broker no longer has the known bug"
+        if BROKER == "tansu":  # its ListOffsets answers early; the tail reader is right on both
+            assert naive < RECORDS, "ListOffsets was right: Tansu no longer has the known bug"
+        else:
+            assert naive == RECORDS
 
         # the group commits part of the log without ever joining (no live member)
         committer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": stage.group})

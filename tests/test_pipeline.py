@@ -1,4 +1,4 @@
-"""The whole pipeline on the real embedded broker and redis-server (echo model)."""
+"""The whole pipeline on the real broker (Apache Kafka, or Tansu) and redis-server (echo model)."""
 
 from __future__ import annotations
 

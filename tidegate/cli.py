@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from tidegate.devstack import BROKERS
 
 MODEL_HELP = "default (SmolLM2-135M-Instruct), tiny (random, for tests), echo (no model), or a Hugging Face path"
 
@@ -44,14 +45,25 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    values = _positive_ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return values[0]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidegate", description="LLM inference pipeline on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     dev = sub.add_parser("dev", help="the embedded dev stack")
     dev_sub = dev.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    dev_up = dev_sub.add_parser("up", help="start broker, Redis, one processor and one worker")
+    dev_up = dev_sub.add_parser("up", help="start the brokers, Redis, the lag monitor, processors and workers")
     dev_up.add_argument("--model", default="default", help=MODEL_HELP)
+    dev_up.add_argument("--broker", choices=BROKERS, default="kafka", help="Apache Kafka (default) or Tansu (no JVM)")
+    dev_up.add_argument("--brokers", type=_positive_int, default=1, help="Kafka nodes (3: replication 3, min ISR 2)")
+    dev_up.add_argument("--workers", type=_positive_int, default=1, help="inference workers (one consumer group)")
+    dev_up.add_argument("--processors", type=_positive_int, default=1, help="processors (one consumer group)")
     dev_sub.add_parser("down", help="stop what `dev up` started")
     dev_sub.add_parser("status", help="print .tidegate/dev.json")
 
@@ -125,7 +137,7 @@ def stack_settings() -> Settings:
     if "TIDEGATE_BOOTSTRAP" in os.environ or not STATE_FILE.exists():
         return Settings()
     stack = DevStack.load()
-    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url)
+    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, broker=stack.broker)
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
@@ -143,9 +155,15 @@ def _run(args: argparse.Namespace) -> int:
         from tidegate import devstack
 
         if args.action == "up":
-            stack = devstack.up(model=args.model)
+            stack = devstack.up(
+                model=args.model,
+                broker=args.broker,
+                brokers=args.brokers,
+                workers=args.workers,
+                processors=args.processors,
+            )
             stack.save()
-            print(f"bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
+            print(f"broker={stack.broker} bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
             print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
         elif args.action == "down":
             stack = devstack.DevStack.load()

