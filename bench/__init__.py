@@ -19,12 +19,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.name == "latency":
         from bench.latency import run
 
-        write_json(args.json_path, run(args.models.split(","), args.requests or 100))
+        write_json(args.json_path, run(args.models.split(","), args.requests or 100, args.broker.split(",")))
         return 0
     if args.name == "overload":
         from bench.overload import run as run_overload
 
-        results = run_overload(args.model or "tiny", args.factor, args.duration, args.torch_threads or 1, args.plot)
+        results = run_overload(
+            args.model or "tiny", args.factor, args.duration, args.torch_threads or 1, args.plot, args.broker.split(",")
+        )
         write_json(args.json_path, results)
         return 0
     if args.name == "compression":
@@ -45,6 +47,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             args.modes.split(","),
             args.torch_threads or 2,
             args.fetch_wait_ms,
+            args.broker.split(","),
         )
         write_json(args.json_path, results)
         return 0

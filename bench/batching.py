@@ -221,11 +221,13 @@ def measure_pipeline(
     batch: int,
     batch_tokens: int,
     threads: int,
-    fetch_wait_ms: int,
+    fetch_wait_ms: int | None,
+    broker: devstack.Broker = "kafka",
 ) -> dict[str, Any]:
-    """One pipeline run on a fresh stack; `fetch_wait_ms` is FETCH_WAIT_MS for the
-    stack and this benchmark's own reply consumer."""
+    """One pipeline run on a fresh stack of `broker`; `fetch_wait_ms` is FETCH_WAIT_MS
+    for the stack and this benchmark's own reply consumer (None: the broker's default)."""
     batching, _, variant = mode.partition("-")
+    fetch_wait_ms = fetch_wait_ms or Settings(broker=broker).fetch_wait_ms
     env = {
         "TIDEGATE_FETCH_WAIT_MS": str(fetch_wait_ms),
         "TIDEGATE_BATCHING": batching,
@@ -238,11 +240,13 @@ def measure_pipeline(
         "TIDEGATE_BACKPRESSURE": "false",  # saturation on purpose: no queue_full
         "TIDEGATE_MAX_NEW_TOKENS_LIMIT": str(NEW_TOKENS[1]),
     }
-    print(f"== pipeline, {mode}, FETCH_WAIT_MS={fetch_wait_ms}: starting a fresh embedded stack")
-    log_dir = Path(".tidegate/bench-logs") / f"batching-{mode}-fetch{fetch_wait_ms}"
-    stack = devstack.up(model=model, log_dir=log_dir, extra_env=env)
+    print(f"== pipeline, {broker}, {mode}, FETCH_WAIT_MS={fetch_wait_ms}: starting a fresh stack")
+    log_dir = Path(".tidegate/bench-logs") / f"batching-{broker}-{mode}-fetch{fetch_wait_ms}"
+    stack = devstack.up(model=model, log_dir=log_dir, extra_env=env, broker=broker)
     try:
-        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, fetch_wait_ms=fetch_wait_ms)
+        settings = Settings(
+            bootstrap=stack.bootstrap, redis_url=stack.redis_url, fetch_wait_ms=fetch_wait_ms, broker=broker
+        )
         replies, elapsed = asyncio.run(_saturate(settings, prompts, f"batching-{mode}"))
         bad = [r for r in replies if r["status"] != "ok"]
         if bad:
@@ -253,6 +257,7 @@ def measure_pipeline(
     tokens = sum(r["tokens_out"] for r in replies)
     latencies = [r["latency_s"] for r in replies]
     result = {
+        "broker": broker,
         "fetch_wait_ms": fetch_wait_ms,
         "requests": len(replies),
         "tokens": tokens,
@@ -283,6 +288,7 @@ def run(
     modes: list[str],
     threads: int,
     fetch_waits_ms: list[int] | None = None,
+    brokers: list[devstack.Broker] | None = None,
 ) -> dict[str, Any]:
     from conversation.model_files import load_tokenizer
 
@@ -304,11 +310,13 @@ def run(
         ),
         "pipeline": {},
     }
-    default_wait = Settings().fetch_wait_ms
-    for wait in fetch_waits_ms or [default_wait]:
-        for mode in modes:
-            name = mode if wait == default_wait else f"{mode}, fetch wait {wait} ms"
-            results["pipeline"][name] = measure_pipeline(model, prompts, mode, batch, batch_tokens, threads, wait)
+    for broker in brokers or ["kafka"]:
+        for wait in fetch_waits_ms or [None]:
+            for mode in modes:
+                name = f"{broker} {mode}" + (f", fetch wait {wait} ms" if wait else "")
+                results["pipeline"][name] = measure_pipeline(
+                    model, prompts, mode, batch, batch_tokens, threads, wait, broker
+                )
     base, raw = results["baseline"]["tokens_per_s"], results["raw_batched"]["tokens_per_s"]
     same = results["baseline_worker_kernels"]["tokens_per_s"]
     alone = results["engine_alone"]["tokens_per_s"]

@@ -198,16 +198,21 @@ def _summarize(
     }
 
 
-def _stack(model: str, name: str, backpressure: bool, torch_threads: int) -> devstack.DevStack:
+def _stack(broker: devstack.Broker, model: str, name: str, backpressure: bool, torch_threads: int) -> devstack.DevStack:
     env = {"TIDEGATE_BACKPRESSURE": str(backpressure).lower(), "TIDEGATE_TORCH_THREADS": str(torch_threads)}
-    return devstack.up(model=model, log_dir=Path(".tidegate/bench-logs") / f"overload-{name}", extra_env=env)
+    log_dir = Path(".tidegate/bench-logs") / f"overload-{broker}-{name}"
+    return devstack.up(model=model, log_dir=log_dir, extra_env=env, broker=broker)
 
 
-def _run_on_fresh_stack(model: str, name: str, backpressure: bool, torch_threads: int, job: Any) -> Any:
-    print(f"== {name}: starting a fresh embedded stack (model {model}, backpressure {backpressure})")
-    stack = _stack(model, name, backpressure, torch_threads)
+def _run_on_fresh_stack(
+    broker: devstack.Broker, model: str, name: str, backpressure: bool, torch_threads: int, job: Any
+) -> Any:
+    print(f"== {broker} / {name}: starting a fresh stack (model {model}, backpressure {backpressure})")
+    stack = _stack(broker, model, name, backpressure, torch_threads)
     try:
-        settings = Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, backpressure=backpressure)
+        settings = Settings(
+            bootstrap=stack.bootstrap, redis_url=stack.redis_url, backpressure=backpressure, broker=broker
+        )
         return _as_control_plane(settings.control_plane_nice, lambda: asyncio.run(job(settings)))
     finally:
         stack.stop()
@@ -233,15 +238,37 @@ def _as_control_plane(nice: int, load: Callable[[], Any]) -> Any:
         return pool.submit(reniced).result()
 
 
-def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None) -> dict[str, Any]:
+def run(
+    model: str,
+    factor: float,
+    duration_s: float,
+    torch_threads: int,
+    plot_path: str | None,
+    brokers: list[devstack.Broker],
+) -> dict[str, Any]:
+    """The overload runs on each broker in turn; a plot per broker (`-BROKER` before
+    the plot's suffix when there are several)."""
+    results: dict[str, Any] = {"benchmark": "overload", "brokers": {}}
+    for broker in brokers:
+        path = plot_path
+        if plot_path and len(brokers) > 1:
+            stem = Path(plot_path)
+            path = str(stem.with_name(f"{stem.stem}-{broker}{stem.suffix}"))
+        results["brokers"][broker] = _run_on(broker, model, factor, duration_s, torch_threads, path)
+    return results
+
+
+def _run_on(
+    broker: devstack.Broker, model: str, factor: float, duration_s: float, torch_threads: int, plot_path: str | None
+) -> dict[str, Any]:
     def measure_capacity(settings: Settings) -> Any:
         return _capacity(settings, duration_s)
 
-    before = _run_on_fresh_stack(model, "capacity", False, torch_threads, measure_capacity)
+    before = _run_on_fresh_stack(broker, model, "capacity", False, torch_threads, measure_capacity)
     print(f"capacity: {before:.1f} requests/s at saturation")
     rate = factor * before
     results: dict[str, Any] = {
-        "benchmark": "overload",
+        "broker": broker,
         "model": model,
         "max_new_tokens": MAX_NEW_TOKENS,
         "deadline_s": DEADLINE_S,
@@ -251,9 +278,11 @@ def run(model: str, factor: float, duration_s: float, torch_threads: int, plot_p
         "runs": {},
     }
     for name, backpressure in (("with_backpressure", True), ("without_backpressure", False)):
-        summary = _run_on_fresh_stack(model, name, backpressure, torch_threads, lambda s: _offer(s, rate, duration_s))
+        summary = _run_on_fresh_stack(
+            broker, model, name, backpressure, torch_threads, lambda s: _offer(s, rate, duration_s)
+        )
         if backpressure:
-            after = _run_on_fresh_stack(model, "capacity-again", False, torch_threads, measure_capacity)
+            after = _run_on_fresh_stack(broker, model, "capacity-again", False, torch_threads, measure_capacity)
             capacity = (before + after) / 2
             print(f"capacity again: {after:.1f} requests/s; mean of the two {capacity:.1f}")
             results["capacity_after_rps"] = round(after, 1)

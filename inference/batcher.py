@@ -93,11 +93,14 @@ class Batcher:
         self._paused: set[tuple[str, int]] = set()
         self._share = self.pool_limit
 
-    def collect(self, source: Source, room: int | None = None, wait: bool = True) -> list[Any]:
+    def collect(self, source: Source, room: int | None = None, wait: bool = True, linger: bool = True) -> list[Any]:
         """Blocks up to `idle_poll_s` for a first record, then fills the pool until
         a batch is full or `max_wait_ms` has passed; returns a batch of at most `room`
         (default `max_batch`) records. `wait=False` (continuous batching, while the
-        model is busy) takes what is pooled or already fetched, without waiting."""
+        model is busy) takes what is pooled or already fetched, without waiting.
+        `linger=False` (continuous batching, idle engine) returns once a first record
+        is in, with whatever else is already fetched: later ones join the running
+        batch at its next step, so a lone request does not wait out the window."""
         room = self.max_batch if room is None else min(room, self.max_batch)
         self._share = max(1, self.pool_limit // max(1, len(source.assignment())))
         self._resume_if_room(source)
@@ -108,7 +111,7 @@ class Batcher:
             self._add(source, source.consume(1, self.idle_poll_s))  # consume() waits for all it asks for
             if not self.pool:
                 return []
-        closes_at = time.monotonic() + self.max_wait_s
+        closes_at = time.monotonic() + (self.max_wait_s if linger else 0.0)
         while len(self.pool) < room and sum(map(self.cost, self.pool)) < self.token_budget:
             remaining = closes_at - time.monotonic()
             if remaining <= 0:

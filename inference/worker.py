@@ -216,7 +216,8 @@ class InferenceWorker:
             self.replies.flush(10)
             self._commit(asynchronous=False)
         room = self.settings.join_room(len(self.engine.active), busy)
-        records = self.batcher.collect(self.consumer, room, wait=not busy)  # room 0: keeps fetching
+        # room 0: keeps fetching; an idle engine starts at once (no batching window)
+        records = self.batcher.collect(self.consumer, room, wait=not busy, linger=False)
         if records:
             answered, jobs = self._take(records)
             self.replies.send(answered)

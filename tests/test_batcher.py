@@ -139,3 +139,11 @@ def test_token_budget_closes_a_batch_before_max_wait() -> None:
     started = time.monotonic()
     batch = batcher.collect(source)
     assert len(batch) == 3 and time.monotonic() - started < 1.0
+
+
+def test_without_linger_a_lone_record_is_taken_without_waiting_out_the_window() -> None:
+    source = FakeSource([(0.0, Record(0, 0, 0)), (3.0, Record(1, 0, 1))])
+    started = time.monotonic()
+    batch = Batcher(max_batch=8, max_wait_ms=5_000).collect(source, linger=False)
+    assert [r.offset() for r in batch] == [0]
+    assert time.monotonic() - started < 1.0  # neither the 5 s window nor the later record waited for

@@ -52,6 +52,13 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
+def _brokers(text: str) -> str:
+    unknown = [b for b in text.split(",") if b not in BROKERS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"expected brokers among {', '.join(BROKERS)}, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidegate", description="LLM inference pipeline on Kafka")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -90,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["latency", "overload", "compression", "batching"])
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
+    bench.add_argument(
+        "--broker",
+        type=_brokers,
+        default="kafka,tansu",
+        help="comma-separated brokers to run on, for `latency`, `overload` and `batching`",
+    )
     bench.add_argument("--requests", type=int, help="requests per model (`latency`, 100) or per run (`batching`, 48)")
     bench.add_argument("--model", help="for `overload` (tiny) and `batching` (default)")
     bench.add_argument("--factor", type=float, default=3.0, help="offered load over capacity, for `overload`")
