@@ -81,6 +81,7 @@ class InferenceWorker:
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()
         self._announced = False
+        self._last_batch = 0
         self._committed_at = 0.0
         self._stats_at = 0.0
 
@@ -101,7 +102,10 @@ class InferenceWorker:
         try:
             while not self.stopping.is_set():
                 if self.engine is None:
-                    batch = self.batcher.collect(self.consumer)
+                    # the batching window only while requests come in groups: after a
+                    # lone request the next batch is what is fetched when it arrives
+                    batch = self.batcher.collect(self.consumer, linger=self._last_batch > 1)
+                    self._last_batch = len(batch) or self._last_batch
                     if batch:
                         self.process(batch)
                 else:

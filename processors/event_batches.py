@@ -21,7 +21,8 @@ from typing import Any
 
 def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[Sequence[Any]]:
     """Lists of at most `max_` events; a batch closes `within` seconds after its first
-    event arrived, or as soon as it is full."""
+    event arrived, or as soon as it is full. After a batch of one the next one does
+    not wait: it takes what is buffered when its first event arrives."""
     batches = _batches(stream, max_, within)
     stream._active_agens.add(batches)  # closed by the stream's on_stop, as faust's own
     return batches
@@ -48,15 +49,19 @@ async def _batches(stream: Any, max_: int, within: float) -> AsyncGenerator[Sequ
     stream.enable_acks = False  # acked below, after the batch was handled
     stream.add_processor(add)
     stream._enable_passive(aiter(stream.channel))
+    last_size = 0
     try:
         while not stream.should_stop:
             await stream.wait_for_stopped(arrived)
-            if buffer and not full.is_set() and within > 0:
+            # wait for company only while traffic comes in groups (the last batch had
+            # more than one event): a lone request on a quiet stream goes at once
+            if buffer and not full.is_set() and within > 0 and last_size > 1:
                 await stream.wait_for_stopped(full, timeout=within)
             if not buffer:
                 continue
             accepting.clear()
             batch = list(buffer)
+            last_size = len(batch)
             try:
                 yield batch
             finally:

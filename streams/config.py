@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # The lag monitor's and pressure listeners' consumers: no request waits on them,
     # and every waiting fetch costs Tansu CPU; unset: 500 on Kafka, 200 on Tansu.
     control_fetch_wait_ms: int | None = Field(None, ge=1, le=1000)
+    # How long a producer holds a record for company (librdkafka linger.ms). Under
+    # load librdkafka batches what queued while earlier requests were in flight anyway.
+    linger_ms: int = Field(0, ge=0, le=1000)
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
 

@@ -39,7 +39,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "bootstrap.servers": settings.bootstrap,
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 2,
+        "linger.ms": settings.linger_ms,
         **overrides,
     }
 
