@@ -67,5 +67,8 @@ class ReplyCommitter:
             offsets = [TopicPartition(t, p, o) for (t, p), o in moved.items()]
             consumer.commit(offsets=offsets, asynchronous=asynchronous)
 
+    def assign(self, partitions: Iterable[Partition]) -> None:
+        self.ledger.assign(partitions)
+
     def forget(self, partitions: Iterable[Partition]) -> None:
         self.ledger.forget(partitions)

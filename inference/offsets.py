@@ -17,17 +17,33 @@ Partition = tuple[str, int]
 
 
 class OffsetLedger:
+    """Positions of the partitions this member owns, and only those: a record of a
+    partition revoked while it was generating may still be answered (its reply goes
+    out, and the caller drops the new owner's copy), but never moves a commit: the
+    new owner commits that partition from where the group left it."""
+
     def __init__(self) -> None:
+        self._owned: set[Partition] = set()
         self._open: dict[Partition, set[int]] = {}
         self._answered: dict[Partition, int] = {}  # highest answered offset
         self._committed: dict[Partition, int] = {}
 
+    def assign(self, partitions: Iterable[Partition]) -> None:
+        self._owned |= set(partitions)
+
+    def owns(self, topic: str, partition: int) -> bool:
+        return (topic, partition) in self._owned
+
     def take(self, records: Iterable[Any]) -> None:
         for r in records:
-            self._open.setdefault((r.topic(), r.partition()), set()).add(r.offset())
+            key = (r.topic(), r.partition())
+            if key in self._owned:
+                self._open.setdefault(key, set()).add(r.offset())
 
     def answered(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)
+        if key not in self._owned:
+            return  # revoked meanwhile: not ours to commit
         self._open.get(key, set()).discard(offset)
         self._answered[key] = max(self._answered.get(key, -1), offset)
 
@@ -51,6 +67,7 @@ class OffsetLedger:
     def forget(self, partitions: Iterable[Partition]) -> None:
         """Revoked partitions: their new owner answers what is open."""
         for key in partitions:
+            self._owned.discard(key)
             self._open.pop(key, None)
             self._answered.pop(key, None)
             self._committed.pop(key, None)

@@ -118,6 +118,7 @@ class InferenceWorker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("worker assigned %d partitions", len(partitions))
+        self.replies.assign((tp.topic, tp.partition) for tp in partitions)
         if not self._announced:
             self._announced = True
             announce_ready()
