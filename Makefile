@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KAFKA_VERSION := 4.4.0
 KAFKA_LIBS := $(HOME)/.cache/tidegate/kafka-$(KAFKA_VERSION)/libs
 
-.PHONY: setup system-packages kafka redis-server model demo test test-tansu lint bench clean
+.PHONY: setup system-packages kafka redis-server model demo test test-faults test-tansu lint bench clean
 
 setup: $(STAMP) system-packages kafka
 
@@ -60,6 +60,11 @@ test: setup model
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
+
+# the fault suite alone, with each case's JSON summary (also part of `make test`)
+test-faults: setup model
+	@mkdir -p .tidegate; $(BIN)/pytest -s tests/test_faults.py tests/test_brokers.py > .tidegate/faults.log 2>&1; \
+		rc=$$?; grep -a '^FAULT\|passed\|failed' .tidegate/faults.log; exit $$rc
 
 test-tansu: setup model
 	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration

@@ -35,8 +35,15 @@ def content_digest(content: str) -> str:
     return hashlib.blake2b(content.encode(), digest_size=12).hexdigest()
 
 
-def seen_key(request_id: str) -> str:
-    return f"{KEY_PREFIX}seen:{_escape(request_id)}"
+def seen_key(tenant: str, request_id: str) -> str:
+    """A processed request's claim; per tenant, so one tenant's id never hides another's."""
+    return f"{KEY_PREFIX}seen:{_escape(tenant)}:{_escape(request_id)}"
+
+
+def answered_key(tenant: str, request_id: str) -> str:
+    """Set when a request's assistant turn is in the history: a redelivered generation
+    (a worker crashed after the reply) never appends it twice."""
+    return f"{KEY_PREFIX}answered:{_escape(tenant)}:{_escape(request_id)}"
 
 
 # the turn's stored form is its Avro body as an item of ContextEnvelope.turns
@@ -80,14 +87,20 @@ class StoredHistory(Sequence[Turn]):
         return self._turns[index]
 
 
-# One round trip per request, atomic: claim the request id (SET NX; a redelivered
-# request gets nil and neither reads nor writes), read the history, append the
-# request's own turns. With room >= 0 only the newest turns whose stored counts fit
-# `room` tokens are read, from the tail in chunks: a window of a long history moves
-# a few turns, not all of them. Returns {turns in the list before the append, kept}.
-_CLAIM_LOAD_APPEND = """
-local ttl, max_turns, room = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return false end
+# Two steps per request, so that a crash between them loses nothing:
+#
+# 1. _LOAD, before the envelope is sent: a request whose claim exists was processed
+#    before (an at-least-once redelivery) and gets nil: no envelope. Otherwise the
+#    history is read; nothing is written. With room >= 0 only the newest turns whose
+#    stored counts fit `room` tokens are read, from the tail in chunks: a window of a
+#    long history moves a few turns, not all of them. Returns {turns in the list, kept}.
+# 2. _CLAIM_APPEND, once the broker acknowledged the envelope: claim the request id
+#    (SET NX) and, if the claim is new, append the request's own turns, atomically.
+#    A processor that dies between the two leaves no claim: the redelivered request
+#    is read and forwarded again (the worker and the client drop the duplicate).
+_LOAD = """
+local room = tonumber(ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local total = redis.call('LLEN', KEYS[2])
 local kept = {}
 if room < 0 then
@@ -108,12 +121,18 @@ elseif room > 0 then
   end
   for i = #newest, 1, -1 do kept[#kept + 1] = newest[i] end
 end
-if #ARGV > 3 then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
+return {total, kept}
+"""
+
+_CLAIM_APPEND = """
+local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
+if #ARGV > 2 then
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
   redis.call('LTRIM', KEYS[2], -max_turns, -1)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-return {total, kept}
+return 1
 """
 
 
@@ -140,13 +159,24 @@ class HistoryWriter:
         pipe.ltrim(key, -self.max_turns, -1)
         pipe.expire(key, self.ttl_s)
 
-    def claim_load_append(
-        self, pipe: Any, request_id: str, tenant: str, session_id: str, room: int | None, turns: Sequence[Turn]
-    ) -> None:
-        """Queues the claim + read + append script; read its reply with `loaded_history`.
-        `room`: tokens of newest history wanted, or None for the whole history."""
-        args = [self.ttl_s, self.max_turns, -1 if room is None else max(0, room), *(encode_turn(t) for t in turns)]
-        pipe.eval(_CLAIM_LOAD_APPEND, 2, seen_key(request_id), history_key(tenant, session_id), *args)
+    def load(self, pipe: Any, request_id: str, tenant: str, session_id: str, room: int | None) -> None:
+        """Queues the read of a request's history (step 1); its reply through
+        `loaded_history` is None for a request processed before. `room`: tokens of
+        newest history wanted, or None for the whole history."""
+        args = [-1 if room is None else max(0, room)]
+        pipe.eval(_LOAD, 2, seen_key(tenant, request_id), history_key(tenant, session_id), *args)
+
+    def claim_append(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
+        """Queues the claim + append of a forwarded request (step 2); replies 1 when
+        the claim is new and the turns were appended, 0 for a repeat."""
+        args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
+        pipe.eval(_CLAIM_APPEND, 2, seen_key(tenant, request_id), history_key(tenant, session_id), *args)
+
+    def append_once(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
+        """Queues an append that happens once per request id (the worker's assistant
+        turn); replies 0 for a repeat."""
+        args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
+        pipe.eval(_CLAIM_APPEND, 2, answered_key(tenant, request_id), history_key(tenant, session_id), *args)
 
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))

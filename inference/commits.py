@@ -15,6 +15,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from inference.offsets import OffsetLedger, Partition
 from streams.exceptions import TidegateError
+from streams.faults import fault_point
 from streams.outgoing import Outgoing
 
 
@@ -64,6 +65,7 @@ class ReplyCommitter:
         """Commits past answered records, never past one that is pooled or open."""
         moved = self.ledger.positions(pooled)
         if moved:
+            fault_point("worker.before_commit")  # replies acknowledged, offsets not committed
             offsets = [TopicPartition(t, p, o) for (t, p), o in moved.items()]
             consumer.commit(offsets=offsets, asynchronous=asynchronous)
 

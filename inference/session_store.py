@@ -2,13 +2,15 @@
 
 Redis is never on the critical path of a reply: when it is unreachable the worker
 answers without the cache, skips the history append and the stats, logs why, and
-tries again on the next batch.
+leaves Redis alone for REDIS_RETRY_S (each call would wait out its socket timeout)
+before it tries again; recovery is automatic.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from streams.outgoing import now_ms
 log = logging.getLogger(__name__)
 
 STATS_KEY = f"{KEY_PREFIX}worker-stats:"  # + topic prefix + host:pid; a hash of EngineStats
+REDIS_RETRY_S = 1.0
 
 
 class SessionStore:
@@ -32,12 +35,22 @@ class SessionStore:
         self.runner = runner
         self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.repeats = 0  # requests generated again after a redelivery (their reply goes out again)
+        self._down_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _down(self, exc: Exception, skipped: str) -> None:
+        if self._available():
+            log.warning("redis unreachable, %s skipped for %.0fs: %s", skipped, REDIS_RETRY_S, exc)
+        self._down_until = time.monotonic() + REDIS_RETRY_S
 
     def cached(self, jobs: Sequence[Job]) -> list[Generation | None]:
         """Response-cache hits for greedy prompts, in one MGET; None where the model
         must run. Sets each cacheable job's key."""
         misses: list[Generation | None] = [None] * len(jobs)
-        if not self.settings.response_cache_ttl_s:
+        if not self.settings.response_cache_ttl_s or not self._available():
             return misses
         for j in jobs:
             if j.prompt is not None and cacheable(j.prompt.temperature):
@@ -48,7 +61,7 @@ class SessionStore:
         try:
             found = lookup(self.redis, [jobs[i].cache_key for i in index if jobs[i].cache_key])
         except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; response cache skipped: %s", exc)
+            self._down(exc, "response cache")
             return misses
         for i, hit in zip(index, found, strict=True):
             if hit is not None:
@@ -62,30 +75,46 @@ class SessionStore:
             for j, g in zip(jobs, generated, strict=True)
             if j.cache_key is not None
         ]
+        if not entries or not self._available():
+            return
         try:
             store(self.redis, entries, self.settings.response_cache_ttl_s)
         except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; responses not cached: %s", exc)
+            self._down(exc, "response cache")
 
     def append_turns(self, jobs: Sequence[Job], generations: Sequence[Generation]) -> None:
-        """The assistant turns, appended to each conversation's history in one pipeline."""
+        """The assistant turns, appended to each conversation's history in one pipeline,
+        once per request id: a request generated again (a redelivery after a worker
+        crashed past its reply) is counted in `repeats`, and its turn not appended."""
+        if not self._available():
+            return
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for j, g in zip(jobs, generations, strict=True):
-                    assert j.envelope is not None
+                    e = j.envelope
+                    assert e is not None
                     turn = {"role": "assistant", "content": g.text, "tokens": self.runner.count_turn_tokens(g)}
-                    self.history.append(pipe, j.envelope["tenant"], j.envelope["session_id"], [turn])
-                pipe.execute()
+                    self.history.append_once(pipe, e["request_id"], e["tenant"], e["session_id"], [turn])
+                appended = pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; assistant turns not stored: %s", exc)
+            self._down(exc, "assistant turns")
+            return
+        self.repeats += sum(1 for a in appended if not a)
 
     def publish_stats(self, key: str, stats: Any, batching: str) -> None:
         """Batching counters to a Redis hash (`tidegate bench batching` reads them)."""
-        fields: dict[str, Any] = {**dataclasses.asdict(stats), "batching": batching, "updated_ms": now_ms()}
+        if not self._available():
+            return
+        fields: dict[str, Any] = {
+            **dataclasses.asdict(stats),
+            "repeated_requests": self.repeats,
+            "batching": batching,
+            "updated_ms": now_ms(),
+        }
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(key, mapping=fields)
                 pipe.expire(key, 3600)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            log.warning("redis unreachable; stats not published: %s", exc)
+            self._down(exc, "stats")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from inference.batcher import Batcher
 from inference.commits import ReplyCommitter
@@ -112,9 +112,28 @@ class InferenceWorker:
                     self.continuous_round()
                 self._publish_stats()
         finally:
+            self._finish_in_flight(self.settings.shutdown_grace_s)
             self.replies.producer.flush(10)
             self._commit(asynchronous=False)
             self.consumer.close()
+
+    def _finish_in_flight(self, grace_s: float) -> None:
+        """On the way out (SIGTERM): the rows already generating run to their end, for
+        up to `grace_s`, and are replied to; what is only pooled is left uncommitted,
+        for the next owner of its partition. Rows still running past the grace are
+        dropped uncommitted too."""
+        if self.engine is None or not self.engine.busy:
+            return
+        deadline = time.monotonic() + grace_s
+        log.warning("stopping: finishing %d rows in flight (up to %.0fs)", len(self.engine.active), grace_s)
+        try:
+            while self.engine.busy and time.monotonic() < deadline:
+                self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
+                self.replies.poll()
+        except Exception:
+            log.exception("rows in flight not finished; they are left uncommitted")
+        if self.engine.busy:
+            log.warning("stopping: %d rows dropped uncommitted after the grace", len(self.engine.reset()))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("worker assigned %d partitions", len(partitions))
@@ -296,8 +315,14 @@ class InferenceWorker:
     # -- commits and stats ----------------------------------------------------
 
     def _commit(self, asynchronous: bool) -> None:
+        """Commits what is answered. A refused commit (this member was fenced: stopped
+        past its session timeout, say) is logged, not fatal: the group's new owner of
+        those partitions answers and commits them, and this worker rejoins."""
         self._committed_at = time.monotonic()
-        self.replies.commit(self.consumer, self.batcher.pending_offsets(), asynchronous)
+        try:
+            self.replies.commit(self.consumer, self.batcher.pending_offsets(), asynchronous)
+        except KafkaException as exc:
+            log.warning("commit refused, the group has moved on: %s", exc)
 
     def _publish_stats(self) -> None:
         if time.monotonic() - self._stats_at < self.settings.stats_interval_s:

@@ -120,7 +120,8 @@ def create_app(settings: Settings) -> faust.App:
         async for events in take_batches(stream, settings.processor_batch, wait_s):
             batch = [_incoming(e) for e in events]
             try:
-                outgoing = await handler.handle(batch)
+                await handler.handle(batch, deliver)
+                continue
             except Exception as exc:  # never commit past a failure silently
                 log.exception("batch of %d failed; dead-lettering it", len(batch))
                 outgoing = [

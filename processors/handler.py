@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from processors.embeddings import Embedder, from_bytes, to_bytes
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams.config import Settings
+from streams.faults import fault_point
 from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ REDIS_RETRY_S = 1.0
 
 # (stage, lag, cap, retry_after_ms) when the request must be refused, else None
 Admission = Callable[[dict[str, Any]], tuple[str, int, int, int] | None]
+# produces records and returns once the broker acknowledged every one
+Deliver = Callable[[list[Outgoing]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -83,7 +86,12 @@ class RequestHandler:
         self._system_tokens = counter.count(settings.system_prompt)
         self._embedder: Embedder | None = None  # loaded on the first `relevance` request
 
-    async def handle(self, batch: Sequence[Incoming]) -> list[Outgoing]:
+    async def handle(self, batch: Sequence[Incoming], deliver: Deliver) -> None:
+        """Handles a batch: every output goes through `deliver`, which returns once the
+        broker acknowledged it. A request's claim and turns are written to Redis only
+        after its envelope was acknowledged (conversation/history.py). Requests of one
+        conversation go in waves, one per wave, so each sees the turns of the one
+        before it in the batch."""
         out: list[Outgoing] = []
         accepted: list[_Accepted] = []
         for record in batch:
@@ -92,10 +100,18 @@ class RequestHandler:
                 out.append(result)
             elif result is not None:
                 accepted.append(result)
-        if accepted:
-            self._count_new_turns(accepted)
-            out.extend(await self._build_envelopes(accepted))
-        return out
+        if not accepted:
+            await deliver(out)
+            return
+        self._count_new_turns(accepted)
+        for wave in _waves(accepted):
+            envelopes, forwarded, degraded = await self._build_envelopes(wave)
+            fault_point("processor.before_forward")  # history read, nothing forwarded or claimed
+            await deliver(out + envelopes)
+            out = []
+            fault_point("processor.after_forward")  # forwarded, not yet claimed
+            if not degraded:
+                await self._claim_and_append(forwarded)
 
     def _admit(self, record: Incoming) -> Outgoing | _Accepted | None:
         started = now_ms()
@@ -164,9 +180,11 @@ class RequestHandler:
         budget = self._turn_budget(item)
         return budget - sum(t["tokens"] for t in fit_new_turns(item.new_turns, budget, self.counter))
 
-    async def _build_envelopes(self, accepted: list[_Accepted]) -> list[Outgoing]:
-        fresh, degraded = await self._claim_and_load(accepted)
-        # not fresh: already forwarded once (an at-least-once redelivery): no output
+    async def _build_envelopes(self, accepted: list[_Accepted]) -> tuple[list[Outgoing], list[_Accepted], bool]:
+        """Envelopes for the requests not processed before, those requests, and
+        whether Redis was unreachable (then every request goes on without history)."""
+        fresh, degraded = await self._load(accepted)
+        # not fresh: claimed before, so forwarded and acknowledged once: no output
         items = [item for item, is_fresh in zip(accepted, fresh, strict=True) if is_fresh]
         relevant = [item for item in items if item.strategy == "relevance" and item.history]
         if relevant:
@@ -174,7 +192,7 @@ class RequestHandler:
         out = [self._envelope(item, degraded) for item in items]
         if relevant and not degraded:
             await self._store_embeddings(relevant)
-        return out
+        return out, items, degraded
 
     def _envelope(self, item: _Accepted, degraded: bool) -> Outgoing:
         request = item.request
@@ -215,10 +233,10 @@ class RequestHandler:
             self.settings.topics.contexts, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )
 
-    async def _claim_and_load(self, accepted: list[_Accepted]) -> tuple[list[bool], bool]:
-        """One pipeline: per request the claim + read + append script (and the cached
-        embeddings for `relevance`). Fills each item's history; a request id claimed
-        before is not fresh. Redis down: every request fresh, degraded."""
+    async def _load(self, accepted: list[_Accepted]) -> tuple[list[bool], bool]:
+        """One pipeline: per request the read script (and the cached embeddings for
+        `relevance`). Fills each item's history; a request id claimed before is not
+        fresh. Redis down: every request fresh, degraded."""
         if time.monotonic() < self._redis_down_until:
             return [True] * len(accepted), True
         try:
@@ -227,7 +245,7 @@ class RequestHandler:
                     request = item.request
                     tenant, session = request["tenant"], request["session_id"]
                     room = self._history_room(item)
-                    self.history.claim_load_append(pipe, request["request_id"], tenant, session, room, item.new_turns)
+                    self.history.load(pipe, request["request_id"], tenant, session, room)
                     if item.strategy == "relevance":
                         self.history.load_embeddings(pipe, tenant, session)
                 results = iter(await pipe.execute())
@@ -243,6 +261,23 @@ class RequestHandler:
             if item.strategy == "relevance":
                 item.cached_vectors = next(results)
         return fresh, False
+
+    async def _claim_and_append(self, items: list[_Accepted]) -> None:
+        """One pipeline: per forwarded request, its claim and its own turns. Redis down
+        here: the turns are missing from the history, and a redelivery of the request
+        would be forwarded again (the worker and the client drop the duplicate)."""
+        if not items:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in items:
+                    request = item.request
+                    self.history.claim_append(
+                        pipe, request["request_id"], request["tenant"], request["session_id"], item.new_turns
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._redis_down(exc)
 
     def _score_relevance(self, items: list[_Accepted]) -> None:
         """Similarity of every history turn to the new question; embeds only what is
@@ -282,3 +317,18 @@ class RequestHandler:
     def _redis_down(self, exc: Exception) -> None:
         log.warning("redis unreachable, going on degraded for %.0fs: %s", REDIS_RETRY_S, exc)
         self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+
+
+def _waves(items: list[_Accepted]) -> list[list[_Accepted]]:
+    """Splits a batch so that each conversation has at most one request per wave, in
+    order: a request then reads the history its predecessor in the batch appended."""
+    waves: list[list[_Accepted]] = []
+    seen: dict[tuple[str, str], int] = {}
+    for item in items:
+        key = (item.request["tenant"], item.request["session_id"])
+        index = seen.get(key, -1) + 1
+        seen[key] = index
+        if index == len(waves):
+            waves.append([])
+        waves[index].append(item)
+    return waves

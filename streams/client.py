@@ -50,6 +50,7 @@ REPLY_GRACE_S = 5.0
 UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
 BACKOFF_FACTOR = 2.0
+MIN_RETRY_MS = 10
 
 
 @dataclass(slots=True)
@@ -177,6 +178,7 @@ class Client:
         :param wait: when the path is full, retry with backoff until the deadline
             instead of raising QueueFull at once.
         :raises QueueFull: the path is full for this priority (nothing was sent).
+        :raises ReplyTimeout: the broker did not acknowledge the request by its deadline.
         """
         assert self._loop is not None, "use `async with Client(...)`"
         request = self._build_request(
@@ -195,7 +197,15 @@ class Client:
         request_id = str(request["request_id"])
         self._pending[request_id] = _Pending(self._loop.create_future(), self._give_up_at(request))
         try:
-            await self._produce(request)
+            if request["deadline_ms"]:
+                # a broker that does not acknowledge by the deadline: nobody waits any more
+                timeout_s = max(0.0, (request["deadline_ms"] - now_ms()) / 1000)
+                await asyncio.wait_for(self._produce(request), timeout_s)
+            else:
+                await self._produce(request)
+        except TimeoutError as exc:
+            self._pending.pop(request_id, None)
+            raise ReplyTimeout(f"request {request_id} not acknowledged by the broker before its deadline") from exc
         except BaseException:
             self._pending.pop(request_id, None)
             raise
@@ -216,25 +226,41 @@ class Client:
         metadata: dict[str, str] | None = None,
         wait: bool = False,
     ) -> Reply:
-        """`submit`, then `reply`: the reply (any status) once it arrives.
+        """`submit`, then `reply`: the reply (any status) once it arrives. With `wait`,
+        a `queue_full` reply (a processor refused the request past its cap) is not the
+        end either: the request is sent again, with backoff and jitter from its
+        `retry_after_ms`, until its deadline.
 
         :raises QueueFull: as `submit`.
         :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
         """
-        request_id = await self.submit(
-            messages,
-            session_id,
-            tenant=tenant,
-            priority=priority,
-            max_new_tokens=max_new_tokens,
-            deadline_s=deadline_s,
-            temperature=temperature,
-            strategy=strategy,
-            request_id=request_id,
-            metadata=metadata,
-            wait=wait,
-        )
-        return await self.reply(request_id)
+        request_id = request_id or uuid.uuid4().hex
+        deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            reply = await self.reply(
+                await self.submit(
+                    messages,
+                    session_id,
+                    tenant=tenant,
+                    priority=priority,
+                    max_new_tokens=max_new_tokens,
+                    deadline_s=max(0.001, remaining) if deadline_s else 0,
+                    temperature=temperature,
+                    strategy=strategy,
+                    request_id=request_id,
+                    metadata=metadata,
+                    wait=wait,
+                )
+            )
+            if not (wait and reply.status == "queue_full"):
+                return reply
+            delay_s = _backoff_ms(reply.retry_after_ms or 0, attempt) / 1000
+            if time.monotonic() + delay_s >= deadline:
+                return reply
+            attempt += 1
+            await asyncio.sleep(delay_s)
 
     # -- replies --------------------------------------------------------------
 
@@ -297,14 +323,20 @@ class Client:
                 raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
 
     def _poll_loop(self) -> None:
+        """Reads replies until the client closes; an error is logged and reading goes
+        on (librdkafka reconnects by itself), so the thread never dies under a caller."""
         assert self._consumer is not None
         while not self._stop.is_set():
-            for message in consume_ready(self._consumer, 500, 0.05):
-                if message.error() is not None:
-                    if message.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("reply consumer: %s", message.error())
-                    continue
-                self._on_reply(message.value(), message.headers())
+            try:
+                for message in consume_ready(self._consumer, 500, 0.05):
+                    if message.error() is not None:
+                        if message.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("reply consumer: %s", message.error())
+                        continue
+                    self._on_reply(message.value(), message.headers())
+            except Exception:
+                log.exception("reply consumer failed; reading on")
+                self._stop.wait(0.5)
 
     def _on_reply(self, value: bytes | None, headers: Any) -> None:
         try:
@@ -386,7 +418,7 @@ class Client:
             error = QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
             if not wait:
                 raise error
-            delay_ms = refusal.retry_after_ms * (BACKOFF_FACTOR ** min(attempt, 4)) * random.uniform(0.5, 1.0)
+            delay_ms = _backoff_ms(refusal.retry_after_ms, attempt)
             if request["deadline_ms"] and now_ms() + delay_ms >= request["deadline_ms"]:
                 raise error
             attempt += 1
@@ -398,3 +430,9 @@ class Client:
             self.settings.topics.requests, request["session_id"].encode(), value, [content_type_header(AVRO)]
         )
         await self._producer.send_all([record])
+
+
+def _backoff_ms(retry_after_ms: int, attempt: int) -> float:
+    """The broker-side hint, doubled per attempt (up to 16x), with full jitter in its
+    upper half so that refused callers do not come back together."""
+    return max(MIN_RETRY_MS, retry_after_ms) * (BACKOFF_FACTOR ** min(attempt, 4)) * random.uniform(0.5, 1.0)

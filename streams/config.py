@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
     prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)
+    # SIGTERM: rows already generating get this long to finish and be replied to
+    # (`tidegate dev down` waits 15 s before SIGKILL)
+    shutdown_grace_s: float = Field(10.0, ge=0)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     # Backpressure (streams/pressure.py). A cap is a message count, or, when that

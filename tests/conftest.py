@@ -19,7 +19,8 @@ from streams.config import Settings
 from streams.kafka import create_topics
 from streams.lifecycle import READY_MARKER
 from tidegate import devstack
-from tidegate.processes import free_port, stop_pid
+from tidegate.processes import free_port, stop_pid, wait_until
+from tidegate.supervisor import STAGE_MODULES
 
 LOG_DIR = Path(os.environ.get("TIDEGATE_TEST_LOGS", "/tmp/tidegate-test-logs"))
 BROKER: devstack.Broker = "tansu" if os.environ.get("TIDEGATE_TEST_BROKER") == "tansu" else "kafka"
@@ -62,15 +63,16 @@ def settings_factory(services: tuple[str, str]) -> SettingsFactory:
 
     def make(**overrides: object) -> Settings:
         tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            bootstrap=bootstrap,
-            redis_url=redis_url,
-            broker=BROKER,
-            topic_prefix=f"t{tag}.",
-            processor_group=f"processors-{tag}",
-            worker_group=f"workers-{tag}",
-            **overrides,  # type: ignore[arg-type]
-        )
+        fields: dict[str, object] = {
+            "bootstrap": bootstrap,
+            "redis_url": redis_url,
+            "broker": BROKER,
+            "topic_prefix": f"t{tag}.",
+            "processor_group": f"processors-{tag}",
+            "worker_group": f"workers-{tag}",
+            **overrides,
+        }
+        settings = Settings(**fields)  # type: ignore[arg-type]
         create_topics(settings)
         return settings
 
@@ -90,20 +92,39 @@ class Pipeline:
         self.settings = settings
         self.log_dir = log_dir
         self.pids: dict[str, int] = {}
+        self.exit_codes: dict[str, int] = {}
 
-    def start(self, roles: tuple[str, ...] = tuple(devstack.STAGE_MODULES)) -> None:
-        """Starts the given roles (monitor, processor, worker) and waits until each is ready."""
-        env = settings_env(self.settings)
+    def start(
+        self, roles: tuple[str, ...] = tuple(STAGE_MODULES), extra_env: dict[str, str] | None = None
+    ) -> None:
+        """Starts the given roles (monitor, processor, worker) and waits until each is
+        ready; `extra_env` goes to these roles only (e.g. TIDEGATE_FAULTS). A role
+        with a suffix (`worker-2`) is one more process of its stage."""
+        env = {**settings_env(self.settings), **(extra_env or {})}
         procs = {}
         for role in roles:
-            module = devstack.STAGE_MODULES[role]
-            log_path = self.log_dir / f"{module}.log"
+            module = STAGE_MODULES[role.split("-")[0]]  # "worker-2": a second worker
+            name = role if "-" in role else module
+            log_path = self.log_dir / f"{name}.log"
             log_path.unlink(missing_ok=True)
-            procs[role] = devstack.start_stage(module, env, self.log_dir)
-            self.pids[role] = procs[role].pid
-        for role, proc in procs.items():
-            log_path = self.log_dir / f"{devstack.STAGE_MODULES[role]}.log"
+            procs[role] = (devstack.start_stage(module, env, self.log_dir, name=name), log_path)
+            self.pids[role] = procs[role][0].pid
+        for proc, log_path in procs.values():
             devstack.wait_for_ready(log_path, READY_MARKER, proc, 120)
+
+    def wait_exited(self, role: str, timeout_s: float) -> int:
+        """Waits until the role's process is gone (a fault point killed it); its exit code."""
+        pid = self.pids[role]
+
+        def exited() -> bool:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                self.exit_codes[role] = os.waitstatus_to_exitcode(status)
+            return bool(done)
+
+        wait_until(exited, timeout_s, f"{role} (pid {pid}) to exit")
+        del self.pids[role]
+        return self.exit_codes[role]
 
     def stop(self, roles: tuple[str, ...] | None = None) -> None:
         for role in list(roles or self.pids):
@@ -118,7 +139,7 @@ def pipeline_factory(
 ) -> Iterator[Callable[..., Pipeline]]:
     started: list[Pipeline] = []
 
-    def make(roles: tuple[str, ...] = tuple(devstack.STAGE_MODULES), **overrides: object) -> Pipeline:
+    def make(roles: tuple[str, ...] = tuple(STAGE_MODULES), **overrides: object) -> Pipeline:
         settings = settings_factory(**overrides)
         log_dir = LOG_DIR / f"{request.module.__name__}-{settings.topic_prefix.rstrip('.')}"
         pipeline = Pipeline(settings, log_dir)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from streams import Client, Reply, ReplyTimeout
 from streams.config import Settings
 from streams.lag import LagReader, pipeline_stages
 
@@ -70,3 +73,93 @@ class TopicReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+@dataclass
+class Outcome:
+    """One request of an offered load: its reply (None: lost) and when it came."""
+
+    text: str
+    reply: Reply | None
+    done_at: float
+    sent_at: float = 0.0
+
+
+async def offer_load(
+    client: Client, tag: str, seconds: float, rate_per_s: float, deadline_s: float = 120
+) -> list[Outcome]:
+    """`rate_per_s` echo requests a second for `seconds` (bounded), each awaited to its
+    reply; a request with no reply by its deadline is an Outcome with reply None."""
+
+    async def one(i: int) -> Outcome:
+        text = f"{tag} {i}"
+        sent_at = time.monotonic()
+        try:
+            reply = await client.generate(
+                [{"role": "user", "content": text}], f"{tag}-{i % 16}", max_new_tokens=8, deadline_s=deadline_s
+            )
+        except ReplyTimeout:
+            reply = None
+        return Outcome(text, reply, time.monotonic(), sent_at)
+
+    tasks = []
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate_per_s)
+        tasks += [asyncio.create_task(one(i)) for i in range(len(tasks), due)]
+        await asyncio.sleep(0.01)
+    return list(await asyncio.gather(*tasks))
+
+
+def lost(outcomes: list[Outcome]) -> int:
+    """Requests with no `ok` reply carrying their own text (echo)."""
+    return sum(1 for o in outcomes if o.reply is None or not o.reply.ok or o.reply.text != o.text)
+
+
+def recovery_time(outcomes: list[Outcome], fault_at: float) -> float:
+    """Seconds from the fault until every request sent up to a second after it was
+    answered: what the fault held up (a dead member's partitions wait for the group
+    to notice, a restarted broker for its clients to reconnect)."""
+    around = [o.done_at for o in outcomes if o.sent_at <= fault_at + 1.0]
+    return round(max(around, default=fault_at) - fault_at, 2)
+
+
+def fault_summary(
+    case: str, outcomes: list[Outcome], recovery_s: float, settings: Settings | None = None, **extra: object
+) -> dict[str, Any]:
+    """Prints the case's one-line JSON summary (`FAULT {...}`, gathered by `make
+    test-faults`) and returns it. With `settings`, also counts the requests whose reply
+    is on the reply topic more than once (copies the client dropped)."""
+    import json
+
+    answered = [o.reply.request_id for o in outcomes if o.reply is not None]
+    figures: dict[str, Any] = {
+        "case": case,
+        "sent": len(outcomes),
+        "answered_ok": sum(1 for o in outcomes if o.reply is not None and o.reply.ok),
+        "lost": lost(outcomes),
+        "duplicates_to_caller": len(answered) - len(set(answered)),
+        "recovery_s": recovery_s,
+        "max_latency_s": round(max((o.done_at - o.sent_at for o in outcomes if o.sent_at), default=0.0), 2),
+        **extra,
+    }
+    if settings is not None:
+        figures["repeated_on_reply_topic"] = repeated_replies(settings, set(answered))
+    print("FAULT " + json.dumps(figures), flush=True)
+    return figures
+
+
+def repeated_replies(settings: Settings, request_ids: set[str], timeout_s: float = 30) -> int:
+    """Of `request_ids`, how many have more than one reply on the reply topic."""
+    from collections import Counter
+
+    reader = TopicReader(settings, settings.topics.replies)
+    try:
+
+        def counts() -> Counter[str]:
+            return Counter(k for m in reader.poll() if (k := (m.key() or b"").decode()) in request_ids)
+
+        wait_for(lambda: set(counts()) >= request_ids, timeout_s, "every reply on the reply topic")
+        return sum(1 for n in counts().values() if n > 1)
+    finally:
+        reader.close()

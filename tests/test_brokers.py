@@ -10,7 +10,6 @@ accepted request is answered exactly once as the caller sees it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import shutil
 import subprocess
 import time
@@ -23,7 +22,7 @@ import pytest
 from streams import Client, Reply, Settings
 from streams.kafka import create_topics
 from tests.conftest import LOG_DIR, Pipeline
-from tests.helpers import wait_for
+from tests.helpers import Outcome, fault_summary, lost, offer_load, recovery_time, wait_for
 from tidegate import devstack
 from tidegate.kafka_broker import KafkaCluster
 from tidegate.processes import free_port, stop_pid
@@ -70,48 +69,29 @@ def own_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[[int], tupl
         stop()
 
 
-async def offer_load(client: Client, tag: str, seconds: float) -> list[Reply]:
-    """RATE_PER_S requests a second for `seconds`, each awaited to its reply."""
-    tasks = []
-    started = time.monotonic()
-    i = 0
-    while time.monotonic() - started < seconds:
-        due = int((time.monotonic() - started) * RATE_PER_S)
-        while i < due:
-            tasks.append(
-                asyncio.create_task(
-                    client.generate(user(f"{tag} {i}"), f"{tag}-{i % 16}", max_new_tokens=8, deadline_s=120)
-                )
-            )
-            i += 1
-        await asyncio.sleep(0.01)
-    return list(await asyncio.gather(*tasks))
-
-
-def check_every_request_answered(replies: list[Reply], tag: str) -> None:
-    statuses = collections.Counter(r.status for r in replies)
-    assert statuses == {"ok": len(replies)}, statuses
-    assert sorted(r.text for r in replies) == sorted(f"{tag} {i}" for i in range(len(replies)))
+def check_every_request_answered(outcomes: list[Outcome]) -> None:
+    assert len(outcomes) >= RATE_PER_S * LOAD_S * 0.9
+    assert lost(outcomes) == 0, [o.text for o in outcomes if o.reply is None or not o.reply.ok][:5]
 
 
 def test_a_broker_restart_under_load_loses_nothing(own_cluster: Callable[[int], tuple[KafkaCluster, Pipeline]]) -> None:
     cluster, pipeline = own_cluster(1)
     tag = "restart"
 
-    async def scenario() -> tuple[list[Reply], float, Reply]:
+    async def scenario() -> tuple[list[Outcome], float, Reply]:
         async with Client(settings=pipeline.settings) as client:
-            load = asyncio.create_task(offer_load(client, tag, LOAD_S))
+            load = asyncio.create_task(offer_load(client, tag, LOAD_S, RATE_PER_S))
             await asyncio.sleep(LOAD_S / 4)  # under load
             stopped_at = time.monotonic()
             await asyncio.to_thread(cluster.stop_node, 0)
             await asyncio.to_thread(cluster.start_node, 0)
-            replies = await load
+            outcomes = await load
             after = await client.generate(user("after the restart"), "after", max_new_tokens=8, deadline_s=60)
-            return replies, time.monotonic() - stopped_at, after
+            return outcomes, recovery_time(outcomes, stopped_at), after
 
-    replies, _, after = asyncio.run(scenario())
-    assert len(replies) >= RATE_PER_S * LOAD_S * 0.9
-    check_every_request_answered(replies, tag)
+    outcomes, recovery_s, after = asyncio.run(scenario())
+    check_every_request_answered(outcomes)
+    fault_summary("broker restarted", outcomes, recovery_s, pipeline.settings)
     assert after.ok and after.text == "after the restart"
 
 
@@ -121,18 +101,19 @@ def test_one_broker_of_three_killed_under_load_loses_nothing(
     cluster, pipeline = own_cluster(3)
     tag = "kill1of3"
 
-    async def scenario() -> tuple[list[Reply], Reply]:
+    async def scenario() -> tuple[list[Outcome], float, Reply]:
         async with Client(settings=pipeline.settings) as client:
-            load = asyncio.create_task(offer_load(client, tag, LOAD_S))
+            load = asyncio.create_task(offer_load(client, tag, LOAD_S, RATE_PER_S))
             await asyncio.sleep(LOAD_S / 4)
+            killed_at = time.monotonic()
             await asyncio.to_thread(cluster.stop_node, 1, True)  # SIGKILL
-            replies = await load
+            outcomes = await load
             after = await client.generate(user("two of three"), "after", max_new_tokens=8, deadline_s=60)
-            return replies, after
+            return outcomes, recovery_time(outcomes, killed_at), after
 
-    replies, after = asyncio.run(scenario())
-    assert len(replies) >= RATE_PER_S * LOAD_S * 0.9
-    check_every_request_answered(replies, tag)
+    outcomes, recovery_s, after = asyncio.run(scenario())
+    check_every_request_answered(outcomes)
+    fault_summary("one broker of three killed", outcomes, recovery_s, pipeline.settings)
     assert after.ok and after.text == "two of three"
 
 

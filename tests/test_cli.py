@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers import wait_for
 
 TIDEGATE = [sys.executable, "-m", "tidegate.cli"]
 
@@ -43,7 +46,8 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
     try:
         assert up.returncode == 0, up.stderr
         state = json.loads(state_file.read_text())
-        assert set(state["pids"]) == {"broker", "redis", "monitor", "processor", "worker"}
+        assert set(state["pids"]) == {"broker", "redis", "supervisor", "monitor", "processor", "worker"}
+        assert state["broker"] == "kafka"
         assert state["bootstrap"].startswith("127.0.0.1:") and state["redis_url"].startswith("redis://127.0.0.1:")
         sent = run(["send", "ping over kafka", "--max-new-tokens", "8"], tmp_path)
         assert sent.returncode == 0, sent.stderr
@@ -54,6 +58,20 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
         assert set(rows) == {"processors", "workers"}
         assert rows["workers"]["lag"] == 0 and rows["workers"]["committed"] == 1  # answered and committed
         assert rows["workers"]["state"] == "ok" and rows["workers"]["cap"] > 0
+
+        # a stage that dies is started again by the supervisor, and serves
+        os.kill(state["pids"]["worker"], signal.SIGKILL)
+        restarted = wait_for(
+            lambda: (pid := json.loads(state_file.read_text())["pids"]["worker"]) != state["pids"]["worker"] and pid,
+            30,
+            "the supervisor to restart the worker",
+        )
+        again = run(["send", "after a restart", "--max-new-tokens", "8"], tmp_path)
+        assert again.returncode == 0 and "after a restart" in again.stdout, again.stderr
+        assert pid_alive(restarted)
+        state = json.loads(state_file.read_text())
+        supervisor_log = (tmp_path / ".tidegate" / "logs" / "supervisor.log").read_text()
+        assert "stage=inference exited code=-9; restarting" in supervisor_log
     finally:
         down = run(["dev", "down"], tmp_path)
     assert down.returncode == 0, down.stderr

@@ -66,8 +66,15 @@ def event_loop_runner() -> object:
 
 
 def handle(handler: RequestHandler, *records: Incoming) -> list[Outgoing]:
+    """What the handler delivers for `records` (each delivery acknowledged at once)."""
     assert _runner is not None
-    return _runner.run(handler.handle(list(records)))
+    delivered: list[Outgoing] = []
+
+    async def deliver(outgoing: list[Outgoing]) -> None:
+        delivered.extend(outgoing)
+
+    _runner.run(handler.handle(list(records), deliver))
+    return delivered
 
 
 def make_handler(redis_url: str, counter: TokenCounter, **overrides: object) -> RequestHandler:
@@ -114,7 +121,7 @@ def test_window_reads_only_the_turns_it_keeps_and_a_redelivery_changes_nothing(
     assert store.llen(history_key("acme", session)) == 151
 
     with store.pipeline(transaction=False) as pipe:  # what the script reads for a room of 300 tokens
-        HistoryWriter(60, 400).claim_load_append(pipe, uuid.uuid4().hex, "acme", session, 300, [])
+        HistoryWriter(60, 400).load(pipe, uuid.uuid4().hex, "acme", session, 300)
         loaded = loaded_history(pipe.execute()[0])
     assert loaded is not None and 0 < len(loaded) < 40 and loaded.skipped == 151 - len(loaded)
     everything = [*history, new_turn]

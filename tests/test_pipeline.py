@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import time
 import uuid
 
 import orjson
@@ -42,9 +43,7 @@ def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline)
         "the third envelope",
     )
     reader.close()
-    third = next(
-        e for e in (codec.decode(m.value())[1] for m in envelopes) if e["request_id"] == replies[2].request_id
-    )
+    third = next(e for e in (codec.decode(m.value())[1] for m in envelopes) if e["request_id"] == replies[2].request_id)
     contents = [(t["role"], t["content"]) for t in third["turns"]]
     assert contents == [
         ("user", turns[0]),
@@ -171,17 +170,33 @@ def test_bad_requests_get_invalid_replies_that_say_why(echo_pipeline: Pipeline) 
 
 
 def test_request_past_its_deadline_is_answered_expired(echo_pipeline: Pipeline) -> None:
+    """A request whose deadline passed before a processor read it (produced by a plain
+    producer: the client itself gives up on a request at its deadline)."""
     settings = echo_pipeline.settings
-
-    async def send_late() -> Reply:
-        async with Client(settings=settings) as client:
-            # past its deadline by the time a processor reads it
-            request_id = await client.submit(user("too late"), "late-session", deadline_s=0.001)
-            return await client.reply(request_id)
-
-    reply = asyncio.run(send_late())
-    assert reply.status == "expired"
-    assert "deadline" in reply.error
+    request_id = f"late-{uuid.uuid4().hex}"
+    created = int(time.time() * 1000) - 5000
+    request = {
+        "request_id": request_id,
+        "session_id": "late-session",
+        "messages": user("too late"),
+        "created_ms": created,
+        "deadline_ms": created + 1000,
+        "reply_to": settings.topics.replies,
+    }
+    reader = TopicReader(settings, settings.topics.replies)
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    producer.produce(
+        settings.topics.requests,
+        orjson.dumps(request),
+        b"late-session",
+        headers=[("content-type", b"application/json")],
+    )
+    assert producer.flush(10) == 0
+    replies = reader.wait(lambda ms: any(m.key() == request_id.encode() for m in ms), 30, "the expired reply")
+    reader.close()
+    reply = orjson.loads(next(m for m in replies if m.key() == request_id.encode()).value())
+    assert reply["status"] == "expired"
+    assert "deadline" in reply["error"]
 
 
 def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pipeline: Pipeline) -> None:

@@ -174,8 +174,8 @@ def _run(args: argparse.Namespace) -> int:
                 brokers=args.brokers,
                 workers=args.workers,
                 processors=args.processors,
+                state_file=devstack.STATE_FILE,
             )
-            stack.save()
             print(f"broker={stack.broker} bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
             print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
         elif args.action == "down":

@@ -8,7 +8,9 @@ The test fixtures use the same functions.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from typing import Literal
 from streams.lifecycle import READY_MARKER
 from tidegate.kafka_broker import start_kafka
 from tidegate.processes import DevStackError, check_alive, free_port, port_open, spawn, stop_pid, wait_until
+from tidegate.supervisor import STOP_GRACE_S, Plan
 
 STATE_DIR = Path(".tidegate")
 STATE_FILE = STATE_DIR / "dev.json"
@@ -140,7 +143,9 @@ class DevStack:
 
     def save(self, path: Path = STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path = STATE_FILE) -> DevStack:
@@ -161,17 +166,19 @@ class DevStack:
         return list(found) if isinstance(found, list) else [found]
 
     def stop(self) -> None:
-        """Stages first, so they finish their in-flight work while brokers and Redis are
-        up; Kafka nodes all at once (one by one, the last waits for a lost quorum)."""
+        """The supervisor first (it stops the stages, which finish their in-flight work
+        while brokers and Redis are up), any stage left, then Redis, then the Kafka
+        nodes all at once (one by one, the last would wait for a lost quorum)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = ["monitor", "worker", "processor", "redis", "broker"]
+        order = ["supervisor", "monitor", "worker", "processor", "redis", "broker"]
         roles = order + [r for r in self.pids if r not in order]
         for role in roles:
             pids = self.role_pids(role)
             self.pids.pop(role, None)
+            grace = STOP_GRACE_S + 10 if role == "supervisor" else 15.0  # it waits on the stages' grace
             with ThreadPoolExecutor(max(1, len(pids))) as pool:
-                list(pool.map(stop_pid, pids))
+                list(pool.map(functools.partial(stop_pid, timeout_s=grace), pids))
 
 
 def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -188,10 +195,6 @@ def wait_for_ready(log_path: Path, marker: str, proc: subprocess.Popen[bytes], t
     )
 
 
-# role -> module run as `python -m MODULE`; each prints READY_MARKER once it has joined
-STAGE_MODULES = {"monitor": "ops", "processor": "processors", "worker": "inference"}
-
-
 def up(
     model: str = "default",
     log_dir: Path = STATE_DIR / "logs",
@@ -202,16 +205,20 @@ def up(
     workers: int = 1,
     processors: int = 1,
     state_dir: Path = STATE_DIR / "kafka",
+    state_file: Path | None = None,
 ) -> DevStack:
-    """Starts the brokers, Redis, the lag monitor, `processors` processors and `workers`
-    workers; returns when all are ready. All but the workers run `CONTROL_PLANE_NICE`
-    levels nicer (on a shared machine the workers stand in for the accelerator)."""
+    """Starts the brokers, Redis, and the supervisor (tidegate/supervisor.py) with the
+    lag monitor, `processors` processors and `workers` workers; returns when all are
+    ready, with the state saved in `state_file` (default: in `log_dir`). All but the
+    workers run `CONTROL_PLANE_NICE` levels nicer (on a shared machine the workers
+    stand in for the accelerator)."""
     from streams.config import Settings
     from streams.kafka import create_topics
 
     log_dir.mkdir(parents=True, exist_ok=True)
     for f in log_dir.glob("*.log"):
         f.unlink()
+    state_file = state_file or log_dir / "stack.json"
     base = Settings(**_settings_overrides(extra_env or {}))
     nice = base.control_plane_nice
     stack = DevStack("", "", broker=broker, log_dir=str(log_dir), model=model)
@@ -223,20 +230,23 @@ def up(
         stack.redis_url = f"redis://127.0.0.1:{rport}/0"
         stack.pids["redis"] = start_redis(rport, log_dir, nice).pid
         env = {**stack.env(), "TIDEGATE_BROKER": broker, "TIDEGATE_MODEL": model, **(extra_env or {})}
-        settings = Settings(**_settings_overrides(env))
-        create_topics(settings)
-        counts = {"monitor": 1, "processor": processors, "worker": workers}
-        procs: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
-        for role, module in STAGE_MODULES.items():
-            for n in range(counts[role]):
-                name = module if counts[role] == 1 else f"{module}-{n + 1}"
-                proc = start_stage(module, env, log_dir, 0 if role == "worker" else nice, name)
-                procs.append((role, log_dir / f"{name}.log", proc))
-        for role in STAGE_MODULES:
-            pids = [proc.pid for r, _, proc in procs if r == role]
-            stack.pids[role] = pids if len(pids) > 1 else pids[0]
-        for _, log_path, proc in procs:
-            wait_for_ready(log_path, READY_MARKER, proc, ready_timeout_s)
+        create_topics(Settings(**_settings_overrides(env)))
+        plan = Plan(
+            env=env,
+            log_dir=str(log_dir),
+            state_file=str(state_file),
+            counts={"monitor": 1, "processor": processors, "worker": workers},
+            nice=nice,
+            ready_timeout_s=ready_timeout_s,
+        )
+        plan_path = log_dir / "supervisor-plan.json"
+        plan.save(plan_path)
+        stack.save(state_file)
+        proc = spawn([sys.executable, "-m", "tidegate.supervisor", str(plan_path)], log_dir / "supervisor.log")
+        stack.pids["supervisor"] = proc.pid
+        stack.save(state_file)
+        wait_for_ready(log_dir / "supervisor.log", READY_MARKER, proc, ready_timeout_s + 30)
+        stack.pids = DevStack.load(state_file).pids  # with the stages' pids, as the supervisor recorded them
     except BaseException:
         stack.stop()
         raise

@@ -1,0 +1,202 @@
+"""The dev stack's supervisor: starts the stages as its children, restarts one that
+died, and stops them all gracefully.
+
+`tidegate dev up` runs it as its own process (`python -m tidegate.supervisor PLAN`),
+after the brokers and Redis. It starts every stage of the plan, records their
+process ids in the dev stack's state file (.tidegate/dev.json, under `pids`), and
+prints the readiness marker once every stage is ready. A stage that exits is
+started again after a backoff (1 s, doubling up to 30 s, back to 1 s once a stage
+stayed up a minute), with one log line saying which stage, its exit code and the
+last line of its log. SIGTERM stops the stages (SIGTERM, then SIGKILL after their
+grace) and then the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.lifecycle import READY_MARKER, announce_ready, stop_on_signals
+from tidegate.processes import DevStackError, spawn, stop_pid
+
+log = logging.getLogger("tidegate.supervisor")
+
+# role -> module run as `python -m MODULE`; each prints READY_MARKER once it has joined
+STAGE_MODULES = {"monitor": "ops", "processor": "processors", "worker": "inference"}
+BACKOFF_FIRST_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_S = 60.0  # a stage up this long starts its backoff over
+STOP_GRACE_S = 15.0
+POLL_S = 0.2
+
+
+@dataclass
+class Stage:
+    """One stage process the supervisor keeps running."""
+
+    role: str
+    name: str  # log file name, e.g. inference-2
+    module: str
+    nice: int
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_FIRST_S
+    restart_at: float | None = None
+    restarts: int = 0
+
+
+@dataclass
+class Plan:
+    """What to run: written by `dev up`, read by the supervisor."""
+
+    env: dict[str, str]
+    log_dir: str
+    state_file: str
+    counts: dict[str, int]
+    nice: int = 0
+    ready_timeout_s: float = 180.0
+    stages: list[Stage] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, path: Path) -> None:
+        fields = {k: v for k, v in self.__dict__.items() if k != "stages"}
+        path.write_text(json.dumps(fields, indent=2) + "\n")
+
+    def make_stages(self) -> list[Stage]:
+        stages = []
+        for role, module in STAGE_MODULES.items():
+            count = self.counts.get(role, 0)
+            for n in range(count):
+                name = module if count == 1 else f"{module}-{n + 1}"
+                stages.append(Stage(role, name, module, 0 if role == "worker" else self.nice))
+        return stages
+
+
+class Supervisor:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.log_dir = Path(plan.log_dir)
+        self.stages = plan.make_stages()
+        self.stopping = threading.Event()
+
+    def start(self, stage: Stage) -> None:
+        stage.proc = spawn(
+            [sys.executable, "-m", stage.module], self.log_dir / f"{stage.name}.log", self.plan.env, stage.nice
+        )
+        stage.started_at = time.monotonic()
+        stage.restart_at = None
+
+    def run(self) -> None:
+        for stage in self.stages:
+            self.start(stage)
+        self.record_pids()
+        try:
+            self.wait_ready()
+        except DevStackError as exc:
+            log.error("%s", exc)
+            self.stop()
+            sys.exit(1)
+        announce_ready()
+        while not self.stopping.wait(POLL_S):
+            self.watch()
+        self.stop()
+
+    def wait_ready(self) -> None:
+        """Until every stage printed its readiness marker; a stage that exits before it
+        is not restarted but fails the start, with the end of its log."""
+        deadline = time.monotonic() + self.plan.ready_timeout_s
+        pending = list(self.stages)
+        while pending and not self.stopping.is_set():
+            for stage in list(pending):
+                assert stage.proc is not None
+                log_path = self.log_dir / f"{stage.name}.log"
+                if stage.proc.poll() is not None:
+                    tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                    raise DevStackError(f"{stage.name} exited with code {stage.proc.returncode}:\n{tail}")
+                if READY_MARKER in log_path.read_text(errors="replace"):
+                    pending.remove(stage)
+            if time.monotonic() > deadline:
+                names = ", ".join(s.name for s in pending)
+                raise DevStackError(f"timed out after {self.plan.ready_timeout_s:.0f}s waiting for {names}")
+            time.sleep(0.1)
+
+    def watch(self) -> None:
+        """Restarts the stages that exited, each after its backoff."""
+        now = time.monotonic()
+        changed = False
+        for stage in self.stages:
+            if stage.restart_at is not None:
+                if now >= stage.restart_at:
+                    stage.restarts += 1
+                    log.warning("stage=%s restart=%d starting again", stage.name, stage.restarts)
+                    self.start(stage)
+                    changed = True
+                continue
+            code = stage.proc.poll() if stage.proc is not None else None
+            if code is None:
+                continue
+            if now - stage.started_at >= STABLE_S:
+                stage.backoff_s = BACKOFF_FIRST_S
+            stage.restart_at = now + stage.backoff_s
+            log.warning(
+                "stage=%s exited code=%s; restarting in %.0fs; its log ends: %s",
+                stage.name,
+                code,
+                stage.backoff_s,
+                _last_line(self.log_dir / f"{stage.name}.log"),
+            )
+            stage.backoff_s = min(BACKOFF_MAX_S, stage.backoff_s * 2)
+        if changed:
+            self.record_pids()
+
+    def record_pids(self) -> None:
+        """The stages' current pids into the state file's `pids`, atomically."""
+        path = Path(self.plan.state_file)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        for role in STAGE_MODULES:
+            pids = [s.proc.pid for s in self.stages if s.role == role and s.proc is not None]
+            if pids:
+                state["pids"][role] = pids if len(pids) > 1 else pids[0]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def stop(self) -> None:
+        """Workers and processors get SIGTERM and their grace, all at once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        running = [s.proc.pid for s in self.stages if s.proc is not None and s.proc.poll() is None]
+        with ThreadPoolExecutor(max(1, len(running))) as pool:
+            list(pool.map(lambda pid: stop_pid(pid, STOP_GRACE_S), running))
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][-300:] if lines else "(empty log)"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    supervisor = Supervisor(Plan.load(Path(sys.argv[1])))
+    stop_on_signals(supervisor.stopping)
+    supervisor.run()
+
+
+if __name__ == "__main__":
+    main()
