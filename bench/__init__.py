@@ -51,4 +51,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
         )
         write_json(args.json_path, results)
         return 0
+    if args.name == "rebalance":
+        from bench.rebalance import run as run_rebalance
+
+        write_json(args.json_path, run_rebalance(["classic", "consumer"]))
+        return 0
     raise AssertionError(args.name)

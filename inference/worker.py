@@ -45,7 +45,7 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
     """Bounded prefetch: librdkafka keeps at most a few batches ahead, in small
     per-partition fetches; fairness across partitions comes from the batcher's
     per-partition share of its pool (inference/batcher.py)."""
-    return consumer_config(
+    config = consumer_config(
         settings,
         settings.worker_group,
         **{
@@ -57,6 +57,13 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
             "max.partition.fetch.bytes": 32 * 1024,
         },
     )
+    if settings.worker_group_protocol == "consumer":
+        # KIP-848: the broker assigns partitions and times sessions out
+        # (group.consumer.* in deploy/kafka/broker.properties); these are refused here
+        for key in ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"):
+            config.pop(key, None)
+        config["group.protocol"] = "consumer"
+    return config
 
 
 class InferenceWorker:

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # load librdkafka batches what queued while earlier requests were in flight anyway.
     linger_ms: int = Field(0, ge=0, le=1000)
     session_timeout_ms: int = Field(6000, ge=1000)
+    # The workers' group protocol: `classic` (eager rebalances, roundrobin) or
+    # `consumer` (KIP-848: incremental, broker-side assignment; Apache Kafka 4 only)
+    worker_group_protocol: Literal["classic", "consumer"] = "classic"
     heartbeat_interval_ms: int = Field(1000, ge=100)
 
     # Requests

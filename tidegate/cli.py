@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency", "overload", "compression", "batching"])
+    bench.add_argument("name", choices=["latency", "overload", "compression", "batching", "rebalance"])
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
     bench.add_argument(
