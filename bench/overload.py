@@ -33,7 +33,7 @@ from typing import Any
 from bench.stats import percentile
 from streams.client import Client
 from streams.config import Settings
-from streams.exceptions import QueueFull, ReplyTimeout
+from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout
 from streams.lag import PROCESSORS, WORKERS
 from streams.pressure import PressureBoard
 from streams.pressure_feed import PressureListener
@@ -91,6 +91,8 @@ async def _one(client: Client, i: int, outcomes: list[Outcome], wait: bool = Fal
         status, total, timings = reply.status, reply.timings.total_ms, reply.to_record()["timings"]
     except QueueFull as exc:
         status, total, timings = f"rejected:{exc.stage}", 0, None
+    except SendTimeout:  # the broker never acknowledged it: not accepted, so not lost
+        status, total, timings = "unsent", 0, None
     except ReplyTimeout:
         status, total, timings = "lost", 0, None
     done = time.monotonic()

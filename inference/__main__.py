@@ -6,6 +6,7 @@ import logging
 
 from inference.runners import load_runner
 from inference.worker import InferenceWorker
+from streams import metrics
 from streams.config import Settings
 from streams.lifecycle import stop_on_signals
 
@@ -13,6 +14,7 @@ from streams.lifecycle import stop_on_signals
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     runner = load_runner(settings.model, settings.torch_threads, settings.dtype)
     worker = InferenceWorker(settings, runner)
     worker.warm_up()

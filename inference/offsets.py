@@ -31,6 +31,9 @@ class OffsetLedger:
     def assign(self, partitions: Iterable[Partition]) -> None:
         self._owned |= set(partitions)
 
+    def owned_count(self) -> int:
+        return len(self._owned)
+
     def owns(self, topic: str, partition: int) -> bool:
         return (topic, partition) in self._owned
 

@@ -18,8 +18,9 @@ import redis
 
 from conversation.history import KEY_PREFIX, HistoryWriter
 from conversation.response_cache import CachedReply, cache_key, cacheable, lookup, store
-from inference.jobs import Job
+from inference.jobs import STAGE, Job
 from inference.runners import Generation, ModelRunner
+from streams import metrics
 from streams.config import Settings
 from streams.outgoing import now_ms
 
@@ -42,6 +43,7 @@ class SessionStore:
         return time.monotonic() >= self._down_until
 
     def _down(self, exc: Exception, skipped: str) -> None:
+        metrics.REDIS_DEGRADED.labels(STAGE).set(1)
         if self._available():
             log.warning("redis unreachable, %s skipped for %.0fs: %s", skipped, REDIS_RETRY_S, exc)
         self._down_until = time.monotonic() + REDIS_RETRY_S
@@ -99,7 +101,9 @@ class SessionStore:
         except (redis.RedisError, OSError) as exc:
             self._down(exc, "assistant turns")
             return
-        self.repeats += sum(1 for a in appended if not a)
+        repeated = sum(1 for a in appended if not a)
+        self.repeats += repeated
+        metrics.REPEATED_REQUESTS.inc(repeated)
 
     def publish_stats(self, key: str, stats: Any, batching: str) -> None:
         """Batching counters to a Redis hash (`tidegate bench batching` reads them)."""
@@ -116,5 +120,6 @@ class SessionStore:
                 pipe.hset(key, mapping=fields)
                 pipe.expire(key, 3600)
                 pipe.execute()
+            metrics.REDIS_DEGRADED.labels(STAGE).set(0)
         except (redis.RedisError, OSError) as exc:
             self._down(exc, "stats")

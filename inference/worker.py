@@ -28,9 +28,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from inference.batcher import Batcher
 from inference.commits import ReplyCommitter
 from inference.engine import EngineStats, Request
-from inference.jobs import Job, decode_job
+from inference.jobs import STAGE, Job, decode_job
 from inference.runners import Generation, ModelRunner, Prompt
 from inference.session_store import STATS_KEY, SessionStore
+from streams import metrics
 from streams.config import Settings
 from streams.kafka import consumer_config, producer_config
 from streams.lifecycle import announce_ready
@@ -145,6 +146,8 @@ class InferenceWorker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("worker assigned %d partitions", len(partitions))
         self.replies.assign((tp.topic, tp.partition) for tp in partitions)
+        metrics.REBALANCES.labels(STAGE).inc()
+        metrics.ASSIGNED_PARTITIONS.labels(STAGE).set(self.replies.ledger.owned_count())
         if not self._announced:
             self._announced = True
             announce_ready()
@@ -154,6 +157,7 @@ class InferenceWorker:
         self._commit(asynchronous=False)
         self.batcher.drop_partitions(revoked)
         self.replies.forget(revoked)
+        metrics.ASSIGNED_PARTITIONS.labels(STAGE).set(self.replies.ledger.owned_count())
         self.jobs = {k: j for k, j in self.jobs.items() if (k[0], k[1]) not in revoked}
 
     # -- decoding, once per record --------------------------------------------
@@ -185,7 +189,9 @@ class InferenceWorker:
             job = self.jobs.pop(key, None) or decode_job(record, self.runner, self.settings.topics.dead_letter)
             job.started_ms = started
             self.replies.take([record])
+            metrics.QUEUE_WAIT.observe(max(0, started - record.timestamp()[1]) / 1000)
             if job.dead_letter is not None:
+                metrics.DEAD_LETTERS.labels(STAGE, "undecodable").inc()
                 answered.append((record, job.dead_letter))
             elif job.expired(started):
                 answered.append((record, self._reply(job, "expired", error="deadline passed before inference")))
@@ -217,6 +223,7 @@ class InferenceWorker:
             log.exception("model %s failed on a batch of %d", self.runner.name, len(jobs))
             return [(j.record, self._reply(j, "error", error=f"model failed: {exc!r}")) for j in jobs]
         inference_ms = int((time.monotonic() - started) * 1000)
+        metrics.BATCH_SIZE.observe(len(jobs))
         self._count_static(jobs, generated)
         self._finished(jobs, generated)
         return [(j.record, self._ok(j, g, inference_ms=inference_ms)) for j, g in zip(jobs, generated, strict=True)]
@@ -254,7 +261,13 @@ class InferenceWorker:
             self.replies.send(answered)
             if jobs:
                 self._run_engine(lambda: self.engine.add([self._request(j) for j in jobs]), jobs)
+                first_token_ms = now_ms()  # prefill samples each new row's first token
+                for j in jobs:
+                    assert j.envelope is not None
+                    metrics.TIME_TO_FIRST_TOKEN.observe(max(0, first_token_ms - j.envelope["created_ms"]) / 1000)
         if self.engine.busy:
+            metrics.BATCH_SIZE.observe(len(self.engine.active))
+            metrics.DECODE_STEPS.inc()
             self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
         self.replies.poll()
         if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
@@ -291,6 +304,7 @@ class InferenceWorker:
     # -- replies --------------------------------------------------------------
 
     def _finished(self, jobs: list[Job], generations: list[Generation]) -> None:
+        metrics.TOKENS_GENERATED.inc(sum(g.tokens_out for g in generations))
         self.store.remember(jobs, generations)
         self.store.append_turns(jobs, generations)
 
@@ -317,6 +331,7 @@ class InferenceWorker:
         reply = build_reply(
             envelope, status, model=self.runner.name, degraded=envelope["degraded"], timings=timings, **fields
         )
+        metrics.END_TO_END.labels(status).observe(reply["timings"]["total_ms"] / 1000)
         return reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
 
     # -- commits and stats ----------------------------------------------------
@@ -335,4 +350,5 @@ class InferenceWorker:
         if time.monotonic() - self._stats_at < self.settings.stats_interval_s:
             return
         self._stats_at = time.monotonic()
+        metrics.PADDING_SHARE.set(self.stats.padding_share())
         self.store.publish_stats(self.stats_key, self.stats, "continuous" if self.engine else "static")

@@ -1,4 +1,6 @@
-"""`tidegate lag`: each stage's lag now, with the cap and state the monitor last published."""
+"""`tidegate lag`: each stage's lag now, with what the lag monitor last published:
+cap, pressure state, lag in seconds, health by Burrow's rules, drain and arrival
+rates, drain time, members against partitions. `--watch` keeps a live table."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from streams.lag import LagReader, pipeline_stages
 from streams.pressure_feed import PressureListener
 
 STATE_WAIT_S = 1.5  # the monitor publishes every stage at least once a second
+COLUMNS = ("stage", "lag", "lag s", "cap", "state", "health", "drain/s", "arrive/s", "drain time", "members", "group")
 
 
 def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, Any]]:
@@ -21,6 +24,8 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
     for stage in reader.stages:
         lag = reader.lag(stage)
         state = listener.board.state(stage.name) or {}
+        drain, arrival = state.get("drain_rate"), state.get("arrival_rate")
+        net = (drain or 0.0) - (arrival or 0.0)
         rows.append(
             {
                 "stage": stage.name,
@@ -29,26 +34,63 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
                 "lag": lag.lag,
                 "log_end": lag.log_end,
                 "committed": lag.committed,
+                "lag_seconds": state.get("lag_seconds", round(lag.lag_seconds, 3)),
                 "cap": state.get("cap"),
                 "state": state.get("state", "unknown (no monitor)"),
-                "drain_rate": state.get("drain_rate"),
-                "drain_time_ms": state.get("drain_time_ms"),
+                "health": state.get("health", "unknown"),
+                "partition_health": state.get("partition_health", {}),
+                "drain_rate": drain,
+                "arrival_rate": arrival,
+                "drain_time_s": None
+                if drain is None
+                else (0.0 if lag.lag == 0 else (lag.lag / net if net > 0 else -1)),
+                "members": state.get("members"),
+                "partitions": state.get("partitions") or reader.partition_count(stage),
             }
         )
     return rows
 
 
+def _cells(r: dict[str, Any]) -> list[str]:
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    drain_time = r["drain_time_s"]
+    members = r["members"]
+    return [
+        r["stage"],
+        str(r["lag"]),
+        num(r["lag_seconds"], ".1f"),
+        "-" if r["cap"] is None else str(r["cap"]),
+        r["state"],
+        r["health"],
+        num(r["drain_rate"], ".1f"),
+        num(r["arrival_rate"], ".1f"),
+        "-" if drain_time is None else ("never" if drain_time < 0 else f"{drain_time:.1f}s"),
+        f"{'?' if members is None or members < 0 else members}/{r['partitions']}",
+        r["group"],
+    ]
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = f"{'stage':<11} {'lag':>8} {'cap':>8} {'state':<8} {'drain/s':>9} {'drain time':>11}  group"
-    lines = [head]
+    table = [list(COLUMNS), *(_cells(r) for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table)
+
+
+def _rich_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    colours = {"ok": "green", "OK": "green", "warn": "yellow", "WARN": "yellow", "full": "red", "ERR": "red"}
+    table = Table(title=f"tidegate lag  {time.strftime('%H:%M:%S')}", title_justify="left")
+    for name in COLUMNS:
+        table.add_column(name, justify="left" if name in ("stage", "state", "health", "group") else "right")
     for r in rows:
-        drain = "-" if r["drain_rate"] is None else f"{r['drain_rate']:.1f}"
-        drain_time = "-" if r["drain_time_ms"] in (None, -1) else f"{r['drain_time_ms'] / 1000:.1f}s"
-        cap = "-" if r["cap"] is None else str(r["cap"])
-        lines.append(
-            f"{r['stage']:<11} {r['lag']:>8} {cap:>8} {r['state']:<8} {drain:>9} {drain_time:>11}  {r['group']}"
-        )
-    return "\n".join(lines)
+        cells = _cells(r)
+        cells[4] = f"[{colours.get(r['state'], 'white')}]{cells[4]}[/]"
+        cells[5] = f"[{colours.get(r['health'], 'white')}]{cells[5]}[/]"
+        table.add_row(*cells)
+    return table
 
 
 def report(settings: Settings, as_json: bool, watch_s: float | None) -> int:
@@ -60,6 +102,13 @@ def report(settings: Settings, as_json: bool, watch_s: float | None) -> int:
         deadline = time.monotonic() + STATE_WAIT_S
         while time.monotonic() < deadline and any(listener.board.state(s.name) is None for s in reader.stages):
             reader.poll(0.1)
+        if watch_s is not None and not as_json:
+            from rich.live import Live
+
+            with Live(_rich_table(lag_rows(reader, listener)), auto_refresh=False) as live:
+                while True:
+                    reader.poll(watch_s)
+                    live.update(_rich_table(lag_rows(reader, listener)), refresh=True)
         while True:
             rows = lag_rows(reader, listener)
             print(orjson.dumps(rows).decode() if as_json else format_rows(rows), flush=True)

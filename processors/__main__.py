@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 
 from processors.app import create_app
+from streams import metrics
 from streams.config import Settings
 
 
 def main() -> None:
-    app = create_app(Settings())
+    settings = Settings()
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
+    app = create_app(settings)
     sys.argv = [sys.argv[0], "worker", "--without-web", "--loglevel=warn"]
     app.main()
 

@@ -25,6 +25,7 @@ from conversation.tokens import TokenCounter
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import STAGE, Admission, Incoming, RequestHandler
+from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import producer_config
@@ -124,6 +125,7 @@ def create_app(settings: Settings) -> faust.App:
                 continue
             except Exception as exc:  # never commit past a failure silently
                 log.exception("batch of %d failed; dead-lettering it", len(batch))
+                metrics.DEAD_LETTERS.labels(STAGE, "processor_error").inc(len(batch))
                 outgoing = [
                     dead_letter(
                         settings.topics.dead_letter,
@@ -146,6 +148,8 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_partitions_assigned.connect
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         log.warning("processor assigned %d partitions", len(assigned))
+        metrics.REBALANCES.labels(STAGE).inc()
+        metrics.ASSIGNED_PARTITIONS.labels(STAGE).set(len(assigned))
         announce_ready()
 
     return app

@@ -26,6 +26,7 @@ from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
+from streams import metrics
 from streams.config import Settings
 from streams.faults import fault_point
 from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
@@ -121,6 +122,7 @@ class RequestHandler:
             log.warning(
                 "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
             )
+            metrics.DEAD_LETTERS.labels(STAGE, "undecodable").inc()
             return dead_letter(
                 self.settings.topics.dead_letter,
                 record.value,
@@ -135,7 +137,10 @@ class RequestHandler:
             request["created_ms"] = started
         timings = {"queued_ms": max(0, started - request["created_ms"])}
 
-        def refuse(status: str, error: str, retry_after_ms: int | None = None) -> Outgoing:
+        def refuse(status: str, error: str, retry_after_ms: int | None = None, stage: str = STAGE) -> Outgoing:
+            metrics.REFUSALS.labels(stage, request["priority"], status).inc()
+            if retry_after_ms is not None:
+                metrics.RETRY_AFTER.labels(stage).observe(retry_after_ms / 1000)
             reply = build_reply(request, status, error=error, retry_after_ms=retry_after_ms, timings=timings)
             return reply_message(reply, request["reply_to"], encoding)
 
@@ -148,7 +153,7 @@ class RequestHandler:
             full = self.admission(request)
             if full is not None:
                 stage, lag, cap, retry_after_ms = full
-                return refuse("queue_full", f"stage {stage} lag {lag} is past its cap {cap}", retry_after_ms)
+                return refuse("queue_full", f"stage {stage} lag {lag} is past its cap {cap}", retry_after_ms, stage)
         system = [m["content"] for m in request["messages"] if m["role"] == "system"]
         # counted for the whole batch at once (_count_new_turns)
         new_turns = [
@@ -252,6 +257,7 @@ class RequestHandler:
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
             return [True] * len(accepted), True
+        metrics.REDIS_DEGRADED.labels(STAGE).set(0)
         fresh = []
         for item in accepted:
             history = loaded_history(next(results))
@@ -317,6 +323,7 @@ class RequestHandler:
     def _redis_down(self, exc: Exception) -> None:
         log.warning("redis unreachable, going on degraded for %.0fs: %s", REDIS_RETRY_S, exc)
         self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+        metrics.REDIS_DEGRADED.labels(STAGE).set(1)
 
 
 def _waves(items: list[_Accepted]) -> list[list[_Accepted]]:

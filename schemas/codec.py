@@ -46,6 +46,7 @@ SCHEMA_FILES = {
 # one): a stage upgraded first keeps reading what the others still send.
 PREVIOUS_SCHEMA_FILES = {
     "ContextEnvelope": ["previous/context_envelope.v1.avsc"],
+    "PressureState": ["previous/pressure_state.v1.avsc"],
 }
 
 Record = dict[str, Any]

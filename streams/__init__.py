@@ -3,7 +3,7 @@ outgoing records, lag, pressure, and the `Client` services use."""
 
 from streams.client import Client
 from streams.config import Settings
-from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
+from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
 from streams.reply import Reply, StageTimings
 
-__all__ = ["Client", "QueueFull", "Reply", "ReplyTimeout", "Settings", "StageTimings", "TidegateError"]
+__all__ = ["Client", "QueueFull", "Reply", "ReplyTimeout", "SendTimeout", "Settings", "StageTimings", "TidegateError"]

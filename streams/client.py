@@ -33,9 +33,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas import AVRO, SerializationError, content_type_header, get_codec
+from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryProducer
-from streams.exceptions import QueueFull, ReplyTimeout, TidegateError
+from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
 from streams.kafka import check_reachable, consume_ready, consumer_config, producer_config
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
@@ -178,7 +179,8 @@ class Client:
         :param wait: when the path is full, retry with backoff until the deadline
             instead of raising QueueFull at once.
         :raises QueueFull: the path is full for this priority (nothing was sent).
-        :raises ReplyTimeout: the broker did not acknowledge the request by its deadline.
+        :raises SendTimeout: the broker did not acknowledge the request by its deadline
+            (a ReplyTimeout).
         """
         assert self._loop is not None, "use `async with Client(...)`"
         request = self._build_request(
@@ -205,7 +207,7 @@ class Client:
                 await self._produce(request)
         except TimeoutError as exc:
             self._pending.pop(request_id, None)
-            raise ReplyTimeout(f"request {request_id} not acknowledged by the broker before its deadline") from exc
+            raise SendTimeout(f"request {request_id} not acknowledged by the broker before its deadline") from exc
         except BaseException:
             self._pending.pop(request_id, None)
             raise
@@ -416,6 +418,8 @@ class Client:
             if refusal is None:
                 return
             error = QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
+            metrics.REFUSALS.labels(refusal.stage, request["priority"], "queue_full").inc()
+            metrics.RETRY_AFTER.labels(refusal.stage).observe(refusal.retry_after_ms / 1000)
             if not wait:
                 raise error
             delay_ms = _backoff_ms(refusal.retry_after_ms, attempt)

@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     warn_ratio: float = Field(0.8, gt=0, lt=1)
     pressure_interval_ms: int = Field(200, ge=50)
     pressure_stale_s: float = Field(3.0, gt=0)
+    # Prometheus text on http://METRICS_HOST:METRICS_PORT/metrics (0: a free port);
+    # unset: no endpoint. `dev up` gives every process its own port.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # the window of commits over which a group's health is judged (Burrow's rules)
+    health_window_s: float = Field(30.0, gt=0)
+
     # `dev up` only: nice increment for the broker, Redis, processors and monitor, so
     # on a shared machine the worker (standing in for the accelerator) gets the CPU
     # first; 0 runs everything alike. Production runs each stage on its own machines.

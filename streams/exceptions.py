@@ -23,3 +23,8 @@ class QueueFull(TidegateError):
 
 class ReplyTimeout(TidegateError):
     """No reply arrived for a request before its deadline."""
+
+
+class SendTimeout(ReplyTimeout):
+    """The broker did not acknowledge the request before its deadline: it was not
+    accepted as far as the caller knows (if it still lands, it is answered `expired`)."""

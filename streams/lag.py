@@ -15,13 +15,15 @@ progress" right after a start.)
 
 from __future__ import annotations
 
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.lag_seconds import LagClock
 
 PROCESSORS = "processors"
 WORKERS = "workers"
@@ -37,11 +39,29 @@ class Stage:
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionLag:
+    log_end: int
+    committed: int  # the log start where the group has not committed
+    lag: int
+    lag_seconds: float  # exact: the oldest unanswered record's age (streams/lag_seconds.py)
+    lag_seconds_interpolated: float
+
+
+@dataclass(frozen=True, slots=True)
 class StageLag:
     stage: str
     lag: int
     log_end: int  # sum over partitions
     committed: int  # sum over partitions (log start where the group has not committed)
+    partitions: dict[int, PartitionLag] = field(default_factory=dict)
+
+    @property
+    def lag_seconds(self) -> float:
+        return max((p.lag_seconds for p in self.partitions.values()), default=0.0)
+
+    @property
+    def lag_seconds_interpolated(self) -> float:
+        return max((p.lag_seconds_interpolated for p in self.partitions.values()), default=0.0)
 
 
 def pipeline_stages(settings: Settings) -> list[Stage]:
@@ -80,6 +100,7 @@ class LagReader:
         self._partitions: dict[str, list[TopicPartition]] = {}
         self._end: dict[tuple[str, int], int] = {}
         self._start: dict[tuple[str, int], int] = {}
+        self.clock = LagClock()
         assignment = []
         for stage in stages:
             meta = self._tail.list_topics(stage.topic, timeout=10).topics.get(stage.topic)
@@ -104,12 +125,15 @@ class LagReader:
                 continue
             key = (message.topic(), message.partition())
             self._end[key] = max(self._end[key], message.offset() + 1)
+            self.clock.record(key, message.offset(), message.timestamp()[1])
+        now = time.time()
         for tps in self._partitions.values():
             for tp in tps:
                 _, high = self._tail.get_watermark_offsets(tp, cached=True)
                 key = (tp.topic, tp.partition)
                 if high is not None and high >= 0:
                     self._end[key] = max(self._end[key], high)
+                self.clock.end(key, self._end[key], now)
 
     def committed(self, stage: Stage, timeout_s: float = 5.0) -> dict[int, int]:
         """The group's committed offset per partition; -1 where it has none.
@@ -117,19 +141,26 @@ class LagReader:
         found = self._offsets[stage.name].committed(self._partitions[stage.topic], timeout=timeout_s)
         return {tp.partition: tp.offset if tp.offset >= 0 else -1 for tp in found}
 
+    def partition_count(self, stage: Stage) -> int:
+        return len(self._partitions[stage.topic])
+
     def lag(self, stage: Stage) -> StageLag:
         committed = self.committed(stage)
+        now = time.time()
         end_sum = done_sum = lag = 0
+        partitions = {}
         for tp in self._partitions[stage.topic]:
             key = (tp.topic, tp.partition)
             end = self._end[key]
             done = committed.get(tp.partition, -1)
             if done < 0:  # nothing committed yet: the group starts from the log start
                 done = self._start[key]
+            exact, interpolated = self.clock.age(key, done, end, now)
+            partitions[tp.partition] = PartitionLag(end, done, max(0, end - done), exact, interpolated)
             end_sum += end
             done_sum += done
             lag += max(0, end - done)
-        return StageLag(stage.name, lag, end_sum, done_sum)
+        return StageLag(stage.name, lag, end_sum, done_sum, partitions)
 
     def close(self) -> None:
         self._tail.close()

@@ -7,11 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from tests.helpers import wait_for
 
 TIDEGATE = [sys.executable, "-m", "tidegate.cli"]
+OPERATOR_METRICS = ("tidegate_lag_messages", "tidegate_lag_seconds", "tidegate_stage_status", "tidegate_refusals_total")
 
 
 def run(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -58,6 +60,18 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
         assert set(rows) == {"processors", "workers"}
         assert rows["workers"]["lag"] == 0 and rows["workers"]["committed"] == 1  # answered and committed
         assert rows["workers"]["state"] == "ok" and rows["workers"]["cap"] > 0
+        assert rows["workers"]["health"] == "OK" and rows["workers"]["partitions"] == 8
+
+        # every process answers /metrics with the operators' four metrics
+        assert set(state["metrics"]) == {"monitor", "processor", "worker"}
+        for role, url in state["metrics"].items():
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            for name in OPERATOR_METRICS:
+                assert f"# TYPE {name} " in text, (role, name)
+        advice = run(["scale", "advise", "--json"], tmp_path)
+        assert advice.returncode == 0, advice.stderr
+        assert {r["stage"]: r["recommended"] for r in json.loads(advice.stdout)} == {"processors": 1, "workers": 1}
 
         # a stage that dies is started again by the supervisor, and serves
         os.kill(state["pids"]["worker"], signal.SIGKILL)

@@ -23,7 +23,7 @@ import redis
 from conversation.history import history_key
 from inference.session_store import STATS_KEY
 from streams import Client, Reply
-from streams.lag import WORKERS, LagReader, pipeline_stages
+from streams.lag import WORKERS, LagReader, Stage, pipeline_stages
 from tests.conftest import LOG_DIR, Pipeline
 from tests.helpers import Outcome, fault_summary, offer_load, recovery_time, wait_for
 from tidegate import devstack
@@ -183,6 +183,39 @@ async def _one(pipeline: Pipeline, text: str) -> Reply:
         return await client.generate(user(text), f"one-{uuid.uuid4().hex[:6]}", max_new_tokens=8, deadline_s=60)
 
 
+def watch_commits(pipeline: Pipeline, stage: Stage) -> tuple[list[tuple[int, int, int]], Callable[[], None]]:
+    """Samples the stage group's committed offsets every 50 ms in a thread; the list
+    collects (partition, before, after) for every move backwards; call the returned
+    function to stop."""
+    reader = LagReader(pipeline.settings, [stage])
+    backwards: list[tuple[int, int, int]] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        last: dict[int, int] = {}
+        while not watching.is_set():
+            try:
+                now = reader.committed(stage)
+            except Exception:  # the coordinator moving during a rebalance: ask again
+                watching.wait(0.05)
+                continue
+            for partition, offset in now.items():
+                if offset < last.get(partition, -1):
+                    backwards.append((partition, last[partition], offset))
+                last[partition] = max(offset, last.get(partition, -1))
+            watching.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def stop() -> None:
+        watching.set()
+        watcher.join(5)
+        reader.close()
+
+    return backwards, stop
+
+
 def test_a_worker_stopped_past_its_session_timeout_neither_commits_back_nor_doubles(
     pipelines: Callable[..., Pipeline],
 ) -> None:
@@ -192,26 +225,7 @@ def test_a_worker_stopped_past_its_session_timeout_neither_commits_back_nor_doub
     pipeline = pipelines()
     pipeline.start(("worker-2",))
     stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
-    reader = LagReader(pipeline.settings, [stage])
-    backwards: list[tuple[int, int, int]] = []
-    watching = threading.Event()
-
-    def watch_commits() -> None:
-        last: dict[int, int] = {}
-        while not watching.is_set():
-            try:
-                now = reader.committed(stage)
-            except Exception:  # the coordinator moving during the rebalance: ask again
-                watching.wait(0.05)
-                continue
-            for partition, offset in now.items():
-                if offset < last.get(partition, -1):
-                    backwards.append((partition, last[partition], offset))
-                last[partition] = max(offset, last.get(partition, -1))
-            watching.wait(0.05)
-
-    watcher = threading.Thread(target=watch_commits, daemon=True)
-    watcher.start()
+    backwards, stop_watching = watch_commits(pipeline, stage)
     zombie = pipeline.pids["worker-2"]
 
     def stop_past_the_session() -> None:
@@ -222,11 +236,39 @@ def test_a_worker_stopped_past_its_session_timeout_neither_commits_back_nor_doub
     try:
         outcomes, recovery_s = load_through(pipeline, "zombie", stop_past_the_session)
     finally:
-        watching.set()
-        watcher.join(5)
-        reader.close()
+        stop_watching()
     figures = fault_summary(
         "worker stopped past its session timeout",
+        outcomes,
+        recovery_s,
+        pipeline.settings,
+        commits_backwards=len(backwards),
+    )
+    assert figures["lost"] == 0 and figures["duplicates_to_caller"] == 0
+    assert backwards == []
+
+
+def test_three_workers_joining_and_leaving_under_load_never_commit_backwards(
+    pipelines: Callable[..., Pipeline],
+) -> None:
+    """Workers 2 and 3 join, then leave (SIGTERM), while load flows: every request is
+    answered, and the group's committed offsets only ever move forward."""
+    pipeline = pipelines()
+    stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
+    backwards, stop_watching = watch_commits(pipeline, stage)
+
+    def churn() -> None:
+        pipeline.start(("worker-2",))
+        pipeline.start(("worker-3",))
+        pipeline.stop(("worker-2",))
+        pipeline.stop(("worker-3",))
+
+    try:
+        outcomes, recovery_s = load_through(pipeline, "churn", churn)
+    finally:
+        stop_watching()
+    figures = fault_summary(
+        "workers 2 and 3 join and leave under load",
         outcomes,
         recovery_s,
         pipeline.settings,

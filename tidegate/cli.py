@@ -1,9 +1,12 @@
 """The `tidegate` command.
 
-tidegate dev up [--model M]     start broker, Redis, a processor and a worker (.tidegate/dev.json)
+tidegate dev up [--broker B] [--brokers N] [--workers N] [--processors N] [--model M]
+                                start brokers, Redis and the stages (.tidegate/dev.json)
 tidegate dev down               stop them
 tidegate demo [--model M]       a 3-turn conversation and 10 questions, with timings
 tidegate send TEXT              one request against the running dev stack
+tidegate lag [--watch]          lag, lag seconds, health, rates and members per stage
+tidegate scale advise           members each stage's group needs, and why
 tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
 tidegate processor | worker     run one stage in the foreground (TIDEGATE_* settings)
 """
@@ -92,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="report again every SECONDS (default 1) until interrupted",
     )
+
+    scale = sub.add_parser("scale", help="consumer-group scaling")
+    scale_sub = scale.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    scale_advise = scale_sub.add_parser("advise", help="members each stage's group needs, and why")
+    scale_advise.add_argument(
+        "--target-s", type=float, default=10.0, help="seconds in which a backlog should drain (default 10)"
+    )
+    scale_advise.add_argument("--json", action="store_true", help="one JSON array")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("name", choices=["latency", "overload", "compression", "batching", "rebalance"])
@@ -198,6 +209,10 @@ def _run(args: argparse.Namespace) -> int:
         from ops.lag_report import report
 
         return report(stack_settings(), args.json, args.watch)
+    if args.command == "scale":
+        from ops.scale_report import report as scale_report
+
+        return scale_report(stack_settings(), args.target_s, args.json)
     if args.command == "bench":
         return _run_benchmark(args)
     if args.command == "processor":

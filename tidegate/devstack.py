@@ -138,6 +138,7 @@ class DevStack:
     redis_url: str
     broker: Broker = "kafka"
     pids: dict[str, int | list[int]] = field(default_factory=dict)
+    metrics: dict[str, str | list[str]] = field(default_factory=dict)  # role -> Prometheus endpoint(s)
     log_dir: str = str(STATE_DIR / "logs")
     model: str = "default"
 
@@ -246,7 +247,8 @@ def up(
         stack.pids["supervisor"] = proc.pid
         stack.save(state_file)
         wait_for_ready(log_dir / "supervisor.log", READY_MARKER, proc, ready_timeout_s + 30)
-        stack.pids = DevStack.load(state_file).pids  # with the stages' pids, as the supervisor recorded them
+        recorded = DevStack.load(state_file)  # the stages' pids and endpoints, as the supervisor recorded them
+        stack.pids, stack.metrics = recorded.pids, recorded.metrics
     except BaseException:
         stack.stop()
         raise

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streams.lifecycle import READY_MARKER, announce_ready, stop_on_signals
-from tidegate.processes import DevStackError, spawn, stop_pid
+from tidegate.processes import DevStackError, free_port, spawn, stop_pid
 
 log = logging.getLogger("tidegate.supervisor")
 
@@ -45,6 +45,7 @@ class Stage:
     name: str  # log file name, e.g. inference-2
     module: str
     nice: int
+    metrics_port: int = 0  # its Prometheus endpoint, the same across restarts
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
@@ -78,7 +79,7 @@ class Plan:
             count = self.counts.get(role, 0)
             for n in range(count):
                 name = module if count == 1 else f"{module}-{n + 1}"
-                stages.append(Stage(role, name, module, 0 if role == "worker" else self.nice))
+                stages.append(Stage(role, name, module, 0 if role == "worker" else self.nice, free_port()))
         return stages
 
 
@@ -90,9 +91,8 @@ class Supervisor:
         self.stopping = threading.Event()
 
     def start(self, stage: Stage) -> None:
-        stage.proc = spawn(
-            [sys.executable, "-m", stage.module], self.log_dir / f"{stage.name}.log", self.plan.env, stage.nice
-        )
+        env = {**self.plan.env, "TIDEGATE_METRICS_PORT": str(stage.metrics_port)}
+        stage.proc = spawn([sys.executable, "-m", stage.module], self.log_dir / f"{stage.name}.log", env, stage.nice)
         stage.started_at = time.monotonic()
         stage.restart_at = None
 
@@ -160,7 +160,8 @@ class Supervisor:
             self.record_pids()
 
     def record_pids(self) -> None:
-        """The stages' current pids into the state file's `pids`, atomically."""
+        """The stages' current pids into the state file's `pids`, and their metrics
+        endpoints under `metrics`, atomically."""
         path = Path(self.plan.state_file)
         try:
             state = json.loads(path.read_text())
@@ -170,6 +171,9 @@ class Supervisor:
             pids = [s.proc.pid for s in self.stages if s.role == role and s.proc is not None]
             if pids:
                 state["pids"][role] = pids if len(pids) > 1 else pids[0]
+            urls = [f"http://127.0.0.1:{s.metrics_port}/metrics" for s in self.stages if s.role == role]
+            if urls:
+                state.setdefault("metrics", {})[role] = urls if len(urls) > 1 else urls[0]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp, path)

@@ -1,0 +1,108 @@
+"""Prometheus metrics of every tidegate process: names prefixed `tidegate_`, base units.
+
+Each process serves its own registry's text format on `METRICS_PORT` (loopback by
+default, `METRICS_HOST` otherwise); `tidegate dev up` gives every process a free
+port and records the URLs in .tidegate/dev.json under `metrics`. The metrics are
+defined here once, whoever updates them, so a name means the same in every
+process; a process exports those it updates (and the rest at zero, or empty).
+
+Where each is set: the lag monitor (ops/monitor.py) the lag, status and pressure
+gauges; the processors and the client the refusals and retry-after hints; the
+workers the batching, latency and token metrics; every consumer its rebalances and
+assigned partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+RETRY_AFTER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+# -- the lag monitor ----------------------------------------------------------
+LAG_MESSAGES = Gauge(
+    "tidegate_lag_messages", "Records accepted and not yet committed, per partition", ["stage", "partition"]
+)
+LAG_SECONDS = Gauge(
+    "tidegate_lag_seconds",
+    "Age of the oldest record not yet committed (exact from record timestamps; 0 with no lag)",
+    ["stage"],
+)
+LAG_SECONDS_INTERPOLATED = Gauge(
+    "tidegate_lag_seconds_interpolated",
+    "Lag in seconds the way kafka-lag-exporter estimates it: when the log end passed the committed offset",
+    ["stage"],
+)
+STAGE_STATUS = Gauge(
+    "tidegate_stage_status",
+    "Burrow's evaluation of the stage: 0 OK, 1 WARN, 2 ERR (a partition STOP, STALL, REWIND)",
+    ["stage"],
+)
+PARTITION_STATUS = Gauge(
+    "tidegate_partition_status", "1 for the partition's current Burrow status", ["stage", "partition", "status"]
+)
+CAP_MESSAGES = Gauge("tidegate_cap_messages", "The stage's lag cap", ["stage"])
+PRESSURE_STATE = Gauge("tidegate_pressure_state", "Published pressure: 0 ok, 1 warn, 2 full", ["stage"])
+DRAIN_RATE = Gauge("tidegate_drain_rate_messages_per_second", "Commits per second while the stage had work", ["stage"])
+ARRIVAL_RATE = Gauge("tidegate_arrival_rate_messages_per_second", "Records arriving per second", ["stage"])
+DRAIN_TIME = Gauge(
+    "tidegate_drain_time_seconds", "Lag over (drain rate - arrival rate); -1 when it does not drain", ["stage"]
+)
+GROUP_MEMBERS = Gauge("tidegate_group_members", "Members of the stage's consumer group", ["stage"])
+GROUP_PARTITIONS = Gauge("tidegate_group_partitions", "Partitions of the stage's topic", ["stage"])
+
+# -- admission: the client and the processors ---------------------------------
+REFUSALS = Counter(
+    "tidegate_refusals", "Requests refused before any work, by the stage that was full", ["stage", "priority", "reason"]
+)
+RETRY_AFTER = Histogram(
+    "tidegate_retry_after_seconds", "Retry-after hints given with refusals", ["stage"], buckets=RETRY_AFTER_BUCKETS
+)
+
+# -- every stage --------------------------------------------------------------
+DEAD_LETTERS = Counter("tidegate_dead_letters", "Records sent to the dead-letter topic", ["stage", "reason"])
+REDIS_DEGRADED = Gauge("tidegate_redis_degraded", "1 while the stage goes on without Redis", ["stage"])
+REBALANCES = Counter("tidegate_rebalances", "Partition assignments received by this member", ["stage"])
+ASSIGNED_PARTITIONS = Gauge("tidegate_assigned_partitions", "Partitions this member owns", ["stage"])
+
+# -- the workers --------------------------------------------------------------
+QUEUE_WAIT = Histogram(
+    "tidegate_queue_wait_seconds",
+    "From the record's timestamp on the contexts topic to the worker taking it",
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tidegate_time_to_first_token_seconds", "From the request's creation to its first token", buckets=LATENCY_BUCKETS
+)
+END_TO_END = Histogram(
+    "tidegate_request_duration_seconds",
+    "From the request's creation to its reply, by status",
+    ["status"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("tidegate_batch_size", "Rows in a decode step or static batch", buckets=BATCH_BUCKETS)
+PADDING_SHARE = Gauge("tidegate_padding_ratio", "Share of prefill positions that were padding")
+TOKENS_GENERATED = Counter("tidegate_generated_tokens", "Tokens generated")
+DECODE_STEPS = Counter("tidegate_decode_steps", "Decode steps run")
+REPEATED_REQUESTS = Counter(
+    "tidegate_repeated_requests", "Requests generated again after a redelivery (their reply went out twice)"
+)
+
+STATUS_CODES = {"ok": 0, "warn": 1, "full": 2}
+
+
+def serve_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:
+    """Serves the default registry on `host:port` (0: a free port); returns the port,
+    or None when `port` is None (metrics off)."""
+    if port is None:
+        return None
+    disable_created_metrics()  # no *_created series beside every counter and histogram
+    server, _ = start_http_server(port, addr=host)
+    bound = int(server.server_port)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
