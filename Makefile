@@ -12,14 +12,16 @@ KAFKA_LIBS := $(HOME)/.cache/tidegate/kafka-$(KAFKA_VERSION)/libs
 
 setup: $(STAMP) system-packages kafka
 
-# Debian packages: redis-server, a JRE and Maven for Apache Kafka, kcat for the foreign-client test
+# Debian packages: redis-server, a JRE and Maven for Apache Kafka, kcat for the foreign-client test,
+# Prometheus (promtool) for the alert rules' tests
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || missing="$$missing redis-server"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
 	command -v kcat >/dev/null 2>&1 || missing="$$missing kcat"; \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; fi
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 redis-server: system-packages
 

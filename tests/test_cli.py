@@ -73,6 +73,16 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
         assert advice.returncode == 0, advice.stderr
         assert {r["stage"]: r["recommended"] for r in json.loads(advice.stdout)} == {"processors": 1, "workers": 1}
 
+        # the workers' group scales out and in, and keeps serving
+        scaled = run(["dev", "scale", "workers=2"], tmp_path)
+        assert scaled.returncode == 0, scaled.stderr
+        assert len(json.loads(state_file.read_text())["pids"]["worker"]) == 2
+        assert len(json.loads(state_file.read_text())["metrics"]["worker"]) == 2
+        assert run(["dev", "scale", "workers=1"], tmp_path).returncode == 0
+        state = json.loads(state_file.read_text())
+        assert isinstance(state["pids"]["worker"], int)
+        assert run(["dev", "scale", "monitors=3"], tmp_path).returncode == 2  # one line, no traceback
+
         # a stage that dies is started again by the supervisor, and serves
         os.kill(state["pids"]["worker"], signal.SIGKILL)
         restarted = wait_for(
@@ -85,7 +95,7 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
         assert pid_alive(restarted)
         state = json.loads(state_file.read_text())
         supervisor_log = (tmp_path / ".tidegate" / "logs" / "supervisor.log").read_text()
-        assert "stage=inference exited code=-9; restarting" in supervisor_log
+        assert "exited code=-9; restarting" in supervisor_log
     finally:
         down = run(["dev", "down"], tmp_path)
     assert down.returncode == 0, down.stderr

@@ -3,16 +3,20 @@ rules per partition, its lag in seconds, and its Prometheus endpoint."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.conftest import Pipeline
 from tests.helpers import wait_for
-from tidegate.processes import free_port
+from tidegate.processes import free_port, spawn, stop_pid
 
 WINDOW_S = 3.0
 TICK_S = 0.5
@@ -98,3 +102,48 @@ def test_each_burrow_status_is_produced_on_the_real_broker(pipeline_factory: Cal
         stop.set()
         thread.join(5)
         committer.close()
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Prometheus is not installed (make setup installs it)")
+def test_prometheus_scrapes_the_monitor_and_answers_a_lag_query(
+    pipeline_factory: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    """Debian's Prometheus server, scraping a monitor on loopback, answers a query for
+    the workers' lag with the lag the monitor measured."""
+    port, prometheus_port = free_port(), free_port()
+    pipeline = pipeline_factory(roles=(), workers_cap_messages=10_000)
+    producer = Producer({"bootstrap.servers": pipeline.settings.bootstrap})
+    for _ in range(7):
+        producer.produce(pipeline.settings.topics.contexts, b"x", partition=0)
+    assert producer.flush(10) == 0
+    pipeline.start(("monitor",), extra_env={"TIDEGATE_METRICS_PORT": str(port)})
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: tidegate\n    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n"
+    )
+    server = spawn(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        tmp_path / "prometheus.log",
+    )
+    query = 'sum(tidegate_lag_messages{stage="workers"})'
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/query?query={urllib.parse.quote(query)}"
+
+    def lag_from_prometheus() -> float | None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                result = json.loads(response.read())["data"]["result"]
+        except OSError:
+            return None
+        return float(result[0]["value"][1]) if result else None
+
+    try:
+        assert wait_for(lambda: lag_from_prometheus() == 7, 60, "Prometheus to report the workers' lag of 7")
+    finally:
+        stop_pid(server.pid)

@@ -55,6 +55,14 @@ def _positive_int(text: str) -> int:
     return values[0]
 
 
+def _role_count(text: str) -> tuple[str, int]:
+    aliases = {"workers": "worker", "processors": "processor"}
+    role, _, count = text.partition("=")
+    if role not in aliases or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected workers=N or processors=N (N >= 1), got {text!r}")
+    return aliases[role], int(count)
+
+
 def _brokers(text: str) -> str:
     unknown = [b for b in text.split(",") if b not in BROKERS]
     if unknown or not text:
@@ -75,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--workers", type=_positive_int, default=1, help="inference workers (one consumer group)")
     dev_up.add_argument("--processors", type=_positive_int, default=1, help="processors (one consumer group)")
     dev_sub.add_parser("down", help="stop what `dev up` started")
+    dev_scale = dev_sub.add_parser("scale", help="run N workers or processors: `dev scale workers=4`")
+    dev_scale.add_argument("counts", nargs="+", type=_role_count, metavar="ROLE=N")
     dev_sub.add_parser("status", help="print .tidegate/dev.json")
 
     demo = sub.add_parser("demo", help="start the dev stack, run a conversation and 10 questions, stop")
@@ -189,6 +199,9 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(f"broker={stack.broker} bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
             print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
+        elif args.action == "scale":
+            stack = devstack.scale(devstack.DevStack.load(), dict(args.counts))
+            print(f"pids={stack.pids}")
         elif args.action == "down":
             stack = devstack.DevStack.load()
             stack.stop()

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from typing import Literal
 from streams.lifecycle import READY_MARKER
 from tidegate.kafka_broker import start_kafka
 from tidegate.processes import DevStackError, check_alive, free_port, port_open, spawn, stop_pid, wait_until
-from tidegate.supervisor import STOP_GRACE_S, Plan
+from tidegate.supervisor import STAGE_MODULES, STOP_GRACE_S, Plan
 
 STATE_DIR = Path(".tidegate")
 STATE_FILE = STATE_DIR / "dev.json"
@@ -253,6 +254,37 @@ def up(
         stack.stop()
         raise
     return stack
+
+
+def scale(stack: DevStack, counts: Mapping[str, int], timeout_s: float = 120.0) -> DevStack:
+    """Changes how many processes each role runs (`tidegate dev scale workers=N`): the
+    supervisor re-reads its plan on SIGHUP; returns once the new stages are ready and
+    the state file lists them."""
+    plan_path = Path(stack.log_dir) / "supervisor-plan.json"
+    plan = Plan.load(plan_path)
+    unknown = set(counts) - set(STAGE_MODULES) - {"monitor"}
+    if unknown or any(n < 1 for n in counts.values()) or counts.get("monitor", 1) != 1:
+        raise DevStackError(f"scale takes workers=N and processors=N with N >= 1, got {dict(counts)}")
+    plan.counts.update(counts)
+    plan.save(plan_path)
+    os.kill(int(stack.role_pids("supervisor")[0]), signal.SIGHUP)
+    state_file = Path(plan.state_file)
+
+    def scaled() -> bool:
+        now = DevStack.load(state_file)
+        return all(len(now.role_pids(role)) == n for role, n in counts.items())
+
+    wait_until(scaled, timeout_s, f"the supervisor to run {dict(counts)}", interval_s=0.2)
+    log_dir = Path(stack.log_dir)
+    for path in log_dir.glob("*.log"):
+        if path.stem.startswith(("inference", "processors")) and path.stat().st_size:
+            wait_until(
+                lambda p=path: READY_MARKER in p.read_text(errors="replace"),
+                timeout_s,
+                f"{path.stem} to become ready",
+                interval_s=0.2,
+            )
+    return DevStack.load(state_file)
 
 
 def _settings_overrides(env: Mapping[str, str]) -> dict[str, str]:

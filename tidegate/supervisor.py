@@ -7,8 +7,9 @@ process ids in the dev stack's state file (.tidegate/dev.json, under `pids`), an
 prints the readiness marker once every stage is ready. A stage that exits is
 started again after a backoff (1 s, doubling up to 30 s, back to 1 s once a stage
 stayed up a minute), with one log line saying which stage, its exit code and the
-last line of its log. SIGTERM stops the stages (SIGTERM, then SIGKILL after their
-grace) and then the supervisor.
+last line of its log. SIGHUP makes it read the plan again and start or stop stages
+until each role has the plan's count (`tidegate dev scale workers=N`). SIGTERM stops
+the stages (SIGTERM, then SIGKILL after their grace) and then the supervisor.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -79,13 +81,18 @@ class Plan:
             count = self.counts.get(role, 0)
             for n in range(count):
                 name = module if count == 1 else f"{module}-{n + 1}"
-                stages.append(Stage(role, name, module, 0 if role == "worker" else self.nice, free_port()))
+                stages.append(self.stage(role, name))
         return stages
+
+    def stage(self, role: str, name: str) -> Stage:
+        return Stage(role, name, STAGE_MODULES[role], 0 if role == "worker" else self.nice, free_port())
 
 
 class Supervisor:
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, plan_path: Path | None = None) -> None:
         self.plan = plan
+        self.plan_path = plan_path
+        self.reload = threading.Event()
         self.log_dir = Path(plan.log_dir)
         self.stages = plan.make_stages()
         self.stopping = threading.Event()
@@ -108,8 +115,37 @@ class Supervisor:
             sys.exit(1)
         announce_ready()
         while not self.stopping.wait(POLL_S):
+            if self.reload.is_set():
+                self.reload.clear()
+                self.rescale()
             self.watch()
         self.stop()
+
+    def rescale(self) -> None:
+        """Starts or stops stages until every role has the count the plan file now says;
+        the newest stages of a role go first."""
+        if self.plan_path is None:
+            return
+        self.plan = Plan.load(self.plan_path)
+        for role, module in STAGE_MODULES.items():
+            mine = [s for s in self.stages if s.role == role]
+            wanted = self.plan.counts.get(role, len(mine))
+            for stage in mine[wanted:][::-1]:
+                log.warning("stage=%s scaling in", stage.name)
+                self.stages.remove(stage)
+                if stage.proc is not None:
+                    threading.Thread(target=stop_pid, args=(stage.proc.pid, STOP_GRACE_S), daemon=True).start()
+            taken = {s.name for s in self.stages}
+            for _ in range(wanted - len(mine)):
+                n = 1 + len([s for s in self.stages if s.role == role])
+                while (name := f"{module}-{n}") in taken or (n == 1 and module in taken):
+                    n += 1
+                stage = self.plan.stage(role, name)
+                log.warning("stage=%s scaling out", stage.name)
+                self.start(stage)
+                self.stages.append(stage)
+                taken.add(name)
+        self.record_pids()
 
     def wait_ready(self) -> None:
         """Until every stage printed its readiness marker; a stage that exits before it
@@ -197,8 +233,10 @@ def _last_line(path: Path) -> str:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    supervisor = Supervisor(Plan.load(Path(sys.argv[1])))
+    plan_path = Path(sys.argv[1])
+    supervisor = Supervisor(Plan.load(plan_path), plan_path)
     stop_on_signals(supervisor.stopping)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: supervisor.reload.set())
     supervisor.run()
 
 
