@@ -51,6 +51,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         )
         write_json(args.json_path, results)
         return 0
+    if args.name == "scale":
+        from bench.scale import run as run_scale
+
+        write_json(args.json_path, run_scale([1, 2, 4, 8]))
+        return 0
     if args.name == "rebalance":
         from bench.rebalance import run as run_rebalance
 

@@ -84,7 +84,8 @@ def load_tokenizer(model: str = "default") -> Any:
     `model` is a Hugging Face path (or `random:PATH`) with its own."""
     from transformers import AutoTokenizer
 
-    path = model.removeprefix("random:") if model not in {"default", "tiny", "echo"} else str(default_model_dir())
+    own_tokenizer = model not in {"default", "tiny", "echo"} and not model.startswith("sim:")
+    path = model.removeprefix("random:") if own_tokenizer else str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

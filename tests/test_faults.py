@@ -25,7 +25,7 @@ from inference.session_store import STATS_KEY
 from streams import Client, Reply
 from streams.lag import WORKERS, LagReader, Stage, pipeline_stages
 from tests.conftest import LOG_DIR, Pipeline
-from tests.helpers import Outcome, fault_summary, offer_load, recovery_time, wait_for
+from tests.helpers import Outcome, fault_summary, offer_load, recovery_time, wait_for, wait_for_stage_lag
 from tidegate import devstack
 from tidegate.processes import free_port, stop_pid
 from tidegate.supervisor import STAGE_MODULES
@@ -276,3 +276,30 @@ def test_three_workers_joining_and_leaving_under_load_never_commit_backwards(
     )
     assert figures["lost"] == 0 and figures["duplicates_to_caller"] == 0
     assert backwards == []
+
+
+def test_sigterm_lets_a_worker_finish_and_commit_what_it_is_generating(pipelines: Callable[..., Pipeline]) -> None:
+    """A worker told to stop while its batch generates (a simulated accelerator, 2 s a
+    batch) replies to it, commits it and exits cleanly: nothing is redone."""
+    pipeline = pipelines(model="sim:250")
+
+    async def scenario() -> Reply:
+        async with Client(settings=pipeline.settings) as client:
+            request_id = await client.submit(user("finish me"), "graceful", max_new_tokens=8, deadline_s=60)
+            stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
+            reader = LagReader(pipeline.settings, [stage])
+            try:  # the worker took it: fetched, so the batch is generating
+                await asyncio.to_thread(
+                    wait_for, lambda: reader.poll(0.05) or reader.lag(stage).log_end >= 1, 10, "the envelope"
+                )
+            finally:
+                reader.close()
+            await asyncio.sleep(0.5)  # inside the 2 s batch
+            os.killpg(pipeline.pids["worker"], signal.SIGTERM)
+            return await client.reply(request_id)
+
+    reply = asyncio.run(scenario())
+    code = pipeline.wait_exited("worker", 30)
+    assert reply.ok and reply.text == "finish me"
+    assert code == 0
+    wait_for_stage_lag(pipeline.settings, WORKERS, 0, 10)  # committed before it left

@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -63,6 +63,19 @@ def _role_count(text: str) -> tuple[str, int]:
     return aliases[role], int(count)
 
 
+def _autoscale_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-workers", type=_positive_int, default=1, help="autoscaler's minimum (default 1)")
+    parser.add_argument("--max-workers", type=_positive_int, default=8, help="autoscaler's maximum (default 8)")
+    parser.add_argument("--out-cooldown", type=float, default=10.0, help="seconds between scale-outs (default 10)")
+    parser.add_argument("--in-cooldown", type=float, default=30.0, help="calm seconds before a scale-in (default 30)")
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from tidegate.autoscaler import Limits
+
+    return Limits(args.min_workers, args.max_workers, args.out_cooldown, args.in_cooldown)
+
+
 def _brokers(text: str) -> str:
     unknown = [b for b in text.split(",") if b not in BROKERS]
     if unknown or not text:
@@ -82,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--brokers", type=_positive_int, default=1, help="Kafka nodes (3: replication 3, min ISR 2)")
     dev_up.add_argument("--workers", type=_positive_int, default=1, help="inference workers (one consumer group)")
     dev_up.add_argument("--processors", type=_positive_int, default=1, help="processors (one consumer group)")
+    dev_up.add_argument("--autoscale", action="store_true", help="run the autoscaler on the workers")
+    _autoscale_flags(dev_up)
     dev_sub.add_parser("down", help="stop what `dev up` started")
     dev_scale = dev_sub.add_parser("scale", help="run N workers or processors: `dev scale workers=4`")
     dev_scale.add_argument("counts", nargs="+", type=_role_count, metavar="ROLE=N")
@@ -106,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="report again every SECONDS (default 1) until interrupted",
     )
 
+    autoscale = sub.add_parser("autoscale", help="add and remove the dev stack's workers from lag (foreground)")
+    _autoscale_flags(autoscale)
+
     scale = sub.add_parser("scale", help="consumer-group scaling")
     scale_sub = scale.add_subparsers(dest="action", required=True, parser_class=_Parser)
     scale_advise = scale_sub.add_parser("advise", help="members each stage's group needs, and why")
@@ -115,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     scale_advise.add_argument("--json", action="store_true", help="one JSON array")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency", "overload", "compression", "batching", "rebalance"])
+    bench.add_argument("name", choices=["latency", "overload", "compression", "batching", "rebalance", "scale"])
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
     bench.add_argument(
@@ -197,6 +215,8 @@ def _run(args: argparse.Namespace) -> int:
                 processors=args.processors,
                 state_file=devstack.STATE_FILE,
             )
+            if args.autoscale:
+                stack = devstack.start_autoscaler(stack, _limits(args), devstack.STATE_FILE)
             print(f"broker={stack.broker} bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
             print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
         elif args.action == "scale":
@@ -222,6 +242,11 @@ def _run(args: argparse.Namespace) -> int:
         from ops.lag_report import report
 
         return report(stack_settings(), args.json, args.watch)
+    if args.command == "autoscale":
+        from tidegate.autoscaler import main as autoscale_main
+
+        autoscale_main(_limits(args))
+        return 0
     if args.command == "scale":
         from ops.scale_report import report as scale_report
 

@@ -173,7 +173,7 @@ class DevStack:
         nodes all at once (one by one, the last would wait for a lost quorum)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = ["supervisor", "monitor", "worker", "processor", "redis", "broker"]
+        order = ["autoscaler", "supervisor", "monitor", "worker", "processor", "redis", "broker"]
         roles = order + [r for r in self.pids if r not in order]
         for role in roles:
             pids = self.role_pids(role)
@@ -258,8 +258,8 @@ def up(
 
 def scale(stack: DevStack, counts: Mapping[str, int], timeout_s: float = 120.0) -> DevStack:
     """Changes how many processes each role runs (`tidegate dev scale workers=N`): the
-    supervisor re-reads its plan on SIGHUP; returns once the new stages are ready and
-    the state file lists them."""
+    supervisor re-reads its plan on SIGHUP; returns once it started or stopped them
+    and the state file lists them (a new worker joins its group a few seconds later)."""
     plan_path = Path(stack.log_dir) / "supervisor-plan.json"
     plan = Plan.load(plan_path)
     unknown = set(counts) - set(STAGE_MODULES) - {"monitor"}
@@ -275,16 +275,28 @@ def scale(stack: DevStack, counts: Mapping[str, int], timeout_s: float = 120.0) 
         return all(len(now.role_pids(role)) == n for role, n in counts.items())
 
     wait_until(scaled, timeout_s, f"the supervisor to run {dict(counts)}", interval_s=0.2)
-    log_dir = Path(stack.log_dir)
-    for path in log_dir.glob("*.log"):
-        if path.stem.startswith(("inference", "processors")) and path.stat().st_size:
-            wait_until(
-                lambda p=path: READY_MARKER in p.read_text(errors="replace"),
-                timeout_s,
-                f"{path.stem} to become ready",
-                interval_s=0.2,
-            )
     return DevStack.load(state_file)
+
+
+def start_autoscaler(stack: DevStack, limits: object, state_file: Path) -> DevStack:
+    """Runs `tidegate autoscale` with `limits` as its own process, recorded as `autoscaler`."""
+    args = [
+        "--min-workers",
+        str(limits.min_workers),  # type: ignore[attr-defined]
+        "--max-workers",
+        str(limits.max_workers),  # type: ignore[attr-defined]
+        "--out-cooldown",
+        str(limits.out_cooldown_s),  # type: ignore[attr-defined]
+        "--in-cooldown",
+        str(limits.in_cooldown_s),  # type: ignore[attr-defined]
+    ]
+    log_path = Path(stack.log_dir) / "autoscaler.log"
+    proc = spawn([sys.executable, "-m", "tidegate.cli", "autoscale", *args], log_path)
+    wait_for_ready(log_path, READY_MARKER, proc, 30)
+    stack = DevStack.load(state_file)
+    stack.pids["autoscaler"] = proc.pid
+    stack.save(state_file)
+    return stack
 
 
 def _settings_overrides(env: Mapping[str, str]) -> dict[str, str]:
