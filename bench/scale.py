@@ -70,6 +70,9 @@ def measure(workers: int) -> dict[str, Any]:
         "TIDEGATE_BACKPRESSURE": "false",  # saturation on purpose
         "TIDEGATE_RESPONSE_CACHE_TTL_S": "0",
         "TIDEGATE_MAX_BATCH": "16",
+        # rows are what a simulated step is charged by, not tokens: the batch's token
+        # budget (sized for the CPU's real model) would cap it at a few rows
+        "TIDEGATE_BATCH_TOKENS": "1000000",
     }
     print(f"== scale: {workers} worker(s) on Apache Kafka, model sim:{STEP_MS}")
     stack = devstack.up(
