@@ -66,7 +66,7 @@ test: setup model
 # the fault suite alone, with each case's JSON summary (also part of `make test`)
 test-faults: setup model
 	@mkdir -p .tidegate; $(BIN)/pytest -s tests/test_faults.py tests/test_brokers.py > .tidegate/faults.log 2>&1; \
-		rc=$$?; grep -a '^FAULT\|passed\|failed' .tidegate/faults.log; exit $$rc
+		rc=$$?; grep -a '^FAULT\|^=.* passed\|^=.* failed' .tidegate/faults.log; exit $$rc
 
 test-tansu: setup model
 	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
