@@ -19,6 +19,7 @@ from tests.helpers import offer_load, wait_for
 from tests.test_cli import run
 
 ONE_WORKER_RPS = 40.0  # sim:50, batches of 16 rows of 8 tokens: 16 / 0.4 s
+TARGET_S = 4.0  # WORKERS_CAP_SECONDS, the autoscaler's target
 
 
 def workers(state_file: Path) -> int:
@@ -73,11 +74,20 @@ def test_a_load_step_grows_the_workers_and_they_shrink_after(tmp_path: Path) -> 
         assert statuses <= {"ok", "queue_full"}, statuses  # answered, or refused: none lost
         assert peak >= 3, f"the workers grew only to {peak}"
         peak_lag = max(s for _, s in lag_seconds)
-        last = [s for t, s in lag_seconds if t >= lag_seconds[-1][0] - 8.0]
-        # more workers drain more: the lag in seconds at the end of the step is below its peak
-        # (on the 2-core development machine it stays above the 4 s target: issue "Operators")
-        assert max(last) < peak_lag, f"lag seconds at the end of the step: {last}, peak {peak_lag}"
-        print(f"AUTOSCALE peak workers {peak}, peak lag {peak_lag:.1f}s, at the end {max(last):.1f}s")
+        # once the grown group has drained the step, the lag in seconds is back under the
+        # target (under the step itself it stays above it on the 2-core development
+        # machine: issue "Operators" says so)
+        watch = PressureListener(settings)
+        watch.start()
+        try:
+            wait_for(
+                lambda: (watch.board.state("workers") or {}).get("lag_seconds", TARGET_S) < TARGET_S,
+                30,
+                f"the workers' lag in seconds back under {TARGET_S}s",
+            )
+        finally:
+            watch.close()
+        print(f"AUTOSCALE peak workers {peak}, peak lag {peak_lag:.1f}s")
         wait_for(lambda: workers(state_file) < peak, 60, "the workers to shrink after the load stopped")
         log = (tmp_path / ".tidegate" / "logs" / "autoscaler.log").read_text()
         assert "scale out" in log and "scale in" in log
