@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from ops.scaling import drain_time_s
 from streams.config import Settings
 from streams.kafka import check_reachable
 from streams.lag import LagReader, pipeline_stages
@@ -25,7 +26,6 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
         lag = reader.lag(stage)
         state = listener.board.state(stage.name) or {}
         drain, arrival = state.get("drain_rate"), state.get("arrival_rate")
-        net = (drain or 0.0) - (arrival or 0.0)
         rows.append(
             {
                 "stage": stage.name,
@@ -41,9 +41,7 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
                 "partition_health": state.get("partition_health", {}),
                 "drain_rate": drain,
                 "arrival_rate": arrival,
-                "drain_time_s": None
-                if drain is None
-                else (0.0 if lag.lag == 0 else (lag.lag / net if net > 0 else -1)),
+                "drain_time_s": None if drain is None else drain_time_s(lag.lag, drain, arrival or 0.0),
                 "members": state.get("members"),
                 "partitions": state.get("partitions") or reader.partition_count(stage),
             }

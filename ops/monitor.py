@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 
 from ops.burrow import OK, REWIND, STAGE_CODES, STALL, STOP, WARN, GroupHealth
 from ops.commit_log import CommitLog
+from ops.scaling import drain_time_s
 from schemas import AVRO, content_type_header, get_codec
 from streams import metrics
 from streams.config import Settings
@@ -137,7 +138,6 @@ class LagMonitor:
             self.reader.poll(max(0.0, interval - (time.monotonic() - started)))
         self.reader.close()
         self.commit_log.close()
-        self.members.close()
         self.producer.flush(5)
 
 
@@ -183,9 +183,6 @@ class GroupMembers:
                 log.info("group members not described: %s", exc)
         return self._counts[stage.name]
 
-    def close(self) -> None:
-        pass
-
 
 def export(state: dict[str, Any], lag: StageLag, statuses: dict[int, str]) -> None:
     """One stage's state into the process's Prometheus gauges."""
@@ -202,8 +199,7 @@ def export(state: dict[str, Any], lag: StageLag, statuses: dict[int, str]) -> No
     metrics.PRESSURE_STATE.labels(stage).set(metrics.STATUS_CODES[state["state"]])
     metrics.DRAIN_RATE.labels(stage).set(state["drain_rate"])
     metrics.ARRIVAL_RATE.labels(stage).set(state["arrival_rate"])
-    net = state["drain_rate"] - state["arrival_rate"]
-    metrics.DRAIN_TIME.labels(stage).set(0 if state["lag"] == 0 else (state["lag"] / net if net > 0 else -1))
+    metrics.DRAIN_TIME.labels(stage).set(drain_time_s(state["lag"], state["drain_rate"], state["arrival_rate"]))
     if state["members"] >= 0:
         metrics.GROUP_MEMBERS.labels(stage).set(state["members"])
     metrics.GROUP_PARTITIONS.labels(stage).set(state["partitions"])

@@ -13,6 +13,15 @@ import math
 from dataclasses import dataclass
 
 
+def drain_time_s(lag: int, drain_rate: float, arrival_rate: float) -> float:
+    """Seconds until the backlog is gone: lag over (drain rate - arrival rate); 0 with
+    no lag, -1 when it does not drain (arrivals keep up with the drain)."""
+    if lag == 0:
+        return 0.0
+    net = drain_rate - arrival_rate
+    return lag / net if net > 0 else -1.0
+
+
 @dataclass(frozen=True, slots=True)
 class Advice:
     stage: str

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ops.scaling import advise
+from ops.scaling import advise, drain_time_s
 
 
 def test_scale_out_to_keep_up_and_clear_the_backlog_within_the_target() -> None:
@@ -24,3 +24,9 @@ def test_scale_in_when_fewer_keep_up() -> None:
 def test_without_a_measured_drain_rate_the_group_is_kept() -> None:
     a = advise("workers", members=2, partitions=8, arrival_rate=10, drain_rate=0, lag=5, target_s=10)
     assert a.recommended == 2 and "no drain rate" in a.reason
+
+
+def test_drain_time_is_lag_over_the_net_drain() -> None:
+    assert drain_time_s(100, drain_rate=30, arrival_rate=10) == 5.0
+    assert drain_time_s(0, drain_rate=0, arrival_rate=0) == 0.0
+    assert drain_time_s(100, drain_rate=10, arrival_rate=10) == -1.0  # never drains

@@ -22,7 +22,7 @@ from typing import Literal
 
 from streams.lifecycle import READY_MARKER
 from tidegate.kafka_broker import start_kafka
-from tidegate.processes import DevStackError, check_alive, free_port, port_open, spawn, stop_pid, wait_until
+from tidegate.processes import DevStackError, check_alive, free_port, spawn, stop_pid, wait_listening, wait_until
 from tidegate.supervisor import STAGE_MODULES, STOP_GRACE_S, Plan
 
 STATE_DIR = Path(".tidegate")
@@ -54,7 +54,7 @@ def start_tansu(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[byt
         log_path,
         nice=nice,
     )
-    wait_until(lambda: check_alive(proc, "broker", log_path) and port_open(port), 20, "the broker")
+    wait_listening(proc, port, "the broker", log_path, 20)
     return proc
 
 
@@ -116,7 +116,7 @@ def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[byt
         log_path,
         nice=nice,
     )
-    wait_until(lambda: check_alive(proc, "redis-server", log_path) and port_open(port), 10, "redis-server")
+    wait_listening(proc, port, "redis-server", log_path, 10)
     return proc
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from tidegate.processes import DevStackError, check_alive, free_port, port_open, spawn, stop_pid, wait_until
+from tidegate.processes import DevStackError, free_port, spawn, stop_pid, wait_listening, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +156,8 @@ class KafkaCluster:
 
     def wait_listening(self, index: int) -> None:
         node, proc = self.nodes[index], self._procs[index]
-        wait_until(
-            lambda: check_alive(proc, f"kafka node {node.node_id}", node.log_path) and port_open(node.port),
-            START_TIMEOUT_S,
-            f"kafka node {node.node_id} on port {node.port}",
-            interval_s=0.1,
-        )
+        what = f"kafka node {node.node_id} on port {node.port}"
+        wait_listening(proc, node.port, what, node.log_path, START_TIMEOUT_S)
 
     def stop_node(self, index: int, kill: bool = False) -> None:
         """Stops node `index`: SIGTERM (controlled shutdown) or, with `kill`, SIGKILL."""

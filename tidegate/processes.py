@@ -90,3 +90,9 @@ def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
         os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+
+
+def wait_listening(proc: subprocess.Popen[bytes], port: int, what: str, log_path: Path, timeout_s: float) -> None:
+    """Until `proc` accepts connections on 127.0.0.1:`port`; raises with the end of its
+    log if it exits first, or naming `what` after `timeout_s`."""
+    wait_until(lambda: check_alive(proc, what, log_path) and port_open(port), timeout_s, what, interval_s=0.1)
