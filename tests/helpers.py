@@ -116,6 +116,24 @@ async def offer_load(
     return list(await asyncio.gather(*tasks))
 
 
+def load_through(
+    settings: Settings, tag: str, fault: Callable[[], None], seconds: float, rate_per_s: float
+) -> tuple[list[Outcome], float]:
+    """`seconds` of load at `rate_per_s`; `fault` runs (in a thread) a quarter of the way
+    in. Returns the outcomes and the recovery time from the fault (recovery_time)."""
+
+    async def scenario() -> tuple[list[Outcome], float]:
+        async with Client(settings=settings, reply_grace_s=60) as client:
+            load = asyncio.create_task(offer_load(client, tag, seconds, rate_per_s))
+            await asyncio.sleep(seconds / 4)
+            fault_at = time.monotonic()
+            await asyncio.to_thread(fault)
+            outcomes = await load
+            return outcomes, recovery_time(outcomes, fault_at)
+
+    return asyncio.run(scenario())
+
+
 def lost(outcomes: list[Outcome]) -> int:
     """Requests with no `ok` reply carrying their own text (echo)."""
     return sum(1 for o in outcomes if o.reply is None or not o.reply.ok or o.reply.text != o.text)

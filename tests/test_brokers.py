@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -22,7 +21,7 @@ import pytest
 from streams import Client, Reply, Settings
 from streams.kafka import create_topics
 from tests.conftest import LOG_DIR, Pipeline
-from tests.helpers import Outcome, fault_summary, lost, offer_load, recovery_time, wait_for
+from tests.helpers import Outcome, fault_summary, load_through, lost, wait_for
 from tidegate import devstack
 from tidegate.kafka_broker import KafkaCluster
 from tidegate.processes import free_port, stop_pid
@@ -69,6 +68,12 @@ def own_cluster(request: pytest.FixtureRequest) -> Iterator[Callable[[int], tupl
         stop()
 
 
+async def one_request(settings: Settings, text: str) -> Reply:
+    """After the fault: the stack keeps serving."""
+    async with Client(settings=settings) as client:
+        return await client.generate(user(text), "after", max_new_tokens=8, deadline_s=60)
+
+
 def check_every_request_answered(outcomes: list[Outcome]) -> None:
     assert len(outcomes) >= RATE_PER_S * LOAD_S * 0.9
     assert lost(outcomes) == 0, [o.text for o in outcomes if o.reply is None or not o.reply.ok][:5]
@@ -76,22 +81,15 @@ def check_every_request_answered(outcomes: list[Outcome]) -> None:
 
 def test_a_broker_restart_under_load_loses_nothing(own_cluster: Callable[[int], tuple[KafkaCluster, Pipeline]]) -> None:
     cluster, pipeline = own_cluster(1)
-    tag = "restart"
 
-    async def scenario() -> tuple[list[Outcome], float, Reply]:
-        async with Client(settings=pipeline.settings) as client:
-            load = asyncio.create_task(offer_load(client, tag, LOAD_S, RATE_PER_S))
-            await asyncio.sleep(LOAD_S / 4)  # under load
-            stopped_at = time.monotonic()
-            await asyncio.to_thread(cluster.stop_node, 0)
-            await asyncio.to_thread(cluster.start_node, 0)
-            outcomes = await load
-            after = await client.generate(user("after the restart"), "after", max_new_tokens=8, deadline_s=60)
-            return outcomes, recovery_time(outcomes, stopped_at), after
+    def restart() -> None:
+        cluster.stop_node(0)
+        cluster.start_node(0)
 
-    outcomes, recovery_s, after = asyncio.run(scenario())
+    outcomes, recovery_s = load_through(pipeline.settings, "restart", restart, LOAD_S, RATE_PER_S)
     check_every_request_answered(outcomes)
     fault_summary("broker restarted", outcomes, recovery_s, pipeline.settings)
+    after = asyncio.run(one_request(pipeline.settings, "after the restart"))
     assert after.ok and after.text == "after the restart"
 
 
@@ -99,21 +97,14 @@ def test_one_broker_of_three_killed_under_load_loses_nothing(
     own_cluster: Callable[[int], tuple[KafkaCluster, Pipeline]],
 ) -> None:
     cluster, pipeline = own_cluster(3)
-    tag = "kill1of3"
 
-    async def scenario() -> tuple[list[Outcome], float, Reply]:
-        async with Client(settings=pipeline.settings) as client:
-            load = asyncio.create_task(offer_load(client, tag, LOAD_S, RATE_PER_S))
-            await asyncio.sleep(LOAD_S / 4)
-            killed_at = time.monotonic()
-            await asyncio.to_thread(cluster.stop_node, 1, True)  # SIGKILL
-            outcomes = await load
-            after = await client.generate(user("two of three"), "after", max_new_tokens=8, deadline_s=60)
-            return outcomes, recovery_time(outcomes, killed_at), after
+    def kill() -> None:
+        cluster.stop_node(1, kill=True)  # SIGKILL
 
-    outcomes, recovery_s, after = asyncio.run(scenario())
+    outcomes, recovery_s = load_through(pipeline.settings, "kill1of3", kill, LOAD_S, RATE_PER_S)
     check_every_request_answered(outcomes)
     fault_summary("one broker of three killed", outcomes, recovery_s, pipeline.settings)
+    after = asyncio.run(one_request(pipeline.settings, "two of three"))
     assert after.ok and after.text == "two of three"
 
 

@@ -24,8 +24,9 @@ from conversation.history import history_key
 from inference.session_store import STATS_KEY
 from streams import Client, Reply
 from streams.lag import WORKERS, LagReader, Stage, pipeline_stages
+from tests import helpers
 from tests.conftest import LOG_DIR, Pipeline
-from tests.helpers import Outcome, fault_summary, offer_load, recovery_time, wait_for, wait_for_stage_lag
+from tests.helpers import Outcome, fault_summary, wait_for, wait_for_stage_lag
 from tidegate import devstack
 from tidegate.processes import free_port, stop_pid
 from tidegate.supervisor import STAGE_MODULES
@@ -124,17 +125,7 @@ def test_a_worker_killed_after_replying_and_before_committing_appends_its_turn_o
 
 def load_through(pipeline: Pipeline, tag: str, fault: Callable[[], None]) -> tuple[list[Outcome], float]:
     """LOAD_S of load at RATE_PER_S; `fault` runs a quarter of the way in."""
-
-    async def scenario() -> tuple[list[Outcome], float]:
-        async with Client(settings=pipeline.settings, reply_grace_s=60) as client:
-            load = asyncio.create_task(offer_load(client, tag, LOAD_S, RATE_PER_S))
-            await asyncio.sleep(LOAD_S / 4)
-            fault_at = time.monotonic()
-            await asyncio.to_thread(fault)
-            outcomes = await load
-            return outcomes, recovery_time(outcomes, fault_at)
-
-    return asyncio.run(scenario())
+    return helpers.load_through(pipeline.settings, tag, fault, LOAD_S, RATE_PER_S)
 
 
 @pytest.mark.parametrize("role", ["worker", "processor"])
