@@ -86,11 +86,19 @@ class Outcome:
 
 
 async def offer_load(
-    client: Client, tag: str, seconds: float, rate_per_s: float, deadline_s: float = 120, wait: bool = False
+    client: Client,
+    tag: str,
+    seconds: float,
+    rate_per_s: float,
+    deadline_s: float = 120,
+    wait: bool = False,
+    sessions: int = 64,
 ) -> list[Outcome]:
     """`rate_per_s` echo requests a second for `seconds` (bounded), each awaited to its
     reply (with `wait`, retrying past QueueFull until the deadline); a request with no
-    reply by its deadline is an Outcome with reply None."""
+    reply by its deadline is an Outcome with reply None. The requests take turns in
+    `sessions` conversations, whose histories grow (prompts up to the context budget);
+    `sessions=0` gives each request its own, so every prompt stays short."""
 
     async def one(i: int) -> Outcome:
         text = f"{tag} {i}"
@@ -98,7 +106,7 @@ async def offer_load(
         try:
             reply = await client.generate(
                 [{"role": "user", "content": text}],
-                f"{tag}-{i % 64}",
+                f"{tag}-{i % sessions if sessions else i}",
                 max_new_tokens=8,
                 deadline_s=deadline_s,
                 wait=wait,

@@ -18,8 +18,12 @@ from streams.pressure_feed import PressureListener
 from tests.helpers import offer_load, wait_for
 from tests.test_cli import run
 
-ONE_WORKER_RPS = 40.0  # sim:50, batches of 16 rows of 8 tokens: 16 / 0.4 s
+# sim:80, batches of 16 short prompts (a conversation per request, so no history
+# grows and the batch token budget never binds), 8 new tokens each: 16 / 0.64 s
+ONE_WORKER_RPS = 25.0
 TARGET_S = 4.0  # WORKERS_CAP_SECONDS, the autoscaler's target
+STEP_S = 60.0
+SETTLED_S = 15.0  # the step's last seconds, by which the grown group must keep up
 
 
 def workers(state_file: Path) -> int:
@@ -27,14 +31,14 @@ def workers(state_file: Path) -> int:
     return len(found) if isinstance(found, list) else 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(360)
 def test_a_load_step_grows_the_workers_and_they_shrink_after(tmp_path: Path) -> None:
     up = run(
         [
             "dev",
             "up",
             "--model",
-            "sim:50",
+            "sim:80",
             "--autoscale",
             "--max-workers",
             "4",
@@ -55,15 +59,16 @@ def test_a_load_step_grows_the_workers_and_they_shrink_after(tmp_path: Path) -> 
         async def step() -> list:
             nonlocal peak
             async with Client(settings=settings, reply_grace_s=60) as client:
-                await offer_load(client, "base", 5.0, ONE_WORKER_RPS)
-                load = asyncio.create_task(offer_load(client, "step", 45.0, 3 * ONE_WORKER_RPS))
+                await offer_load(client, "base", 5.0, ONE_WORKER_RPS, sessions=0)
+                load = asyncio.create_task(offer_load(client, "step", STEP_S, 3 * ONE_WORKER_RPS, sessions=0))
+                started = time.monotonic()
                 watch = PressureListener(settings)
                 await asyncio.to_thread(watch.start)
                 try:
                     while not load.done():
                         peak = max(peak, workers(state_file))
                         pressure = watch.board.state("workers") or {}
-                        lag_seconds.append((time.monotonic(), pressure.get("lag_seconds", 0.0)))
+                        lag_seconds.append((time.monotonic() - started, pressure.get("lag_seconds", 0.0)))
                         await asyncio.sleep(0.5)
                 finally:
                     await asyncio.to_thread(watch.close)
@@ -74,19 +79,11 @@ def test_a_load_step_grows_the_workers_and_they_shrink_after(tmp_path: Path) -> 
         assert statuses <= {"ok", "queue_full"}, statuses  # answered, or refused: none lost
         assert peak >= 3, f"the workers grew only to {peak}"
         peak_lag = max(s for _, s in lag_seconds)
-        # once the grown group has drained the step, the lag in seconds is back under the
-        # target (under the step itself it stays above it on the 2-core development
-        # machine: issue "Operators" says so)
-        watch = PressureListener(settings)
-        watch.start()
-        try:
-            wait_for(
-                lambda: (watch.board.state("workers") or {}).get("lag_seconds", TARGET_S) < TARGET_S,
-                30,
-                f"the workers' lag in seconds back under {TARGET_S}s",
-            )
-        finally:
-            watch.close()
+        settled = [s for t, s in lag_seconds if STEP_S - SETTLED_S <= t <= STEP_S]
+        print(f"AUTOSCALE lag seconds over the step: {[round(s, 1) for _, s in lag_seconds]}")
+        # the grown group keeps up with three times one worker's load: by the step's
+        # last seconds its lag in seconds is back under the target, load still coming
+        assert settled and max(settled) < TARGET_S, f"lag seconds {settled} at the step's end"
         print(f"AUTOSCALE peak workers {peak}, peak lag {peak_lag:.1f}s")
         wait_for(lambda: workers(state_file) < peak, 60, "the workers to shrink after the load stopped")
         log = (tmp_path / ".tidegate" / "logs" / "autoscaler.log").read_text()
