@@ -3,20 +3,26 @@
 `ReplyCommitter` produces each reply (or dead letter) with a delivery callback
 that marks its record answered in the `OffsetLedger` (inference/offsets.py);
 `commit` then moves each partition's position up to its lowest record that is
-pooled, in flight or unacknowledged. A reply the broker refused stops the worker
-before anything past it is committed: its record is read again.
+pooled, in flight or unacknowledged. A reply the broker refused for good (its
+topic gone or not writable, say) is replaced by its fallback, the record's dead
+letter (streams/delivery.py); any other refusal stops the worker before anything
+past it is committed: its record is read again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from inference.offsets import OffsetLedger, Partition
+from streams.delivery import instead_of, refused_for_good
 from streams.exceptions import TidegateError
 from streams.faults import fault_point
 from streams.outgoing import Outgoing
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(TidegateError):
@@ -28,6 +34,7 @@ class ReplyCommitter:
         self.producer = producer
         self.ledger = OffsetLedger()
         self._failures: list[str] = []
+        self._fallbacks: list[tuple[Message, Outgoing]] = []  # refused for good: send these instead
 
     def take(self, records: Iterable[Message]) -> None:
         """Records taken from the pool: open until their reply is acknowledged."""
@@ -36,22 +43,41 @@ class ReplyCommitter:
     def send(self, answered: Sequence[tuple[Message, Outgoing]]) -> None:
         """Produces each reply; its record counts as answered once the broker acked it."""
         for record, o in answered:
+            self._produce(record, o)
 
-            def on_delivery(err: KafkaError | None, _msg: Message, record: Message = record) -> None:
-                if err is None:
-                    self.ledger.answered(record.topic(), record.partition(), record.offset())
-                else:
-                    self._failures.append(str(err))
+    def _produce(self, record: Message, o: Outgoing) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message | None) -> None:
+            if err is None:
+                self.ledger.answered(record.topic(), record.partition(), record.offset())
+                return
+            fallback = instead_of(o, err.str()) if refused_for_good(err) else None
+            if fallback is None:
+                self._failures.append(f"{o.topic}: {err.str()}")
+            else:
+                self._fallbacks.append((record, fallback))
 
+        try:
             self.producer.produce(o.topic, o.value, o.key, headers=o.headers, on_delivery=on_delivery)
+        except KafkaException as exc:  # refused before it left: too large, say
+            on_delivery(exc.args[0], None)
+
+    def _send_fallbacks(self) -> bool:
+        fallbacks, self._fallbacks = self._fallbacks, []
+        for record, o in fallbacks:
+            log.warning("reply to %s refused for good; dead-lettering its record instead", record.topic())
+            self._produce(record, o)
+        return bool(fallbacks)
 
     def poll(self) -> None:
         """Serves delivery reports that arrived; raises DeliveryError if a reply failed."""
         self.producer.poll(0)
+        self._send_fallbacks()
         self.raise_on_failures()
 
     def flush(self, timeout_s: float) -> None:
         remaining = self.producer.flush(timeout_s)
+        while self._send_fallbacks():  # a fallback has none of its own: this ends
+            remaining = self.producer.flush(timeout_s)
         if remaining:
             self._failures.append(f"{remaining} replies unacknowledged after {timeout_s:.0f}s")
         self.raise_on_failures()

@@ -2,7 +2,9 @@
 
 A record is decoded when it enters the batcher's pool (its prompt length decides
 which batch it joins), and the Job is kept until the record is answered. A record
-that does not decode becomes a Job that carries its dead letter instead.
+that does not decode, or cannot be replied to, becomes a Job that carries its dead
+letter instead; one whose fields are out of bounds (any client allowed to write the
+contexts topic can craft an envelope) carries the reason for an `invalid` reply.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from confluent_kafka import Message
 
 from inference.runners import ModelRunner, Prompt
 from schemas import SerializationError, get_codec
+from streams.config import Settings
 from streams.outgoing import Outgoing, dead_letter
+from streams.reply_topics import ReplyTopics
+from streams.validation import field_reason
 
 STAGE = "workers"
 
@@ -27,6 +32,7 @@ class Job:
     record: Message
     envelope: dict[str, Any] | None = None
     dead_letter: Outgoing | None = None
+    invalid: str | None = None  # why the envelope is refused with an `invalid` reply
     prompt: Prompt | None = None
     ids: list[int] = dataclasses.field(default_factory=list)
     prefix_len: int = 0
@@ -46,23 +52,44 @@ def prompt_of(envelope: dict[str, Any]) -> Prompt:
     return Prompt(messages, envelope["max_new_tokens"], envelope["temperature"])
 
 
-def decode_job(record: Message, runner: ModelRunner, dead_letter_topic: str) -> Job:
-    """The record's envelope and prompt ids, or its dead letter when it does not decode."""
+def decode_job(record: Message, runner: ModelRunner, settings: Settings, reply_topics: ReplyTopics) -> Job:
+    """The record's envelope and prompt ids; its dead letter when it does not decode
+    or names a reply topic it cannot have; the reason when a field is out of bounds.
+    Whatever goes wrong with one record stays with that record."""
     job = Job(record)
-    try:
-        job.envelope = get_codec().decode(record.value(), "ContextEnvelope")[1]
-    except SerializationError as exc:
-        job.dead_letter = dead_letter(
-            dead_letter_topic,
-            record.value(),
-            record.key(),
-            reason=str(exc),
-            source_topic=record.topic(),
-            partition=record.partition(),
-            offset=record.offset(),
-            stage=STAGE,
-        )
+
+    def refuse(reason: str) -> Job:
+        job.envelope, job.prompt, job.ids = None, None, []
+        job.dead_letter = record_dead_letter(record, settings, reason)
         return job
-    job.prompt = prompt_of(job.envelope)
-    job.ids, job.prefix_len = runner.encode(job.prompt)
+
+    try:
+        job.envelope = envelope = get_codec().decode(record.value(), "ContextEnvelope")[1]
+    except SerializationError as exc:
+        return refuse(str(exc))
+    try:
+        unanswerable = reply_topics.reason(envelope["reply_to"])
+        if unanswerable is not None:
+            return refuse(unanswerable)
+        job.invalid = field_reason(envelope, settings)
+        if job.invalid is None:
+            job.prompt = prompt_of(envelope)
+            job.ids, job.prefix_len = runner.encode(job.prompt)
+    except Exception as exc:  # a crafted envelope the model's chat template refuses, say
+        job.prompt, job.ids = None, []
+        job.invalid = f"the model cannot take this prompt: {exc}"
     return job
+
+
+def record_dead_letter(record: Message, settings: Settings, reason: str) -> Outgoing:
+    """`record` as a dead letter saying why."""
+    return dead_letter(
+        settings.topics.dead_letter,
+        record.value(),
+        record.key(),
+        reason=reason,
+        source_topic=record.topic(),
+        partition=record.partition(),
+        offset=record.offset(),
+        stage=STAGE,
+    )

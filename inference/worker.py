@@ -28,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from inference.batcher import Batcher
 from inference.commits import ReplyCommitter
 from inference.engine import EngineStats, Request
-from inference.jobs import STAGE, Job, decode_job
+from inference.jobs import STAGE, Job, decode_job, record_dead_letter
 from inference.runners import Generation, ModelRunner, Prompt
 from inference.session_store import STATS_KEY, SessionStore
 from streams import metrics
@@ -36,6 +36,7 @@ from streams.config import Settings
 from streams.kafka import consumer_config, producer_config
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, build_reply, now_ms, reply_message
+from streams.reply_topics import ReplyTopics
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class InferenceWorker:
         self.store = SessionStore(settings, runner)
         self.consumer = Consumer(consumer_settings(settings))
         self.replies = ReplyCommitter(Producer(producer_config(settings)))
+        self.reply_topics = ReplyTopics(settings, self.replies.producer)
         self.jobs: dict[tuple[str, int, int], Job] = {}
         make_engine = getattr(runner, "engine", None)
         continuous = settings.batching == "continuous" and make_engine is not None
@@ -166,7 +168,7 @@ class InferenceWorker:
         key = (record.topic(), record.partition(), record.offset())
         job = self.jobs.get(key)
         if job is None:
-            job = self.jobs[key] = decode_job(record, self.runner, self.settings.topics.dead_letter)
+            job = self.jobs[key] = decode_job(record, self.runner, self.settings, self.reply_topics)
         return job
 
     def _cost(self, record: Message) -> int:
@@ -186,13 +188,15 @@ class InferenceWorker:
                     log.warning("consume error: %s", error)
                 continue
             key = (record.topic(), record.partition(), record.offset())
-            job = self.jobs.pop(key, None) or decode_job(record, self.runner, self.settings.topics.dead_letter)
+            job = self.jobs.pop(key, None) or decode_job(record, self.runner, self.settings, self.reply_topics)
             job.started_ms = started
             self.replies.take([record])
             metrics.QUEUE_WAIT.observe(max(0, started - record.timestamp()[1]) / 1000)
             if job.dead_letter is not None:
                 metrics.DEAD_LETTERS.labels(STAGE, "undecodable").inc()
                 answered.append((record, job.dead_letter))
+            elif job.invalid is not None:
+                answered.append((record, self._reply(job, "invalid", error=job.invalid)))
             elif job.expired(started):
                 answered.append((record, self._reply(job, "expired", error="deadline passed before inference")))
             else:
@@ -332,7 +336,9 @@ class InferenceWorker:
             envelope, status, model=self.runner.name, degraded=envelope["degraded"], timings=timings, **fields
         )
         metrics.END_TO_END.labels(status).observe(reply["timings"]["total_ms"] / 1000)
-        return reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
+        out = reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
+        out.fallback = record_dead_letter(job.record, self.settings, f"reply to {envelope['reply_to']!r} refused")
+        return out
 
     # -- commits and stats ----------------------------------------------------
 

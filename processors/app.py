@@ -34,6 +34,7 @@ from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, dead_letter
 from streams.pressure import FORWARD_TRANSIT_MS, PressureBoard
 from streams.pressure_feed import PressureListener
+from streams.reply_topics import ReplyTopics
 
 log = logging.getLogger(__name__)
 DELIVERY_RETRY_MAX_S = 5.0
@@ -94,9 +95,10 @@ def create_app(settings: Settings) -> faust.App:
         pressure = PressureListener(settings, board)
         pressure.start()
         admission = downstream_admission(board)
-    handler = RequestHandler(settings, redis, TokenCounter(load_tokenizer(settings.model)), admission)
-    wait_s = settings.processor_batch_wait_ms / 1000
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
+    counter = TokenCounter(load_tokenizer(settings.model))
+    handler = RequestHandler(settings, redis, counter, admission, ReplyTopics(settings, delivery))
+    wait_s = settings.processor_batch_wait_ms / 1000
 
     async def deliver(outgoing: list[Outgoing]) -> None:
         """Every output acknowledged before the batch is acked. librdkafka retries a

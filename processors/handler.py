@@ -30,6 +30,8 @@ from streams import metrics
 from streams.config import Settings
 from streams.faults import fault_point
 from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
+from streams.reply_topics import ReplyTopics
+from streams.validation import reply_to_reason
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,10 @@ class RequestHandler:
         redis: Redis,
         counter: TokenCounter,
         admission: Admission | None = None,
+        reply_topics: ReplyTopics | None = None,
     ) -> None:
         self.settings = settings
+        self.reply_topics = reply_topics  # None: reply_to names are not checked against the broker
         self.redis = redis
         self.counter = counter
         self.admission = admission
@@ -115,6 +119,33 @@ class RequestHandler:
                 await self._claim_and_append(forwarded)
 
     def _admit(self, record: Incoming) -> Outgoing | _Accepted | None:
+        """The record's reply or dead letter, or the accepted request. Whatever goes
+        wrong with one record (a crafted field the checks missed) is that record's
+        dead letter, never its batch's."""
+        try:
+            return self._admit_checked(record)
+        except Exception as exc:
+            log.exception("topic=%s partition=%d offset=%d failed alone", record.topic, record.partition, record.offset)
+            return self._dead_letter(record, f"processor error on this record: {exc!r}", "processor_error")
+
+    def _dead_letter(self, record: Incoming, reason: str, label: str) -> Outgoing:
+        metrics.DEAD_LETTERS.labels(STAGE, label).inc()
+        return self._dead_letter_later(record, reason)
+
+    def _dead_letter_later(self, record: Incoming, reason: str) -> Outgoing:
+        """The record's dead letter, for a fallback: counted only if it is sent."""
+        return dead_letter(
+            self.settings.topics.dead_letter,
+            record.value,
+            record.key,
+            reason=reason,
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            stage=STAGE,
+        )
+
+    def _admit_checked(self, record: Incoming) -> Outgoing | _Accepted | None:
         started = now_ms()
         try:
             request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
@@ -122,17 +153,13 @@ class RequestHandler:
             log.warning(
                 "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
             )
-            metrics.DEAD_LETTERS.labels(STAGE, "undecodable").inc()
-            return dead_letter(
-                self.settings.topics.dead_letter,
-                record.value,
-                record.key,
-                reason=str(exc),
-                source_topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                stage=STAGE,
-            )
+            return self._dead_letter(record, str(exc), "undecodable")
+        if self.reply_topics is not None:
+            unanswerable = self.reply_topics.reason(request["reply_to"])
+        else:
+            unanswerable = reply_to_reason(request["reply_to"], self.settings)
+        if unanswerable is not None:
+            return self._dead_letter(record, unanswerable, "unanswerable")
         if not request["created_ms"]:
             request["created_ms"] = started
         timings = {"queued_ms": max(0, started - request["created_ms"])}
@@ -142,7 +169,9 @@ class RequestHandler:
             if retry_after_ms is not None:
                 metrics.RETRY_AFTER.labels(stage).observe(retry_after_ms / 1000)
             reply = build_reply(request, status, error=error, retry_after_ms=retry_after_ms, timings=timings)
-            return reply_message(reply, request["reply_to"], encoding)
+            out = reply_message(reply, request["reply_to"], encoding)
+            out.fallback = self._dead_letter_later(record, f"{status} reply to {request['reply_to']!r} refused")
+            return out
 
         reason = invalid_reason(request, self.settings)
         if reason is not None:

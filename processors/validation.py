@@ -6,16 +6,19 @@ from typing import Any
 
 from processors.compression import STRATEGIES
 from streams.config import Settings
+from streams.validation import field_reason
 
 ROLES = frozenset({"system", "user", "assistant"})
 PRIORITIES = ("low", "normal", "high")
 
 
 def invalid_reason(request: dict[str, Any], settings: Settings) -> str | None:
-    """None for a good request, else the first thing wrong with it."""
+    """None for a good request, else the first thing wrong with it (its `reply_to` was
+    checked before: a request that cannot be replied to is dead-lettered)."""
+    shared = field_reason(request, settings)
+    if shared is not None:
+        return shared
     messages = request["messages"]
-    if not request["request_id"]:
-        return "request_id is empty"
     if not messages:
         return "messages is empty"
     if len(messages) > settings.max_messages:
@@ -23,15 +26,13 @@ def invalid_reason(request: dict[str, Any], settings: Settings) -> str | None:
     for i, message in enumerate(messages):
         if message["role"] not in ROLES:
             return f"message {i} has unknown role {message['role']!r} (expected one of {sorted(ROLES)})"
+    if all(m["role"] == "system" for m in messages):
+        return "messages has only system messages: nothing to answer"
     size = sum(len(m["content"]) for m in messages)
     if size > settings.max_prompt_chars:
         return f"prompt is {size} characters, over the limit of {settings.max_prompt_chars}"
-    if not 1 <= request["max_new_tokens"] <= settings.max_new_tokens_limit:
-        return f"max_new_tokens must be 1..{settings.max_new_tokens_limit}, got {request['max_new_tokens']}"
     if request["priority"] not in PRIORITIES:
         return f"unknown priority {request['priority']!r} (expected one of {list(PRIORITIES)})"
     if request["strategy"] is not None and request["strategy"] not in STRATEGIES:
         return f"unknown strategy {request['strategy']!r} (expected one of {sorted(STRATEGIES)})"
-    if request["temperature"] < 0:
-        return f"temperature must be >= 0, got {request['temperature']}"
     return None

@@ -233,9 +233,17 @@ class Codec:
 
 
 def content_type(headers: Headers) -> str | None:
+    """The content-type header's value; a header that is not UTF-8 text is the
+    record's fault (SerializationError), never its batch's."""
     for key, value in headers or ():
-        if key.lower() == CONTENT_TYPE:
-            return value.decode() if isinstance(value, bytes) else value
+        if not isinstance(key, str) or key.lower() != CONTENT_TYPE:
+            continue
+        if value is None:
+            raise SerializationError("content-type header has no value")
+        try:
+            return value.decode() if isinstance(value, bytes) else str(value)
+        except UnicodeDecodeError as exc:
+            raise SerializationError(f"content-type header is not UTF-8: {value[:40]!r}") from exc
     return None
 
 

@@ -13,16 +13,47 @@ and by the client.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from streams.exceptions import TidegateError
 from streams.outgoing import Outgoing
 
+log = logging.getLogger(__name__)
+
 QUEUE_FULL_WAIT_S = 0.005  # librdkafka's local queue is full: wait for deliveries to drain it
+
+# The broker (or librdkafka) refuses this record whatever the retries: sending it
+# again would stall its stage forever, so its fallback (a dead letter) goes instead.
+REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._UNKNOWN_PARTITION,
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+
+def refused_for_good(err: KafkaError) -> bool:
+    return err.code() in REFUSED_FOR_GOOD
+
+
+def instead_of(record: Outgoing, error: str) -> Outgoing | None:
+    """The record's fallback, with the broker's refusal added to its headers."""
+    if record.fallback is None:
+        return None
+    fallback = record.fallback
+    return dataclasses.replace(fallback, headers=[*fallback.headers, ("delivery.error", error.encode()[:1000])])
 
 
 class DeliveryFailed(TidegateError):
@@ -54,10 +85,24 @@ class DeliveryProducer:
             self._producer.poll(0.1)  # runs the delivery callbacks, in this thread
 
     async def send_all(self, records: Sequence[Outgoing]) -> None:
-        """Produces `records` and waits until the broker acknowledged every one;
-        raises DeliveryFailed naming the first that failed."""
-        if not records:
-            return
+        """Produces `records` and waits until the broker acknowledged every one. A
+        record refused for good (REFUSED_FOR_GOOD) is replaced by its fallback; raises
+        DeliveryFailed naming the first record that failed otherwise, or that was
+        refused for good with no fallback."""
+        pending = list(records)
+        while pending:
+            refused = await self._send_once(pending)
+            pending = []
+            for record, error in refused:
+                fallback = instead_of(record, error)
+                if fallback is None:
+                    raise DeliveryFailed(f"{record.topic}: {error}")
+                log.warning("%s refused for good (%s); sending its fallback to %s", record.topic, error, fallback.topic)
+                pending.append(fallback)
+
+    async def _send_once(self, records: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+        """Sends `records`; returns those refused for good with the broker's error,
+        raises DeliveryFailed if any other failed."""
         if self._producer is None:
             self.start()  # connects on first use
         assert self._producer is not None
@@ -65,26 +110,49 @@ class DeliveryProducer:
         done: asyncio.Future[None] = loop.create_future()
         remaining = len(records)
         failures: list[str] = []
+        refused: list[tuple[Outgoing, str]] = []
+        lock = threading.Lock()  # a record refused inside produce() is counted here, not in the report thread
 
-        def on_delivery(err: KafkaError | None, message: Any) -> None:
-            # every callback runs in the report thread: `remaining` has one writer
+        def failed(record: Outgoing, err: KafkaError) -> None:
+            if refused_for_good(err):
+                refused.append((record, err.str()))
+            else:
+                failures.append(f"{record.topic}: {err.str()}")
+
+        def on_delivery(err: KafkaError | None, _message: Any, record: Outgoing) -> None:
             nonlocal remaining
-            if err is not None:
-                failures.append(f"{message.topic()}: {err.str()}")
-            remaining -= 1
-            if remaining == 0:
+            with lock:
+                if err is not None:
+                    failed(record, err)
+                remaining -= 1
+                last = remaining == 0
+            if last:
                 loop.call_soon_threadsafe(_settle, done, failures)
 
         for record in records:
             while True:
                 try:
                     self._producer.produce(
-                        record.topic, record.value, record.key, headers=record.headers, on_delivery=on_delivery
+                        record.topic,
+                        record.value,
+                        record.key,
+                        headers=record.headers,
+                        on_delivery=lambda err, msg, record=record: on_delivery(err, msg, record),
                     )
                     break
                 except BufferError:
                     await asyncio.sleep(QUEUE_FULL_WAIT_S)
+                except KafkaException as exc:  # refused before it left: too large, say
+                    on_delivery(exc.args[0], None, record)
+                    break
         await done
+        return refused
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Any:
+        """The broker's metadata, on this producer's connection (streams/reply_topics.py)."""
+        self.start()
+        assert self._producer is not None
+        return self._producer.list_topics(topic, timeout=timeout)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Delivers what is queued (up to `timeout_s`), then stops the report thread."""

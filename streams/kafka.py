@@ -40,6 +40,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": settings.linger_ms,
+        # a record for a topic the broker does not know fails after this long rather
+        # than librdkafka's 30 s, a stall for the stage that waits on its delivery
+        # (reply topics are checked before, streams/reply_topics.py)
+        "topic.metadata.propagation.max.ms": 5000,
         **overrides,
     }
 

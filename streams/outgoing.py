@@ -6,6 +6,7 @@ streams/delivery.py (processors, client), from the workers' loop directly.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from schemas import AVRO, content_type_header, get_codec
 # the statuses a stage sends; the schema's enum also reserves `rate_limited` for quotas
 REPLY_STATUSES = ("ok", "queue_full", "expired", "invalid", "error")
 TIMING_FIELDS = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms", "total_ms")
+# A dead letter keeps at most this much of the original value: a record can be as
+# large as the broker's limit, and the dead letter adds headers to it, so a full-size
+# record would be refused by the dead-letter topic (and was lost with its batch).
+DEAD_LETTER_MAX_BYTES = 256 * 1024
 
 
 def now_ms() -> int:
@@ -30,6 +35,10 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    # sent instead when the broker refuses this record for good (its topic is gone,
+    # not writable, or it is too large): the input's dead letter, so the record that
+    # could not be answered is neither retried forever nor lost
+    fallback: Outgoing | None = None
 
 
 def build_reply(
@@ -88,7 +97,10 @@ def dead_letter(
     offset: int,
     stage: str,
 ) -> Outgoing:
-    """The original bytes, unchanged, with why and where from in the headers."""
+    """The original bytes, with why and where from in the headers. A value over
+    DEAD_LETTER_MAX_BYTES keeps its first DEAD_LETTER_MAX_BYTES, and the headers say
+    so: `original.size` and `original.sha256` of the whole value."""
+    value = value or b""
     headers = [
         ("error", reason.encode(errors="replace")[:4000]),
         ("source.topic", source_topic.encode()),
@@ -97,4 +109,13 @@ def dead_letter(
         ("stage", stage.encode()),
         ("failed.at.ms", str(now_ms()).encode()),
     ]
-    return Outgoing(topic, key, value or b"", headers)
+    if len(value) > DEAD_LETTER_MAX_BYTES:
+        headers += [
+            ("truncated", b"true"),
+            ("original.size", str(len(value)).encode()),
+            ("original.sha256", hashlib.sha256(value).hexdigest().encode()),
+        ]
+        value = value[:DEAD_LETTER_MAX_BYTES]
+    if key is not None and len(key) > DEAD_LETTER_MAX_BYTES:
+        key = key[:DEAD_LETTER_MAX_BYTES]
+    return Outgoing(topic, key, value, headers)

@@ -40,7 +40,7 @@ def incoming(text: str, session: str, tenant: str = "acme", strategy: str | None
         "temperature": 0.0,
         "created_ms": 0,
         "deadline_ms": 0,
-        "reply_to": "r",
+        "reply_to": "tidegate.replies",
         "strategy": strategy,
         "metadata": {},
     }
