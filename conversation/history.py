@@ -17,18 +17,19 @@ KEY_PREFIX = "tidegate:"
 Turn = dict[str, Any]  # {"role", "content", "tokens"}
 
 
-def _escape(part: str) -> str:
+def key_part(part: str) -> str:
+    """An id as one part of a Redis key."""
     return quote(part, safe="")  # ':' and '%' are escaped too: no two ids share a key
 
 
 def history_key(tenant: str, session_id: str) -> str:
     # v2: turns stored as Avro (v1 lists were JSON: left to expire, never misread)
-    return f"{KEY_PREFIX}history:v2:{_escape(tenant)}:{_escape(session_id)}"
+    return f"{KEY_PREFIX}history:v2:{key_part(tenant)}:{key_part(session_id)}"
 
 
 def embeddings_key(tenant: str, session_id: str) -> str:
     """Hash of turn-content digest -> embedding (float16 bytes), beside the history."""
-    return f"{KEY_PREFIX}emb:{_escape(tenant)}:{_escape(session_id)}"
+    return f"{KEY_PREFIX}emb:{key_part(tenant)}:{key_part(session_id)}"
 
 
 def content_digest(content: str) -> str:
@@ -37,13 +38,13 @@ def content_digest(content: str) -> str:
 
 def seen_key(tenant: str, request_id: str) -> str:
     """A processed request's claim; per tenant, so one tenant's id never hides another's."""
-    return f"{KEY_PREFIX}seen:{_escape(tenant)}:{_escape(request_id)}"
+    return f"{KEY_PREFIX}seen:{key_part(tenant)}:{key_part(request_id)}"
 
 
 def answered_key(tenant: str, request_id: str) -> str:
     """Set when a request's assistant turn is in the history: a redelivered generation
     (a worker crashed after the reply) never appends it twice."""
-    return f"{KEY_PREFIX}answered:{_escape(tenant)}:{_escape(request_id)}"
+    return f"{KEY_PREFIX}answered:{key_part(tenant)}:{key_part(request_id)}"
 
 
 # the turn's stored form is its Avro body as an item of ContextEnvelope.turns

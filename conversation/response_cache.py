@@ -4,6 +4,11 @@ The key is a digest of everything that decides a greedy completion: the model,
 the full prompt the model sees (system prompt, summary, kept turns) and
 max_new_tokens. Sampled requests (temperature > 0) are never cached. Entries
 expire after `response_cache_ttl_s`; 0 turns the cache off.
+
+Each tenant has its own cache by default: a shared one would answer tenant B from
+tenant A's earlier request, and `cache_hit` would tell B that somebody sent the same
+prompt. `RESPONSE_CACHE_SHARED=true` shares it across tenants where that is wanted
+(one organisation's teams, say).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from conversation.history import KEY_PREFIX
+from conversation.history import KEY_PREFIX, key_part
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +34,11 @@ def cacheable(temperature: float) -> bool:
     return temperature == 0
 
 
-def cache_key(model: str, messages: Sequence[dict[str, str]], max_new_tokens: int) -> str:
+def cache_key(model: str, messages: Sequence[dict[str, str]], max_new_tokens: int, tenant: str | None) -> str:
+    """The entry's key: per tenant, or shared across tenants where `tenant` is None."""
     material = orjson.dumps([model, list(messages), max_new_tokens])
-    return f"{KEY_PREFIX}resp:{hashlib.blake2b(material, digest_size=20).hexdigest()}"
+    scope = "shared" if tenant is None else f"t:{key_part(tenant)}"
+    return f"{KEY_PREFIX}resp:{scope}:{hashlib.blake2b(material, digest_size=20).hexdigest()}"
 
 
 def lookup(client: Any, keys: Sequence[str]) -> list[CachedReply | None]:

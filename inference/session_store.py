@@ -56,7 +56,9 @@ class SessionStore:
             return misses
         for j in jobs:
             if j.prompt is not None and cacheable(j.prompt.temperature):
-                j.cache_key = cache_key(self.runner.name, j.prompt.messages, j.prompt.max_new_tokens)
+                assert j.envelope is not None
+                tenant = None if self.settings.response_cache_shared else j.envelope["tenant"]
+                j.cache_key = cache_key(self.runner.name, j.prompt.messages, j.prompt.max_new_tokens, tenant)
         index = [i for i, j in enumerate(jobs) if j.cache_key is not None]
         if not index:
             return misses

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     prefix_cache_entries: int = Field(8, ge=0)  # shared system-prompt KV kept per worker; 0: off
     stats_interval_s: float = Field(1.0, gt=0)  # worker batching counters to Redis
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
+    # the response cache is per tenant; true: one cache across tenants (conversation/response_cache.py)
+    response_cache_shared: bool = False
     prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)
     # SIGTERM: rows already generating get this long to finish and be replied to

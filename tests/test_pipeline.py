@@ -7,12 +7,13 @@ import collections
 import os
 import time
 import uuid
+from collections.abc import Callable
 
 import orjson
 from confluent_kafka import Producer
 
 from schemas import get_codec
-from streams import Client, Reply
+from streams import Client, Reply, Settings
 from streams.lag import PROCESSORS
 from tests.conftest import Pipeline
 from tests.helpers import TopicReader, wait_for_stage_lag
@@ -218,6 +219,28 @@ def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pip
     assert second.text == first.text and second.timings.inference_ms == 0
     assert not sampled.cache_hit  # sampling is never cached
     assert not longer.cache_hit  # other generation parameters: another entry
+
+
+def test_the_response_cache_is_per_tenant_unless_shared(
+    echo_pipeline: Pipeline, pipeline_factory: Callable[..., Pipeline]
+) -> None:
+    """Tenant B's request is not answered from tenant A's (nor told `cache_hit`);
+    with RESPONSE_CACHE_SHARED it is."""
+    text = f"tenant cache {uuid.uuid4().hex[:6]}"
+
+    async def ask(settings: Settings) -> list[Reply]:
+        run = uuid.uuid4().hex[:6]  # fresh conversations: the same prompt each time
+        async with Client(settings=settings) as client:
+            return [
+                await client.generate(user(text), f"{tenant}-{i}-{run}", max_new_tokens=8, tenant=tenant)
+                for i, tenant in enumerate(["acme", "globex", "acme"])
+            ]
+
+    a, b, a_again = asyncio.run(ask(echo_pipeline.settings))
+    assert (a.cache_hit, b.cache_hit, a_again.cache_hit) == (False, False, True)
+    shared = pipeline_factory(("processor", "worker"), model="echo", response_cache_shared=True)
+    a, b, a_again = asyncio.run(ask(shared.settings))
+    assert (a.cache_hit, b.cache_hit, a_again.cache_hit) == (False, True, True)
 
 
 def test_submitted_requests_are_answered_through_reply_and_the_replies_iterator(echo_pipeline: Pipeline) -> None:
