@@ -12,6 +12,12 @@ sent, without a broker round trip. The reply consumer is assigned (no group
 join), starting at each reply partition's end as listed before the first
 request, so no reply to this client's requests is missed.
 
+Replies reach only their caller: each client creates its own reply topic,
+`<replies>.<tenant>.<instance>`, when it starts and deletes it when it closes, so
+it reads its own replies and nobody else's (a shared reply topic would hand every
+client every tenant's replies, and each client's reply traffic would grow with the
+number of clients). `reply_topic=` names a topic to share instead.
+
 Each reply is handed over once: to `generate`, to `reply(request_id)`, or to the
 `replies()` iterator, whichever takes it first; a second copy of a reply (a
 redelivery after a crash) is dropped.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -37,7 +44,14 @@ from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryProducer
 from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
-from streams.kafka import check_reachable, consume_ready, consumer_config, producer_config
+from streams.kafka import (
+    check_reachable,
+    consume_ready,
+    consumer_config,
+    create_client_reply_topic,
+    delete_topic,
+    producer_config,
+)
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
@@ -52,6 +66,7 @@ UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
 BACKOFF_FACTOR = 2.0
 MIN_RETRY_MS = 10
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # it names the client's reply topic
 
 
 @dataclass(slots=True)
@@ -68,7 +83,10 @@ class Client:
 
     :param bootstrap: Kafka bootstrap servers; default from settings (TIDEGATE_BOOTSTRAP).
     :param settings: full settings; topics come from its prefix.
-    :param reply_topic: where replies are sent; default the settings' reply topic.
+    :param tenant: the tenant of this client's requests (letters, digits, `_` and `-`);
+        its reply topic is under the tenant's name.
+    :param reply_topic: a reply topic to share (it must exist); default: a topic of
+        this client's own, created on start and deleted on close.
     :param reply_grace_s: how long past a request's deadline a reply is still awaited
         (an `expired` one included); default 5 s.
     """
@@ -78,13 +96,19 @@ class Client:
         bootstrap: str | None = None,
         *,
         settings: Settings | None = None,
+        tenant: str = "default",
         reply_topic: str | None = None,
         reply_grace_s: float = REPLY_GRACE_S,
     ) -> None:
+        if not TENANT_NAME.fullmatch(tenant):
+            raise TidegateError(f"tenant {tenant[:80]!r} must be 1-64 letters, digits, '_' or '-'")
         self.reply_grace_s = reply_grace_s
         base = settings or Settings()
         self.settings = base.model_copy(update={"bootstrap": bootstrap}) if bootstrap else base
-        self.reply_topic = reply_topic or self.settings.topics.replies
+        self.tenant = tenant
+        self._own_reply_topic = reply_topic is None
+        self.reply_topic = reply_topic or f"{self.settings.topics.replies}.{tenant}.{uuid.uuid4().hex[:16]}"
+        self.replies_read = 0  # records read off the reply topic: this client's reply traffic
         self.codec = get_codec()
         self._pending: dict[str, _Pending] = {}
         self._arrived: asyncio.Queue[str] | None = None  # ids whose reply came, while replies() runs
@@ -109,6 +133,8 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._producer.start()
         self._consumer = Consumer(consumer_config(self.settings, f"tidegate-client-{uuid.uuid4().hex}"))
+        if self._own_reply_topic:
+            await asyncio.to_thread(create_client_reply_topic, self.settings, self.reply_topic)
         await asyncio.to_thread(self._assign_reply_partitions)
         if self._pressure is not None:
             await asyncio.to_thread(self._pressure.start)
@@ -144,6 +170,8 @@ class Client:
         await asyncio.to_thread(self._producer.close, 5)
         if self._consumer is not None:
             await asyncio.to_thread(self._consumer.close)
+        if self._own_reply_topic and self._consumer is not None:
+            await asyncio.to_thread(delete_topic, self.settings, self.reply_topic)
         for pending in self._pending.values():
             pending.future.cancel()
         self._pending.clear()
@@ -155,7 +183,7 @@ class Client:
         messages: Messages,
         session_id: str,
         *,
-        tenant: str = "default",
+        tenant: str | None = None,
         priority: str = "normal",
         max_new_tokens: int = 64,
         deadline_s: float = 30.0,
@@ -171,6 +199,7 @@ class Client:
         :param messages: the new turns, `{"role": ..., "content": ...}`; a `system`
             message replaces the configured system prompt.
         :param session_id: the conversation: its history is kept per (tenant, session).
+        :param tenant: default the client's.
         :param priority: `low` is refused first under pressure, `high` last.
         :param deadline_s: seconds from now after which nobody waits for the reply;
             0: none.
@@ -186,7 +215,7 @@ class Client:
         request = self._build_request(
             messages,
             session_id,
-            tenant=tenant,
+            tenant=tenant or self.tenant,
             priority=priority,
             max_new_tokens=max_new_tokens,
             deadline_s=deadline_s,
@@ -218,7 +247,7 @@ class Client:
         messages: Messages,
         session_id: str,
         *,
-        tenant: str = "default",
+        tenant: str | None = None,
         priority: str = "normal",
         max_new_tokens: int = 64,
         deadline_s: float = 30.0,
@@ -245,7 +274,7 @@ class Client:
                 await self.submit(
                     messages,
                     session_id,
-                    tenant=tenant,
+                    tenant=tenant or self.tenant,
                     priority=priority,
                     max_new_tokens=max_new_tokens,
                     deadline_s=max(0.001, remaining) if deadline_s else 0,
@@ -335,6 +364,7 @@ class Client:
                         if message.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("reply consumer: %s", message.error())
                         continue
+                    self.replies_read += 1
                     self._on_reply(message.value(), message.headers())
             except Exception:
                 log.exception("reply consumer failed; reading on")

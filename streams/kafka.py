@@ -144,3 +144,37 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         log.info("topic=%s replicas=%d created", name, replicas)
+
+
+# A client's own reply topic: one partition, kept an hour (a reply nobody read by
+# then is for a caller that is gone); deleted when the client closes.
+CLIENT_REPLY_TOPIC_CONFIG = {"retention.ms": str(3_600_000), "cleanup.policy": "delete"}
+
+
+def create_client_reply_topic(settings: Settings, name: str, timeout_s: float = 30.0) -> None:
+    """Creates `name` (one partition) and returns once the broker lists it, so the
+    processors' check of `reply_to` (streams/reply_topics.py) finds it."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    brokers = len(admin.list_topics(timeout=10).brokers)
+    replicas = replication_factor(brokers)
+    durability = {"min.insync.replicas": "2"} if replicas >= 3 else {}
+    topic = NewTopic(
+        name, num_partitions=1, replication_factor=replicas, config={**CLIENT_REPLY_TOPIC_CONFIG, **durability}
+    )
+    for future in admin.create_topics([topic], operation_timeout=10).values():
+        future.result(timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while name not in admin.list_topics(timeout=10).topics:
+        if time.monotonic() > deadline:
+            raise KafkaException(f"topic {name} created but not listed after {timeout_s:.0f}s")
+        time.sleep(0.05)
+
+
+def delete_topic(settings: Settings, name: str, timeout_s: float = 10.0) -> None:
+    """Deletes `name`; a failure is logged (its retention empties it anyway)."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    try:
+        for future in admin.delete_topics([name], operation_timeout=timeout_s).values():
+            future.result(timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("topic=%s not deleted: %s", name, exc)

@@ -131,7 +131,7 @@ def load_through(
     in. Returns the outcomes and the recovery time from the fault (recovery_time)."""
 
     async def scenario() -> tuple[list[Outcome], float]:
-        async with Client(settings=settings, reply_grace_s=60) as client:
+        async with Client(settings=settings, reply_topic=settings.topics.replies, reply_grace_s=60) as client:
             load = asyncio.create_task(offer_load(client, tag, seconds, rate_per_s))
             await asyncio.sleep(seconds / 4)
             fault_at = time.monotonic()

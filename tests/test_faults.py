@@ -60,7 +60,9 @@ def one_request_through_a_crash(pipeline: Pipeline, role: str, session: str, tex
     restarts it unarmed, and returns the reply with the time from the crash to it."""
 
     async def scenario() -> tuple[Reply, float]:
-        async with Client(settings=pipeline.settings, reply_grace_s=60) as client:
+        async with Client(
+            settings=pipeline.settings, reply_topic=pipeline.settings.topics.replies, reply_grace_s=60
+        ) as client:
             request_id = await client.submit(user(text), session, max_new_tokens=8, deadline_s=90)
             await asyncio.to_thread(pipeline.wait_exited, role, 60)
             killed_at = time.monotonic()
@@ -170,7 +172,7 @@ def test_redis_down_for_ten_seconds_under_load_loses_nothing(pipelines: Callable
 
 
 async def _one(pipeline: Pipeline, text: str) -> Reply:
-    async with Client(settings=pipeline.settings) as client:
+    async with Client(settings=pipeline.settings, reply_topic=pipeline.settings.topics.replies) as client:
         return await client.generate(user(text), f"one-{uuid.uuid4().hex[:6]}", max_new_tokens=8, deadline_s=60)
 
 
@@ -275,7 +277,7 @@ def test_sigterm_lets_a_worker_finish_and_commit_what_it_is_generating(pipelines
     pipeline = pipelines(model="sim:250")
 
     async def scenario() -> Reply:
-        async with Client(settings=pipeline.settings) as client:
+        async with Client(settings=pipeline.settings, reply_topic=pipeline.settings.topics.replies) as client:
             request_id = await client.submit(user("finish me"), "graceful", max_new_tokens=8, deadline_s=60)
             stage = next(s for s in pipeline_stages(pipeline.settings) if s.name == WORKERS)
             reader = LagReader(pipeline.settings, [stage])

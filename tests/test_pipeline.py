@@ -16,7 +16,7 @@ from schemas import get_codec
 from streams import Client, Reply, Settings
 from streams.lag import PROCESSORS
 from tests.conftest import Pipeline
-from tests.helpers import TopicReader, wait_for_stage_lag
+from tests.helpers import TopicReader, wait_for, wait_for_stage_lag
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -63,7 +63,7 @@ def test_200_concurrent_requests_get_exactly_one_ok_reply_each(echo_pipeline: Pi
     tag = uuid.uuid4().hex[:6]
 
     async def burst() -> list[Reply]:
-        async with Client(settings=settings) as client:
+        async with Client(settings=settings, reply_topic=settings.topics.replies) as client:
             return await asyncio.gather(
                 *(
                     client.generate(user(f"question {i}"), f"{tag}-s{i % 20}", max_new_tokens=8, deadline_s=60)
@@ -278,7 +278,7 @@ def test_a_duplicate_reply_on_the_topic_is_handed_over_once(echo_pipeline: Pipel
             copies = Producer({"bootstrap.servers": settings.bootstrap})
             for reply_id in (first.request_id, second_id, second_id):
                 record = Reply(request_id=reply_id, status="ok", text="copy").to_record()
-                copies.produce(settings.topics.replies, codec.encode("InferenceReply", record), reply_id.encode())
+                copies.produce(client.reply_topic, codec.encode("InferenceReply", record), reply_id.encode())
             assert copies.flush(10) == 0
             got: list[Reply] = []
 
@@ -297,3 +297,43 @@ def test_a_duplicate_reply_on_the_topic_is_handed_over_once(echo_pipeline: Pipel
     first, got = asyncio.run(scenario())
     assert first.ok and first.text == "once"
     assert len(got) == 1  # the second request, once: its first copy or the real reply
+
+
+def test_each_client_reads_only_its_own_replies_however_many_clients(echo_pipeline: Pipeline) -> None:
+    """Reply traffic per client is flat: with 1 client and with 20, each reads exactly
+    its own replies off its own reply topic (on one shared reply topic, each of 20
+    clients would read all 20 clients' replies, as the last round shows)."""
+    settings = echo_pipeline.settings
+    per_client = 10
+
+    async def round_of(clients: int, shared: bool) -> list[int]:
+        topic = settings.topics.replies if shared else None
+        opened = [Client(settings=settings, reply_topic=topic) for _ in range(clients)]
+        for client in opened:
+            await client.start()
+        try:
+            replies = await asyncio.gather(
+                *(
+                    client.generate(user(f"mine {c} {i}"), f"own-{c}-{uuid.uuid4().hex[:6]}", max_new_tokens=4)
+                    for c, client in enumerate(opened)
+                    for i in range(per_client)
+                )
+            )
+            assert [r.status for r in replies] == ["ok"] * clients * per_client
+            if shared:  # every client reads everything on the shared topic: wait for all of it
+                await asyncio.to_thread(
+                    wait_for, lambda: all(c.replies_read >= clients * per_client for c in opened), 30, "all replies"
+                )
+            return [client.replies_read for client in opened]
+        finally:
+            for client in opened:
+                await client.close()
+
+    one = asyncio.run(round_of(1, shared=False))
+    twenty = asyncio.run(round_of(20, shared=False))
+    shared = asyncio.run(round_of(20, shared=True))
+    print(
+        f"REPLY TRAFFIC per client: 1 client {one}, 20 clients {sorted(set(twenty))}, shared {sorted(set(shared))}"
+    )
+    assert one == [per_client] and twenty == [per_client] * 20
+    assert min(shared) >= 20 * per_client
