@@ -182,8 +182,14 @@ class HistoryWriter:
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))
 
-    def store_embeddings(self, pipe: Any, tenant: str, session_id: str, vectors: dict[str, bytes]) -> None:
+    def store_embeddings(
+        self, pipe: Any, tenant: str, session_id: str, vectors: dict[str, bytes], stale: Sequence[bytes] = ()
+    ) -> None:
+        """Stores new turn embeddings and drops `stale` ones (turns the history no
+        longer holds): the hash stays as long as the history, never longer."""
+        key = embeddings_key(tenant, session_id)
+        if stale:
+            pipe.hdel(key, *stale)
         if vectors:
-            key = embeddings_key(tenant, session_id)
             pipe.hset(key, mapping=vectors)
             pipe.expire(key, self.ttl_s)

@@ -169,12 +169,14 @@ class TransformersRunner:
     def finish(self, ids: list[int], tokens_in: int) -> Generation:
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), tokens_in, len(ids))
 
-    def engine(self, prefix_cache_entries: int) -> ContinuousEngine:
+    def engine(self, prefix_cache_entries: int, prefix_cache_bytes: int = 256 << 20) -> ContinuousEngine:
         """A continuous-batching engine on this model (inference/engine.py)."""
         from inference.engine import ContinuousEngine
         from inference.prefix_cache import PrefixCache
 
-        cache = PrefixCache(prefix_cache_entries, self.min_prefix_tokens) if prefix_cache_entries else None
+        cache = None
+        if prefix_cache_entries:
+            cache = PrefixCache(prefix_cache_entries, self.min_prefix_tokens, prefix_cache_bytes)
         return ContinuousEngine(self.model, self.end_ids, self.tokenizer.pad_token_id, self.device, cache)
 
 

@@ -86,7 +86,7 @@ class InferenceWorker:
         self.jobs: dict[tuple[str, int, int], Job] = {}
         make_engine = getattr(runner, "engine", None)
         continuous = settings.batching == "continuous" and make_engine is not None
-        self.engine = make_engine(settings.prefix_cache_entries) if continuous else None
+        self.engine = make_engine(settings.prefix_cache_entries, settings.prefix_cache_bytes) if continuous else None
         self.stats = self.engine.stats if self.engine is not None else EngineStats()
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
         self.stopping = threading.Event()

@@ -344,7 +344,12 @@ class RequestHandler:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
                     tenant, session = item.request["tenant"], item.request["session_id"]
-                    self.history.store_embeddings(pipe, tenant, session, item.new_vectors)
+                    # cached vectors of turns the history has trimmed away
+                    kept = {content_digest(t["content"]).encode() for t in item.history} | {
+                        d.encode() for d in item.new_vectors
+                    }
+                    stale = [d for d in item.cached_vectors if d not in kept]
+                    self.history.store_embeddings(pipe, tenant, session, item.new_vectors, stale)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._redis_down(exc)

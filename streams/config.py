@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     # decoding, so joining one by one costs a pass per step; 0: max_batch // 8.
     join_rows: int = Field(0, ge=0)
     prefix_cache_entries: int = Field(8, ge=0)  # shared system-prompt KV kept per worker; 0: off
+    prefix_cache_bytes: int = Field(256 << 20, ge=0)  # and at most this much of it
     stats_interval_s: float = Field(1.0, gt=0)  # worker batching counters to Redis
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
     # the response cache is per tenant; true: one cache across tenants (conversation/response_cache.py)

@@ -156,6 +156,16 @@ def test_relevance_embeds_each_turn_once_and_finds_the_needle(services: tuple[st
     assert calls == [1]  # only the new question: history embeddings came from Redis
 
 
+def test_cached_embeddings_shrink_with_the_history(services: tuple[str, str], counter: TokenCounter) -> None:
+    handler = make_handler(services[1], counter, history_max_turns=6, token_budget=64)
+    session = f"emb-{uuid.uuid4().hex[:6]}"
+    for i in range(12):
+        handle(handler, incoming(f"turn {i} about the garden and its many tomatoes", session, strategy="relevance"))
+    stored = redis.Redis.from_url(services[1]).hlen(embeddings_key("acme", session))
+    # the history holds 6 turns; the hash holds those and the latest question, not all 12
+    assert stored <= 6 + 1, stored
+
+
 def test_redis_outage_is_degraded_not_an_outage_and_history_resumes(counter: TokenCounter) -> None:
     port = processes.free_port()
     log_dir = Path(LOG_DIR) / "redis-outage"

@@ -97,6 +97,14 @@ def redis_server_bin() -> str:
     return found
 
 
+# Redis memory is bounded; every tidegate key has a TTL, and the keys closest to
+# expiring go first (volatile-ttl): response-cache entries (an hour) before
+# conversations, and of conversations the longest idle (each write renews a
+# history's day). What eviction costs is in docs/design.md ("Bounded memory").
+REDIS_MAXMEMORY = "256mb"
+REDIS_EVICTION_POLICY = "volatile-ttl"
+
+
 def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
     log_path = log_dir / "redis.log"
     proc = spawn(
@@ -112,6 +120,10 @@ def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[byt
             "no",
             "--protected-mode",
             "yes",
+            "--maxmemory",
+            REDIS_MAXMEMORY,
+            "--maxmemory-policy",
+            REDIS_EVICTION_POLICY,
         ],
         log_path,
         nice=nice,
