@@ -24,7 +24,7 @@ from conversation.model_files import load_tokenizer
 from conversation.tokens import TokenCounter
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
-from processors.handler import STAGE, Admission, Incoming, RequestHandler
+from processors.handler import STAGE, Admission, Incoming, NearFull, RequestHandler
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
@@ -32,9 +32,10 @@ from streams.kafka import producer_config
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, dead_letter
-from streams.pressure import FORWARD_TRANSIT_MS, PressureBoard
+from streams.pressure import EXIT_FACTOR, FORWARD_TRANSIT_MS, OK, PressureBoard, retry_after_ms
 from streams.pressure_feed import PressureListener
 from streams.reply_topics import ReplyTopics
+from streams.tenants import Tenants
 
 log = logging.getLogger(__name__)
 DELIVERY_RETRY_MAX_S = 5.0
@@ -63,6 +64,22 @@ def downstream_admission(board: PressureBoard) -> Admission:
     return admit
 
 
+def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
+    """(stage, retry_after_ms) while the workers' stage is past its warn line: when
+    admissions are scarce and each tenant is held to its fair share."""
+
+    def check() -> tuple[str, int] | None:
+        state = board.state(WORKERS)
+        if state is None or not state["cap"]:
+            return None
+        line = warn_ratio * state["cap"]
+        if state["state"] == OK and state["lag"] < line:
+            return None
+        return WORKERS, retry_after_ms(state["lag"], EXIT_FACTOR * line, state["drain_rate"])
+
+    return check
+
+
 def create_app(settings: Settings) -> faust.App:
     set_fetch_wait_ms(settings.fetch_wait_ms)
     # faust wants a data directory even with no tables; its default ({appid}-data in
@@ -89,15 +106,18 @@ def create_app(settings: Settings) -> faust.App:
     )
     requests = app.topic(settings.topics.requests, key_type=bytes, value_type=bytes)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    admission = None
+    admission = fullness = None
     if settings.backpressure:
         board = PressureBoard(settings.pressure_stale_s, settings.warn_ratio, transit_ms=FORWARD_TRANSIT_MS)
         pressure = PressureListener(settings, board)
         pressure.start()
         admission = downstream_admission(board)
+        fullness = near_full(board, settings.warn_ratio)
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
     counter = TokenCounter(load_tokenizer(settings.model))
-    handler = RequestHandler(settings, redis, counter, admission, ReplyTopics(settings, delivery))
+    handler = RequestHandler(
+        settings, redis, counter, admission, ReplyTopics(settings, delivery), fullness, Tenants.load(settings)
+    )
     wait_s = settings.processor_batch_wait_ms / 1000
 
     async def deliver(outgoing: list[Outgoing]) -> None:

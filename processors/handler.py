@@ -24,6 +24,8 @@ from conversation.history import ENVELOPE, TURNS, HistoryWriter, StoredHistory, 
 from conversation.tokens import TokenCounter
 from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
+from processors.fairness import FairShares
+from processors.quotas import Quotas, too_large
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams import metrics
@@ -31,6 +33,7 @@ from streams.config import Settings
 from streams.faults import fault_point
 from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
 from streams.reply_topics import ReplyTopics
+from streams.tenants import Tenants
 from streams.validation import reply_to_reason
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ REDIS_RETRY_S = 1.0
 
 # (stage, lag, cap, retry_after_ms) when the request must be refused, else None
 Admission = Callable[[dict[str, Any]], tuple[str, int, int, int] | None]
+# (stage, retry_after_ms) while the workers' stage is past its warn line, else None
+NearFull = Callable[[], tuple[str, int] | None]
 # produces records and returns once the broker acknowledged every one
 Deliver = Callable[[list[Outgoing]], Awaitable[None]]
 
@@ -58,6 +63,7 @@ class Incoming:
 
 @dataclass(slots=True)
 class _Accepted:
+    record: Incoming
     request: dict[str, Any]
     encoding: str
     started_ms: int
@@ -79,9 +85,15 @@ class RequestHandler:
         counter: TokenCounter,
         admission: Admission | None = None,
         reply_topics: ReplyTopics | None = None,
+        near_full: NearFull | None = None,
+        tenants: Tenants | None = None,
     ) -> None:
         self.settings = settings
         self.reply_topics = reply_topics  # None: reply_to names are not checked against the broker
+        self.near_full = near_full
+        tenants = tenants or Tenants()
+        self.quotas = Quotas(redis, tenants) if tenants.limited else None
+        self.fair_shares = FairShares(tenants, settings.fair_share_window_s) if settings.fair_shares else None
         self.redis = redis
         self.counter = counter
         self.admission = admission
@@ -105,10 +117,12 @@ class RequestHandler:
                 out.append(result)
             elif result is not None:
                 accepted.append(result)
+        if accepted:
+            self._count_new_turns(accepted)
+            accepted = self._admitted(await self._within_quotas(accepted, out), out)
         if not accepted:
             await deliver(out)
             return
-        self._count_new_turns(accepted)
         for wave in _waves(accepted):
             envelopes, forwarded, degraded = await self._build_envelopes(wave)
             fault_point("processor.before_forward")  # history read, nothing forwarded or claimed
@@ -162,27 +176,14 @@ class RequestHandler:
             return self._dead_letter(record, unanswerable, "unanswerable")
         if not request["created_ms"]:
             request["created_ms"] = started
-        timings = {"queued_ms": max(0, started - request["created_ms"])}
-
-        def refuse(status: str, error: str, retry_after_ms: int | None = None, stage: str = STAGE) -> Outgoing:
-            metrics.REFUSALS.labels(stage, request["priority"], status).inc()
-            if retry_after_ms is not None:
-                metrics.RETRY_AFTER.labels(stage).observe(retry_after_ms / 1000)
-            reply = build_reply(request, status, error=error, retry_after_ms=retry_after_ms, timings=timings)
-            out = reply_message(reply, request["reply_to"], encoding)
-            out.fallback = self._dead_letter_later(record, f"{status} reply to {request['reply_to']!r} refused")
-            return out
-
         reason = invalid_reason(request, self.settings)
         if reason is not None:
-            return refuse("invalid", reason)
+            return self._refuse(record, request, encoding, started, "invalid", reason)
         if request["deadline_ms"] and started > request["deadline_ms"]:
-            return refuse("expired", f"deadline passed {started - request['deadline_ms']} ms before processing")
-        if self.admission is not None:
-            full = self.admission(request)
-            if full is not None:
-                stage, lag, cap, retry_after_ms = full
-                return refuse("queue_full", f"stage {stage} lag {lag} is past its cap {cap}", retry_after_ms, stage)
+            late = started - request["deadline_ms"]
+            return self._refuse(
+                record, request, encoding, started, "expired", f"deadline passed {late} ms before processing"
+            )
         system = [m["content"] for m in request["messages"] if m["role"] == "system"]
         # counted for the whole batch at once (_count_new_turns)
         new_turns = [
@@ -195,7 +196,96 @@ class RequestHandler:
         system_tokens = (
             self._system_tokens if system_prompt == self.settings.system_prompt else self.counter.count(system_prompt)
         )
-        return _Accepted(request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
+        return _Accepted(record, request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
+
+    def _refuse(
+        self,
+        record: Incoming,
+        request: dict[str, Any],
+        encoding: str,
+        started_ms: int,
+        status: str,
+        error: str,
+        retry_after_ms: int | None = None,
+        stage: str = STAGE,
+    ) -> Outgoing:
+        """The reply that refuses `request`; its fallback is the record's dead letter."""
+        metrics.REFUSALS.labels(stage, request["priority"], status).inc()
+        if retry_after_ms is not None:
+            metrics.RETRY_AFTER.labels(stage).observe(retry_after_ms / 1000)
+        timings = {"queued_ms": max(0, started_ms - request["created_ms"])}
+        reply = build_reply(request, status, error=error, retry_after_ms=retry_after_ms, timings=timings)
+        out = reply_message(reply, request["reply_to"], encoding)
+        out.fallback = self._dead_letter_later(record, f"{status} reply to {request['reply_to']!r} refused")
+        return out
+
+    def _refuse_item(
+        self, item: _Accepted, status: str, error: str, retry_after_ms: int | None, stage: str
+    ) -> Outgoing:
+        return self._refuse(
+            item.record, item.request, item.encoding, item.started_ms, status, error, retry_after_ms, stage
+        )
+
+    async def _within_quotas(self, accepted: list[_Accepted], out: list[Outgoing]) -> list[_Accepted]:
+        """The requests within their tenants' quotas (one Redis round trip for the
+        batch); the others are answered `rate_limited` with the exact retry time, or
+        `invalid` when no minute's quota could ever cover them."""
+        if self.quotas is None:
+            return accepted
+        asks = [(item.request["tenant"], self._quota_tokens(item)) for item in accepted]
+        try:
+            decisions = await self.quotas.decide(asks)
+        except (RedisError, OSError) as exc:
+            self._redis_down(exc)
+            return accepted
+        passed = []
+        for item, (tenant, tokens), decision in zip(accepted, asks, decisions, strict=True):
+            oversized = too_large(self.quotas.tenants.policy(tenant), tokens)
+            if oversized is not None:
+                out.append(self._refuse_item(item, "invalid", oversized, None, STAGE))
+            elif decision is None or decision.passed:
+                passed.append(item)
+            else:
+                why = f"tenant {tenant!r} is over its quota; retry after {decision.retry_after_ms} ms"
+                out.append(self._refuse_item(item, "rate_limited", why, decision.retry_after_ms, STAGE))
+        return passed
+
+    @staticmethod
+    def _quota_tokens(item: _Accepted) -> int:
+        """What a request may cost at most: its own turns and its max_new_tokens."""
+        return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
+
+    def _under_share(self, tenant: str) -> bool:
+        return self.fair_shares is not None and self.fair_shares.standing(tenant) == "under"
+
+    def _admitted(self, accepted: list[_Accepted], out: list[Outgoing]) -> list[_Accepted]:
+        """The requests the workers' stage can take: near its cap each tenant is held
+        to its fair share (processors/fairness.py), past its cap every request of the
+        priority is refused (streams/pressure.py)."""
+        if self.admission is None:
+            return accepted
+        passed = []
+        for item in accepted:
+            request = item.request
+            tenant = request["tenant"]
+            near_full = self.near_full() if self.near_full is not None else None
+            if near_full is not None and self.fair_shares is not None and self.fair_shares.standing(tenant) == "over":
+                stage, retry_after_ms = near_full
+                why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
+                out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
+                continue
+            full = self.admission(request)
+            if full is not None and request["priority"] == "normal" and self._under_share(tenant):
+                full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
+            if full is not None:
+                stage, lag, cap, retry_after_ms = full
+                why = f"stage {stage} lag {lag} is past its cap {cap}"
+                out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
+                continue
+            if self.fair_shares is not None:
+                self.fair_shares.admitted(tenant)
+            passed.append(item)
+        return passed
 
     def _count_new_turns(self, accepted: list[_Accepted]) -> None:
         """Token counts of every new turn in the batch, in one tokenizer call."""

@@ -260,7 +260,8 @@ class Client:
         """`submit`, then `reply`: the reply (any status) once it arrives. With `wait`,
         a `queue_full` reply (a processor refused the request past its cap) is not the
         end either: the request is sent again, with backoff and jitter from its
-        `retry_after_ms`, until its deadline.
+        `retry_after_ms`, until its deadline; so is a `rate_limited` one (the tenant
+        over its quota), after exactly its `retry_after_ms`.
 
         :raises QueueFull: as `submit`.
         :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
@@ -285,9 +286,12 @@ class Client:
                     wait=wait,
                 )
             )
-            if not (wait and reply.status == "queue_full"):
+            if not (wait and reply.status in ("queue_full", "rate_limited")):
                 return reply
-            delay_s = _backoff_ms(reply.retry_after_ms or 0, attempt) / 1000
+            if reply.status == "rate_limited":  # the quota's retry time is exact: no backoff
+                delay_s = (reply.retry_after_ms or MIN_RETRY_MS) / 1000
+            else:
+                delay_s = _backoff_ms(reply.retry_after_ms or 0, attempt) / 1000
             if time.monotonic() + delay_s >= deadline:
                 return reply
             attempt += 1

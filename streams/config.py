@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
+    # Tenants (streams/tenants.py): quotas and fair-share weights; unset: all unlimited
+    tenants_file: str | None = None
+    # near the workers' cap, each tenant's share of the admissions over this window is
+    # held to its weight's share (processors/fairness.py); false: first come, first served
+    fair_shares: bool = True
+    fair_share_window_s: float = Field(5.0, gt=0)
+
     # Backpressure (streams/pressure.py). A cap is a message count, or, when that
     # is unset, seconds of work at the stage's measured drain rate.
     backpressure: bool = True

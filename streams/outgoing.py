@@ -14,8 +14,8 @@ from typing import Any
 
 from schemas import AVRO, content_type_header, get_codec
 
-# the statuses a stage sends; the schema's enum also reserves `rate_limited` for quotas
-REPLY_STATUSES = ("ok", "queue_full", "expired", "invalid", "error")
+# the statuses a stage sends (`rate_limited`: a tenant over its quota, processors/quotas.py)
+REPLY_STATUSES = ("ok", "queue_full", "rate_limited", "expired", "invalid", "error")
 TIMING_FIELDS = ("queued_ms", "context_ms", "batch_wait_ms", "inference_ms", "total_ms")
 # A dead letter keeps at most this much of the original value: a record can be as
 # large as the broker's limit, and the dead letter adds headers to it, so a full-size

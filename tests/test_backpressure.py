@@ -200,7 +200,7 @@ def test_wait_true_sends_again_after_a_queue_full_reply_until_answered(no_worker
 
     async def scenario() -> Reply:
         blind = settings.model_copy(update={"backpressure": False})
-        async with Client(settings=blind) as client:
+        async with Client(settings=blind, reply_topic=settings.topics.replies) as client:
             call = asyncio.create_task(
                 client.generate(user("patient"), "patient", request_id=request_id, deadline_s=90, wait=True)
             )
