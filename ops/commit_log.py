@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
 
 from streams.config import Settings
+from streams.kafka import connection_config
 
 OFFSETS_TOPIC = "__consumer_offsets"
 RECHECK_S = 1.0
@@ -95,7 +96,7 @@ class CommitLog:
         self.last_commit_ms: dict[tuple[str, str, int], int] = {}
         self._consumer = Consumer(
             {
-                "bootstrap.servers": settings.bootstrap,
+                **connection_config(settings),
                 "group.id": f"tidegate-commit-log-{uuid.uuid4().hex}",  # never joined
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": settings.control_fetch_wait_ms,

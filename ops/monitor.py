@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 
 from ops.burrow import OK, REWIND, STAGE_CODES, STALL, STOP, WARN, GroupHealth
 from ops.commit_log import CommitLog
@@ -29,7 +28,7 @@ from schemas import AVRO, content_type_header, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.exceptions import TidegateError
-from streams.kafka import producer_config
+from streams.kafka import admin_client, producer_config
 from streams.lag import LagReader, Stage, StageLag, pipeline_stages
 from streams.lifecycle import announce_ready, stop_on_signals
 from streams.pressure import PressureGauge, stage_caps
@@ -167,7 +166,7 @@ class GroupMembers:
 
     def __init__(self, settings: Settings, stages: list[Stage]) -> None:
         self._known = settings.broker == "kafka"
-        self._admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+        self._admin = admin_client(settings)
         self._counts: dict[str, int] = {s.name: -1 for s in stages}
         self._asked_at = 0.0
         self._stages = stages

@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import re
 import shutil
+import ssl
 import tempfile
 from typing import Any
 
@@ -28,7 +30,7 @@ from processors.handler import STAGE, Admission, Incoming, NearFull, RequestHand
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
-from streams.kafka import producer_config
+from streams.kafka import admin_client, producer_config
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, dead_letter
@@ -80,6 +82,29 @@ def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
     return check
 
 
+def request_topics(settings: Settings) -> list[str]:
+    """The shared request topic and the tenants' own, as the broker lists them now."""
+    topics = settings.topics
+    own = re.compile(topics.tenant_requests_pattern)
+    listed = admin_client(settings).list_topics(timeout=10).topics
+    return [topics.requests, *sorted(name for name in listed if own.match(name))]
+
+
+def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """faust's (aiokafka's) side of the settings' SASL and TLS, as streams/kafka.py's
+    connection_config is confluent-kafka's."""
+    tls = settings.security_protocol in ("SSL", "SASL_SSL")
+    context = ssl.create_default_context(cafile=settings.ssl_ca_location) if tls else None
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            mechanism=settings.sasl_mechanism,
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context is not None else None
+
+
 def create_app(settings: Settings) -> faust.App:
     set_fetch_wait_ms(settings.fetch_wait_ms)
     # faust wants a data directory even with no tables; its default ({appid}-data in
@@ -89,6 +114,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.processor_group,
         broker=f"kafka://{settings.bootstrap}",
+        broker_credentials=broker_credentials(settings),
         value_serializer="raw",
         key_serializer="raw",
         datadir=datadir,
@@ -104,7 +130,10 @@ def create_app(settings: Settings) -> faust.App:
         # interval would show seconds of finished work as backlog
         broker_commit_interval=settings.processor_commit_interval_ms / 1000,
     )
-    requests = app.topic(settings.topics.requests, key_type=bytes, value_type=bytes)
+    # the shared request topic and every tenant's own (`<requests>.<tenant>`) that
+    # exists now: a tenant added later is read once the processors restart (faust's
+    # pattern subscriptions took one partition of one topic here)
+    requests = app.topic(*request_topics(settings), key_type=bytes, value_type=bytes)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     admission = fullness = None
     if settings.backpressure:

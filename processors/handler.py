@@ -168,10 +168,13 @@ class RequestHandler:
                 "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
             )
             return self._dead_letter(record, str(exc), "undecodable")
+        tenant = self.settings.topics.tenant_of(record.topic)
+        if tenant is not None:  # its principal may write only there: the topic says who sent it
+            request["tenant"] = tenant
         if self.reply_topics is not None:
-            unanswerable = self.reply_topics.reason(request["reply_to"])
+            unanswerable = self.reply_topics.reason(request["reply_to"], tenant)
         else:
-            unanswerable = reply_to_reason(request["reply_to"], self.settings)
+            unanswerable = reply_to_reason(request["reply_to"], self.settings, tenant)
         if unanswerable is not None:
             return self._dead_letter(record, unanswerable, "unanswerable")
         if not request["created_ms"]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
 from streams.reply import Reply
+from streams.tenants import TENANT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,6 @@ UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
 BACKOFF_FACTOR = 2.0
 MIN_RETRY_MS = 10
-TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # it names the client's reply topic
 
 
 @dataclass(slots=True)
@@ -350,6 +349,13 @@ class Client:
         read, or None (no state yet, or backpressure off)."""
         return self._pressure.board.state(stage) if self._pressure is not None else None
 
+    def request_topic(self, tenant: str) -> str:
+        """Where a request of `tenant` goes: its own request topic where tenants have
+        them (TENANT_TOPICS, the secured setup: its principal may write nowhere else),
+        else the shared one."""
+        topics = self.settings.topics
+        return topics.tenant_requests(tenant) if self.settings.tenant_topics else topics.requests
+
     def check_pressure(self, priority: str = "normal") -> None:
         """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
         if self._pressure is not None:
@@ -465,7 +471,10 @@ class Client:
     async def _produce(self, request: dict[str, Any]) -> None:
         value = self.codec.encode("InferenceRequest", request)
         record = Outgoing(
-            self.settings.topics.requests, request["session_id"].encode(), value, [content_type_header(AVRO)]
+            self.request_topic(request["tenant"]),
+            request["session_id"].encode(),
+            value,
+            [content_type_header(AVRO)],
         )
         await self._producer.send_all([record])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Literal
 
@@ -15,10 +16,24 @@ class Topics:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.requests = f"{prefix}requests"
+        # a tenant's own request topic, `<requests>.<tenant>`: where its principal may
+        # write, and the processors take the tenant from the topic, not from the record
+        self.tenant_requests_pattern = rf"^{re.escape(self.requests)}\.[A-Za-z0-9_-]{{1,64}}$"
         self.contexts = f"{prefix}contexts"
         self.replies = f"{prefix}replies"
         self.pressure = f"{prefix}pressure"
         self.dead_letter = f"{prefix}dead-letter"
+
+    def tenant_requests(self, tenant: str) -> str:
+        return f"{self.requests}.{tenant}"
+
+    def tenant_of(self, topic: str) -> str | None:
+        """The tenant whose request topic `topic` is, or None for the shared one."""
+        return topic[len(self.requests) + 1 :] if topic.startswith(f"{self.requests}.") else None
+
+    def tenant_replies(self, tenant: str) -> str:
+        """The prefix of a tenant's reply topics (each client's: `<replies>.<tenant>.<id>`)."""
+        return f"{self.replies}.{tenant}."
 
 
 # broker -> (fetch_wait_ms, control_fetch_wait_ms) where unset
@@ -31,6 +46,14 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIDEGATE_", frozen=True, extra="ignore")
 
     bootstrap: str = "127.0.0.1:9092"
+    # How every Kafka client of this process connects (confluent-kafka and faust's
+    # aiokafka alike, streams/kafka.py connection_config): SASL/SCRAM identifies a
+    # tenant or a stage to the broker's ACLs; TLS where the protocol says SSL.
+    security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL", "SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = "SCRAM-SHA-256"
+    sasl_username: str | None = None
+    sasl_password: str | None = Field(None, repr=False)
+    ssl_ca_location: str | None = None  # PEM file of the CA that signed the brokers' certificates
     redis_url: str = "redis://127.0.0.1:6379/0"
     topic_prefix: str = "tidegate."
     request_partitions: int = Field(8, ge=1)
@@ -101,6 +124,9 @@ class Settings(BaseSettings):
 
     # Tenants (streams/tenants.py): quotas and fair-share weights; unset: all unlimited
     tenants_file: str | None = None
+    # each tenant sends to its own request topic, `<requests>.<tenant>`, and the
+    # processors take the tenant from it (the secured setup: tidegate/tenancy.py)
+    tenant_topics: bool = False
     # near the workers' cap, each tenant's share of the admissions over this window is
     # held to its weight's share (processors/fairness.py); false: first come, first served
     fair_shares: bool = True

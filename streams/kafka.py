@@ -16,6 +16,26 @@ from streams.exceptions import TidegateError
 log = logging.getLogger(__name__)
 
 
+def connection_config(settings: Settings) -> dict[str, Any]:
+    """How every confluent-kafka client of this process reaches the brokers: the
+    bootstrap servers and, where configured, SASL and TLS. Every Consumer, Producer
+    and AdminClient starts from this."""
+    config: dict[str, Any] = {"bootstrap.servers": settings.bootstrap}
+    if settings.security_protocol != "PLAINTEXT":
+        config["security.protocol"] = settings.security_protocol
+    if settings.security_protocol.startswith("SASL"):
+        config["sasl.mechanisms"] = settings.sasl_mechanism
+        config["sasl.username"] = settings.sasl_username or ""
+        config["sasl.password"] = settings.sasl_password or ""
+    if settings.ssl_ca_location:
+        config["ssl.ca.location"] = settings.ssl_ca_location
+    return config
+
+
+def admin_client(settings: Settings, **overrides: Any) -> AdminClient:
+    return AdminClient({**connection_config(settings), **overrides})
+
+
 def check_reachable(bootstrap: str, timeout_s: float = 3.0) -> None:
     """Fails fast, in one line, when no bootstrap server accepts a connection
     (librdkafka would retry quietly, or loudly, until its own timeouts)."""
@@ -36,7 +56,7 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Idempotent, acks from every in-sync replica: a record the broker acknowledged
     survives the loss of a broker (topics have min.insync.replicas=2 on a cluster)."""
     return {
-        "bootstrap.servers": settings.bootstrap,
+        **connection_config(settings),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": settings.linger_ms,
@@ -54,7 +74,7 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
     member's partitions wait), starting from the earliest offset where the group has
     none: a request is never skipped (docs/design.md)."""
     return {
-        "bootstrap.servers": settings.bootstrap,
+        **connection_config(settings),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -109,7 +129,7 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
 
     Retries until the broker answers, one log line per attempt.
     """
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = admin_client(settings)
     wanted = topic_partitions(settings)
     deadline = time.monotonic() + timeout_s
     attempt = 0
@@ -154,7 +174,7 @@ CLIENT_REPLY_TOPIC_CONFIG = {"retention.ms": str(3_600_000), "cleanup.policy": "
 def create_client_reply_topic(settings: Settings, name: str, timeout_s: float = 30.0) -> None:
     """Creates `name` (one partition) and returns once the broker lists it, so the
     processors' check of `reply_to` (streams/reply_topics.py) finds it."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = admin_client(settings)
     brokers = len(admin.list_topics(timeout=10).brokers)
     replicas = replication_factor(brokers)
     durability = {"min.insync.replicas": "2"} if replicas >= 3 else {}
@@ -172,7 +192,7 @@ def create_client_reply_topic(settings: Settings, name: str, timeout_s: float = 
 
 def delete_topic(settings: Settings, name: str, timeout_s: float = 10.0) -> None:
     """Deletes `name`; a failure is logged (its retention empties it anyway)."""
-    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    admin = admin_client(settings)
     try:
         for future in admin.delete_topics([name], operation_timeout=timeout_s).values():
             future.result(timeout=timeout_s)

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.kafka import connection_config
 from streams.lag_seconds import LagClock
 
 PROCESSORS = "processors"
@@ -80,7 +81,7 @@ class LagReader:
         self._offsets = {
             stage.name: Consumer(
                 {
-                    "bootstrap.servers": settings.bootstrap,
+                    **connection_config(settings),
                     "group.id": stage.group,
                     "enable.auto.commit": False,
                     "enable.auto.offset.store": False,
@@ -90,7 +91,7 @@ class LagReader:
         }
         self._tail = Consumer(
             {
-                "bootstrap.servers": settings.bootstrap,
+                **connection_config(settings),
                 "group.id": f"tidegate-lag-{uuid.uuid4().hex}",  # never joined, never committed
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": settings.control_fetch_wait_ms,

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas import SerializationError, get_codec
 from streams.config import Settings
-from streams.kafka import consume_ready
+from streams.kafka import connection_config, consume_ready
 from streams.pressure import PressureBoard
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class PressureListener:
     def start(self) -> None:
         self._consumer = Consumer(
             {
-                "bootstrap.servers": self.settings.bootstrap,
+                **connection_config(self.settings),
                 "group.id": f"tidegate-pressure-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": self.settings.control_fetch_wait_ms,

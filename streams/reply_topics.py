@@ -37,9 +37,10 @@ class ReplyTopics:
         self._known: set[str] = {settings.topics.replies}
         self._asked_at = -refresh_s
 
-    def reason(self, reply_to: str) -> str | None:
-        """None when replies may go to `reply_to`, else why not."""
-        wrong = reply_to_reason(reply_to, self.settings)
+    def reason(self, reply_to: str, tenant: str | None = None) -> str | None:
+        """None when replies may go to `reply_to`, else why not. A request from a
+        tenant's own topic may name only that tenant's reply topics."""
+        wrong = reply_to_reason(reply_to, self.settings, tenant)
         if wrong is not None:
             return wrong
         if reply_to in self._known:

@@ -17,6 +17,7 @@ With no file every tenant is unlimited and weighs 1.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ import yaml
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+
+# a tenant's name is part of topic names (its request topic, its clients' reply topics)
+TENANT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,16 @@ from streams.config import Settings
 MAX_ID_CHARS = 256  # request_id, session_id and tenant: keys in Kafka and Redis
 
 
-def reply_to_reason(reply_to: str, settings: Settings) -> str | None:
+def reply_to_reason(reply_to: str, settings: Settings, tenant: str | None = None) -> str | None:
     """None when replies may go to `reply_to`: the deployment's reply topic or a topic
-    under it (`<replies>.<name>`), never another stage's input or a stranger's topic."""
+    under it (`<replies>.<name>`), never another stage's input or a stranger's topic;
+    for a request from `tenant`'s own request topic, only a topic under
+    `<replies>.<tenant>.`: one tenant cannot send replies to another's."""
+    if tenant is not None:
+        own = settings.topics.tenant_replies(tenant)
+        if reply_to.startswith(own) and len(reply_to) > len(own):
+            return None
+        return f"reply_to {reply_to[:80]!r} is not a reply topic of tenant {tenant!r} ({own}...)"
     replies = settings.topics.replies
     if reply_to == replies or reply_to.startswith(f"{replies}."):
         return None

@@ -12,6 +12,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from streams import Client, QueueFull, Reply, ReplyTimeout
 from streams.config import Settings
+from streams.kafka import connection_config
 from streams.lag import LagReader, pipeline_stages
 
 
@@ -50,8 +51,8 @@ class TopicReader:
         self.messages: list[Any] = []
         self._consumer = Consumer(
             {
-                "bootstrap.servers": settings.bootstrap,
-                "group.id": f"test-reader-{time.monotonic_ns()}",
+                **connection_config(settings),
+                "group.id": f"tidegate-client-reader-{time.monotonic_ns()}",  # a group a tenant may use
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 25,
             }

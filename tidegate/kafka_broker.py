@@ -52,6 +52,27 @@ LOG4J2 = """Configuration:
         level: INFO
 """
 START_TIMEOUT_S = 60.0
+SCRAM = "SCRAM-SHA-256"
+
+
+@dataclass(frozen=True)
+class Sasl:
+    """A cluster whose clients authenticate with SASL/SCRAM and are authorized by
+    ACLs (StandardAuthorizer, nothing allowed without an ACL). `admin` is a super
+    user, created when the nodes are formatted; it runs the stages and adds tenants
+    (tidegate/tenancy.py). The controller listener stays PLAINTEXT on loopback, its
+    (anonymous) peers super users: the nodes talk to each other there."""
+
+    admin: str = "admin"
+    password: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def client_config(self) -> dict[str, str]:
+        return {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanisms": SCRAM,
+            "sasl.username": self.admin,
+            "sasl.password": self.password,
+        }
 
 
 def cache_dir() -> Path:
@@ -125,6 +146,7 @@ class KafkaCluster:
     libs: Path
     nice: int = 0
     log4j: Path = field(default_factory=Path)
+    sasl: Sasl | None = None
     _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -176,9 +198,10 @@ class KafkaCluster:
     def wait_for_metadata(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Until every running node is in the cluster's metadata and the group
         coordinator answers (right after a start it says "load in progress")."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000})
+        auth = self.sasl.client_config() if self.sasl else {}
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000, **auth})
         running = sum(1 for n in self.nodes if n.pid is not None)
-        probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tidegate-readiness-probe"})
+        probe = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "tidegate-readiness-probe", **auth})
         offsets = TopicPartition("__consumer_offsets", 0)
 
         def ready() -> bool:
@@ -204,7 +227,25 @@ class KafkaCluster:
             list(pool.map(self.stop_node, range(len(self.nodes))))
 
 
-def node_properties(node: KafkaNode, voters: str, cluster_size: int) -> dict[str, str]:
+def sasl_properties(node: KafkaNode, sasl: Sasl) -> dict[str, str]:
+    """The client listener with SASL/SCRAM, and ACLs enforced."""
+    login = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+    jaas = f'{login} username="{sasl.admin}" password="{sasl.password}";'
+    return {
+        "listeners": f"SASL_PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
+        "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{node.port}",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
+        "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "sasl.enabled.mechanisms": SCRAM,
+        "sasl.mechanism.inter.broker.protocol": SCRAM,
+        "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": jaas,
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{sasl.admin};User:ANONYMOUS",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+
+
+def node_properties(node: KafkaNode, voters: str, cluster_size: int, sasl: Sasl | None = None) -> dict[str, str]:
     replication = str(min(3, cluster_size))
     min_isr = "2" if cluster_size >= 3 else "1"
     return {
@@ -225,12 +266,14 @@ def node_properties(node: KafkaNode, voters: str, cluster_size: int) -> dict[str
         "share.coordinator.state.topic.min.isr": min_isr,
         "default.replication.factor": replication,
         "min.insync.replicas": min_isr,
+        **(sasl_properties(node, sasl) if sasl else {}),
     }
 
 
-def start_kafka(count: int, state_dir: Path, log_dir: Path, nice: int = 0) -> KafkaCluster:
+def start_kafka(count: int, state_dir: Path, log_dir: Path, nice: int = 0, sasl: Sasl | None = None) -> KafkaCluster:
     """Formats and starts `count` KRaft nodes on free loopback ports under `state_dir`;
-    returns once all of them are in the metadata. Stops what it started on failure."""
+    returns once all of them are in the metadata. Stops what it started on failure.
+    With `sasl`, clients authenticate and ACLs apply (Sasl)."""
     libs = kafka_libs()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -255,10 +298,10 @@ def start_kafka(count: int, state_dir: Path, log_dir: Path, nice: int = 0) -> Ka
     voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in nodes)
     cluster_id = _cluster_id()
     for node in nodes:
-        props = node_properties(node, voters, count)
+        props = node_properties(node, voters, count, sasl)
         node.config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-        _format(libs, node, cluster_id, log4j)
-    cluster = KafkaCluster(nodes, libs, nice, log4j)
+        _format(libs, node, cluster_id, log4j, sasl)
+    cluster = KafkaCluster(nodes, libs, nice, log4j, sasl)
     try:
         for index in range(count):
             cluster.start_node(index, wait=False)
@@ -278,7 +321,9 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-def _format(libs: Path, node: KafkaNode, cluster_id: str, log4j: Path) -> None:
+def _format(libs: Path, node: KafkaNode, cluster_id: str, log4j: Path, sasl: Sasl | None) -> None:
+    # the admin's SCRAM credentials go into the metadata log with the format
+    scram = ["--add-scram", f"{SCRAM}=[name={sasl.admin},password={sasl.password}]"] if sasl else []
     result = subprocess.run(
         [
             "java",
@@ -291,6 +336,7 @@ def _format(libs: Path, node: KafkaNode, cluster_id: str, log4j: Path) -> None:
             f"--cluster-id={cluster_id}",  # an id may start with "-"
             "-c",
             str(node.config),
+            *scram,
         ],
         capture_output=True,
         text=True,
