@@ -161,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated FETCH_WAIT_MS values to run each pipeline mode at, for `batching` (the setting's)",
     )
 
+    tenant = sub.add_parser("tenant", help="tenants of a cluster with SASL/SCRAM and ACLs")
+    tenant_sub = tenant.add_subparsers(dest="action", required=True)
+    tenant_add = tenant_sub.add_parser(
+        "add",
+        help="create a tenant's SCRAM user, request topic and ACLs (as a super user: TIDEGATE_SASL_*); "
+        "its password from TIDEGATE_TENANT_PASSWORD or standard input",
+    )
+    tenant_add.add_argument("name")
+
     sub.add_parser("processor", help="run one processor in the foreground")
     sub.add_parser("worker", help="run one inference worker in the foreground")
     sub.add_parser("monitor", help="run the lag monitor in the foreground")
@@ -253,6 +262,19 @@ def _run(args: argparse.Namespace) -> int:
         return scale_report(stack_settings(), args.target_s, args.json)
     if args.command == "bench":
         return _run_benchmark(args)
+    if args.command == "tenant":
+        from streams.tenants import TENANT_NAME
+        from tidegate.tenancy import add_tenant
+
+        if not TENANT_NAME.fullmatch(args.name):
+            raise TidegateError(f"tenant {args.name[:80]!r} must be 1-64 letters, digits, '_' or '-'")
+        password = os.environ.get("TIDEGATE_TENANT_PASSWORD") or sys.stdin.readline().strip()
+        if not password:
+            raise TidegateError("no password: set TIDEGATE_TENANT_PASSWORD or pass it on standard input")
+        add_tenant(Settings(), args.name, password)
+        print(f"tenant {args.name}: SCRAM user, topic {Settings().topics.tenant_requests(args.name)}, ACLs")
+        print("restart the processors to read its request topic")
+        return 0
     if args.command == "processor":
         from processors.__main__ import main as processor_main
 

@@ -26,7 +26,7 @@ from confluent_kafka.admin import (
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
-from streams.kafka import admin_client, replication_factor
+from streams.kafka import admin_client, check_reachable, replication_factor
 from streams.tenants import TENANT_NAME
 
 SCRAM_ITERATIONS = 8192
@@ -61,6 +61,14 @@ def add_tenant(settings: Settings, tenant: str, password: str, timeout_s: float 
     """Creates (or updates) `tenant`'s SCRAM credentials, its request topic and its ACLs."""
     if not TENANT_NAME.fullmatch(tenant):
         raise TidegateError(f"tenant {tenant[:80]!r} must be 1-64 letters, digits, '_' or '-'")
+    check_reachable(settings.bootstrap)
+    try:
+        _add_tenant(settings, tenant, password, timeout_s)
+    except KafkaException as exc:
+        raise TidegateError(f"adding tenant {tenant!r}: {exc.args[0]}") from exc
+
+
+def _add_tenant(settings: Settings, tenant: str, password: str, timeout_s: float) -> None:
     admin = admin_client(settings)
     info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, SCRAM_ITERATIONS)
     for future in admin.alter_user_scram_credentials(
