@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 from redis.asyncio import Redis
 
 from conversation.model_files import load_tokenizer
@@ -83,10 +84,17 @@ def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
 
 
 def request_topics(settings: Settings) -> list[str]:
-    """The shared request topic and the tenants' own, as the broker lists them now."""
+    """The shared request topic and, with TENANT_TOPICS, the tenants' own as the
+    broker lists them now."""
     topics = settings.topics
+    if not settings.tenant_topics:
+        return [topics.requests]
     own = re.compile(topics.tenant_requests_pattern)
-    listed = admin_client(settings).list_topics(timeout=10).topics
+    try:
+        listed = admin_client(settings).list_topics(timeout=10).topics
+    except KafkaException as exc:  # faust itself waits for the broker; tenants' topics at the next start
+        log.warning("cannot list the tenants' request topics: %s", exc)
+        return [topics.requests]
     return [topics.requests, *sorted(name for name in listed if own.match(name))]
 
 
