@@ -38,6 +38,13 @@ class Job:
     prefix_len: int = 0
     cache_key: str | None = None
     started_ms: int = 0  # taken from the pool
+    streamed: str = ""  # a streamed request's text sent in chunks so far
+    chunks_sent: int = 0
+    chunked_at: float = 0.0  # monotonic
+
+    @property
+    def streams(self) -> bool:
+        return self.envelope is not None and bool(self.envelope.get("stream"))
 
     def expired(self, now_ms: int) -> bool:
         return self.envelope is not None and 0 < self.envelope["deadline_ms"] < now_ms

@@ -35,12 +35,14 @@ from streams import metrics
 from streams.config import Settings
 from streams.kafka import consumer_config, producer_config
 from streams.lifecycle import announce_ready
-from streams.outgoing import Outgoing, build_reply, now_ms, reply_message
+from streams.outgoing import Outgoing, build_reply, chunk_message, now_ms, reply_message
 from streams.reply_topics import ReplyTopics
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.1  # continuous batching: commits of answered records, at most this often
+# a streamed request's new text goes out at most this often (each chunk is a record)
+STREAM_INTERVAL_S = 0.05
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
@@ -273,9 +275,35 @@ class InferenceWorker:
             metrics.BATCH_SIZE.observe(len(self.engine.active))
             metrics.DECODE_STEPS.inc()
             self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
+            self._send_chunks()
         self.replies.poll()
         if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
             self._commit(asynchronous=True)
+
+    def _send_chunks(self) -> None:
+        """The text streamed requests generated since their last chunk, as chunks to
+        their reply topic (not tied to offsets: the reply that ends the stream is).
+        Text ending in half a character waits for the next step."""
+        assert self.engine is not None
+        now = time.monotonic()
+        for row in self.engine.active:
+            job: Job = row.tag
+            if not job.streams or now - job.chunked_at < STREAM_INTERVAL_S:
+                continue
+            text = self.runner.finish(row.out, 0).text  # type: ignore[attr-defined]
+            if len(text) <= len(job.streamed) or not text.startswith(job.streamed) or text.endswith("\ufffd"):
+                continue
+            assert job.envelope is not None
+            envelope = job.envelope
+            o = chunk_message(
+                envelope["request_id"], job.chunks_sent, text[len(job.streamed) :], len(row.out), envelope["reply_to"]
+            )
+            try:
+                self.replies.producer.produce(o.topic, o.value, o.key, headers=o.headers)
+            except (BufferError, KafkaException) as exc:  # a chunk lost is text the reply still carries
+                log.warning("chunk for %s not sent: %s", envelope["request_id"], exc)
+                continue
+            job.streamed, job.chunks_sent, job.chunked_at = text, job.chunks_sent + 1, now
 
     def _request(self, job: Job) -> Request:
         assert job.prompt is not None

@@ -329,7 +329,7 @@ class RequestHandler:
         )
         forwarded = now_ms()
         envelope = {
-            "version": 2,
+            "version": 3,
             "request_id": request["request_id"],
             "session_id": request["session_id"],
             "tenant": request["tenant"],
@@ -351,6 +351,7 @@ class RequestHandler:
             "queued_ms": max(0, item.started_ms - request["created_ms"]),
             "context_ms": forwarded - item.started_ms,
             "forwarded_ms": forwarded,
+            "stream": request["stream"],
         }
         # kept history goes in as stored (Avro bodies); only the request's own turns are encoded
         bodies = [item.history.bodies[i] for i in context.kept]

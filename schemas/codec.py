@@ -40,12 +40,14 @@ SCHEMA_FILES = {
     "ContextEnvelope": "context_envelope.avsc",
     "InferenceReply": "inference_reply.avsc",
     "PressureState": "pressure_state.avsc",
+    "InferenceChunk": "inference_chunk.avsc",
 }
 
 # Schemas this version no longer writes but still reads (resolved to the current
 # one): a stage upgraded first keeps reading what the others still send.
 PREVIOUS_SCHEMA_FILES = {
-    "ContextEnvelope": ["previous/context_envelope.v1.avsc"],
+    "InferenceRequest": ["previous/inference_request.v1.avsc"],
+    "ContextEnvelope": ["previous/context_envelope.v1.avsc", "previous/context_envelope.v2.avsc"],
     "PressureState": ["previous/pressure_state.v1.avsc"],
 }
 

@@ -4,6 +4,16 @@ outgoing records, lag, pressure, and the `Client` services use."""
 from streams.client import Client
 from streams.config import Settings
 from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
-from streams.reply import Reply, StageTimings
+from streams.reply import Chunk, Reply, StageTimings
 
-__all__ = ["Client", "QueueFull", "Reply", "ReplyTimeout", "SendTimeout", "Settings", "StageTimings", "TidegateError"]
+__all__ = [
+    "Chunk",
+    "Client",
+    "QueueFull",
+    "Reply",
+    "ReplyTimeout",
+    "SendTimeout",
+    "Settings",
+    "StageTimings",
+    "TidegateError",
+]

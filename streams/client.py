@@ -39,6 +39,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from schemas import AVRO, SerializationError, content_type_header, get_codec
+from schemas.codec import JSON_CONTENT_TYPE, content_type
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryProducer
@@ -54,7 +55,7 @@ from streams.kafka import (
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
-from streams.reply import Reply
+from streams.reply import Chunk, Reply
 from streams.tenants import TENANT_NAME
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class _Pending:
     future: asyncio.Future[Reply]
     give_up_at: float  # monotonic: deadline + grace, or arrival + UNCLAIMED_REPLY_S
     claimed: bool = False  # someone awaits it through reply() / generate()
+    chunks: asyncio.Queue[Chunk] | None = None  # a streamed request's chunks, as they arrive
 
 
 class Client:
@@ -191,9 +193,11 @@ class Client:
         request_id: str | None = None,
         metadata: dict[str, str] | None = None,
         wait: bool = False,
+        stream: bool = False,
     ) -> str:
         """Produces a request and returns its id once the broker has it; take its
-        reply with `reply(request_id)` or from `replies()`.
+        reply with `reply(request_id)` or from `replies()` (a streamed one's chunks:
+        `stream()`).
 
         :param messages: the new turns, `{"role": ..., "content": ...}`; a `system`
             message replaces the configured system prompt.
@@ -223,9 +227,11 @@ class Client:
             request_id=request_id,
             metadata=metadata,
         )
+        request["stream"] = stream
         await self._admit(request, wait)
         request_id = str(request["request_id"])
-        self._pending[request_id] = _Pending(self._loop.create_future(), self._give_up_at(request))
+        chunks: asyncio.Queue[Chunk] | None = asyncio.Queue() if stream else None
+        self._pending[request_id] = _Pending(self._loop.create_future(), self._give_up_at(request), chunks=chunks)
         try:
             if request["deadline_ms"]:
                 # a broker that does not acknowledge by the deadline: nobody waits any more
@@ -297,6 +303,78 @@ class Client:
             await asyncio.sleep(delay_s)
 
     # -- replies --------------------------------------------------------------
+
+    async def stream(
+        self,
+        messages: Messages,
+        session_id: str,
+        *,
+        tenant: str | None = None,
+        priority: str = "normal",
+        max_new_tokens: int = 64,
+        deadline_s: float = 30.0,
+        temperature: float = 0.0,
+        strategy: str | None = None,
+        request_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+        wait: bool = False,
+    ) -> AsyncIterator[Chunk]:
+        """`submit` with streaming: yields the reply's text in `Chunk`s as the worker
+        generates it (with continuous batching; other runners send the whole text at
+        the end), then a last Chunk whose `reply` is the final Reply (any status) and
+        whose text is whatever the chunks before did not carry. A chunk sent again
+        (a worker crashed mid-stream) is skipped by its index.
+
+        :raises QueueFull: as `submit`.
+        :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
+        """
+        request_id = await self.submit(
+            messages,
+            session_id,
+            tenant=tenant,
+            priority=priority,
+            max_new_tokens=max_new_tokens,
+            deadline_s=deadline_s,
+            temperature=temperature,
+            strategy=strategy,
+            request_id=request_id,
+            metadata=metadata,
+            wait=wait,
+            stream=True,
+        )
+        pending = self._pending[request_id]
+        pending.claimed = True
+        assert pending.chunks is not None
+        sent, last = "", -1
+        try:
+            while True:
+                chunk = None if pending.chunks.empty() else pending.chunks.get_nowait()
+                if chunk is None and not pending.future.done():
+                    chunk = await self._next_chunk(pending)
+                if chunk is not None:
+                    if chunk.index > last:
+                        sent, last = sent + chunk.text, chunk.index
+                        yield chunk
+                    continue
+                reply = pending.future.result()  # came after every chunk sent before it
+                rest = reply.text[len(sent) :] if reply.text.startswith(sent) else ""
+                yield Chunk(request_id, last + 1, rest, reply.tokens_out, reply)
+                return
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _next_chunk(self, pending: _Pending) -> Chunk | None:
+        """The next chunk, or None once the reply came; ReplyTimeout past the deadline."""
+        assert pending.chunks is not None
+        queued = asyncio.ensure_future(pending.chunks.get())
+        wait_s = max(0.0, pending.give_up_at - time.monotonic())
+        done, _ = await asyncio.wait({queued, pending.future}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        if queued in done:
+            return queued.result()
+        queued.cancel()
+        if not done:
+            raise ReplyTimeout("no reply in time to a streamed request")
+        return None
 
     async def reply(self, request_id: str, timeout_s: float | None = None) -> Reply:
         """The reply to a request this client submitted, once it arrives (at once if it
@@ -382,13 +460,29 @@ class Client:
 
     def _on_reply(self, value: bytes | None, headers: Any) -> None:
         try:
-            record, _ = self.codec.decode_message(value, headers, "InferenceReply")
+            if content_type(headers) == JSON_CONTENT_TYPE:
+                name, record = "InferenceReply", self.codec.decode_json(value, "InferenceReply")
+            else:
+                name, record = self.codec.decode(value)
+            if name == "InferenceChunk":
+                chunk = Chunk(record["request_id"], record["index"], record["text"], record["tokens_out"])
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._deliver_chunk, chunk)
+                return
+            if name != "InferenceReply":
+                raise SerializationError(f"{name} on a reply topic")
             reply = Reply.from_record(record)
-        except (SerializationError, TypeError) as exc:
+        except (SerializationError, TypeError, KeyError) as exc:
             log.warning("undecodable reply skipped: %s", exc)
             return
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, reply)
+
+    def _deliver_chunk(self, chunk: Chunk) -> None:
+        """On the event loop: queues a chunk for its stream (none for other requests)."""
+        pending = self._pending.get(chunk.request_id)
+        if pending is not None and pending.chunks is not None and not pending.future.done():
+            pending.chunks.put_nowait(chunk)
 
     def _deliver(self, reply: Reply) -> None:
         """On the event loop: resolves the request's future (the first copy only)."""

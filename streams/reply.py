@@ -61,3 +61,16 @@ class Reply:
 
 
 _TIMING_NAMES = tuple(f.name for f in dataclasses.fields(StageTimings))
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a streamed reply (`Client.stream`): `text` is what was generated
+    since the chunk before. The last chunk carries the final `reply` (any status),
+    and the rest of its text."""
+
+    request_id: str
+    index: int
+    text: str
+    tokens_out: int = 0
+    reply: Reply | None = None

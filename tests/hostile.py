@@ -130,7 +130,7 @@ def request(settings: Settings, request_id: str, **fields: Any) -> dict[str, Any
 def envelope(settings: Settings, request_id: str, **fields: Any) -> dict[str, Any]:
     """A valid ContextEnvelope, fields overridden."""
     return {
-        "version": 2,
+        "version": 3,
         "request_id": request_id,
         "session_id": f"s-{request_id}",
         "tenant": "default",

@@ -21,6 +21,7 @@ REQUEST = {
     "reply_to": "tidegate.replies",
     "strategy": None,
     "metadata": {},
+    "stream": False,
 }
 
 
@@ -150,3 +151,35 @@ def test_an_envelope_written_with_the_previous_schema_is_read_as_the_current_one
     assert name == "ContextEnvelope"
     assert decoded["version"] == 1 and "snippets" not in decoded
     assert decoded["turns"] == [{"role": "user", "content": "hi", "tokens": 6}]
+
+
+@pytest.mark.parametrize(
+    ("name", "previous", "record"),
+    [
+        (
+            "ContextEnvelope",
+            "previous/context_envelope.v2.avsc",
+            {"version": 2, "request_id": "r2", "session_id": "s", "turns": [], "token_budget": 9, "tokens_used": 1},
+        ),
+        (
+            "InferenceRequest",
+            "previous/inference_request.v1.avsc",
+            {"request_id": "r1", "session_id": "s", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ],
+)
+def test_records_from_before_streaming_are_read_as_not_streamed(name: str, previous: str, record: dict) -> None:
+    """A stage still on the schemas before `stream` keeps talking to an upgraded one."""
+    import io
+    import json
+    from importlib import resources
+
+    from fastavro import parse_schema, schemaless_writer
+    from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+    old = parse_schema(json.loads(resources.files("schemas").joinpath(previous).read_text()), named_schemas={})
+    out = io.BytesIO()
+    out.write(MARKER + bytes.fromhex(fingerprint(to_parsing_canonical_form(old), "CRC-64-AVRO")))
+    schemaless_writer(out, old, record)
+    found, decoded = get_codec().decode(out.getvalue(), name)
+    assert found == name and decoded["stream"] is False and decoded["request_id"] == record["request_id"]

@@ -53,7 +53,7 @@ def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline)
         ("assistant", turns[1]),
         ("user", turns[2]),
     ]
-    assert third["version"] == 2 and third["strategy"] == "window" and not third["degraded"]
+    assert third["version"] == 3 and third["strategy"] == "window" and not third["degraded"]
     assert 0 < third["tokens_used"] <= third["token_budget"]
 
 
