@@ -51,6 +51,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         )
         write_json(args.json_path, results)
         return 0
+    if args.name == "gateway":
+        from bench.gateway import run as run_gateway
+
+        write_json(args.json_path, run_gateway())
+        return 0
     if args.name == "scale":
         from bench.scale import run as run_scale
 

@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"schemas"},
     {"streams"},
     {"conversation"},
-    {"processors", "inference", "ops"},
+    {"processors", "inference", "ops", "gateway"},
     {"tidegate"},
     {"bench"},
 ]

@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--workers", type=_positive_int, default=1, help="inference workers (one consumer group)")
     dev_up.add_argument("--processors", type=_positive_int, default=1, help="processors (one consumer group)")
     dev_up.add_argument("--autoscale", action="store_true", help="run the autoscaler on the workers")
+    dev_up.add_argument(
+        "--gateway", action="store_true", help="run the OpenAI-compatible HTTP gateway (URL and a key in dev.json)"
+    )
     _autoscale_flags(dev_up)
     dev_sub.add_parser("down", help="stop what `dev up` started")
     dev_scale = dev_sub.add_parser("scale", help="run N workers or processors: `dev scale workers=4`")
@@ -133,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     scale_advise.add_argument("--json", action="store_true", help="one JSON array")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("name", choices=["latency", "overload", "compression", "batching", "rebalance", "scale"])
+    benchmarks = ["latency", "overload", "compression", "batching", "rebalance", "scale", "gateway"]
+    bench.add_argument("name", choices=benchmarks)
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
     bench.add_argument(
@@ -160,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_ints,
         help="comma-separated FETCH_WAIT_MS values to run each pipeline mode at, for `batching` (the setting's)",
     )
+
+    gateway = sub.add_parser("gateway", help="the OpenAI-compatible HTTP gateway (foreground)")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=_positive_int, default=8080)
+    gateway.add_argument("--api-keys", help="file of `<sha256 of a key>: <tenant>` lines (or TIDEGATE_API_KEYS_FILE)")
+    gateway.add_argument("--new-key", metavar="TENANT", help="print a new API key for TENANT and its line; exit")
 
     tenant = sub.add_parser("tenant", help="tenants of a cluster with SASL/SCRAM and ACLs")
     tenant_sub = tenant.add_subparsers(dest="action", required=True)
@@ -226,6 +236,9 @@ def _run(args: argparse.Namespace) -> int:
             )
             if args.autoscale:
                 stack = devstack.start_autoscaler(stack, _limits(args), devstack.STATE_FILE)
+            if args.gateway:
+                stack = devstack.start_gateway(stack, devstack.STATE_FILE)
+                print(f"gateway={stack.gateway} api_key={stack.api_key}")
             print(f"broker={stack.broker} bootstrap={stack.bootstrap} redis_url={stack.redis_url} pids={stack.pids}")
             print(f"state in {devstack.STATE_FILE}; stop with `tidegate dev down`")
         elif args.action == "scale":
@@ -262,6 +275,17 @@ def _run(args: argparse.Namespace) -> int:
         return scale_report(stack_settings(), args.target_s, args.json)
     if args.command == "bench":
         return _run_benchmark(args)
+    if args.command == "gateway":
+        from gateway.keys import digest, new_key
+
+        if args.new_key:
+            key = new_key()
+            print(f"key: {key}\nline for the keys file: {digest(key)}: {args.new_key}")
+            return 0
+        from gateway.__main__ import serve
+
+        serve(args.host, args.port, args.api_keys)
+        return 0
     if args.command == "tenant":
         from streams.tenants import TENANT_NAME
         from tidegate.tenancy import add_tenant

@@ -154,6 +154,8 @@ class DevStack:
     metrics: dict[str, str | list[str]] = field(default_factory=dict)  # role -> Prometheus endpoint(s)
     log_dir: str = str(STATE_DIR / "logs")
     model: str = "default"
+    gateway: str | None = None  # the HTTP gateway's base URL (`dev up --gateway`)
+    api_key: str | None = None  # a development API key for it (tenant `default`)
 
     def save(self, path: Path = STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +309,27 @@ def start_autoscaler(stack: DevStack, limits: object, state_file: Path) -> DevSt
     wait_for_ready(log_path, READY_MARKER, proc, 30)
     stack = DevStack.load(state_file)
     stack.pids["autoscaler"] = proc.pid
+    stack.save(state_file)
+    return stack
+
+
+def start_gateway(stack: DevStack, state_file: Path) -> DevStack:
+    """Runs the HTTP gateway on a free loopback port with a new development API key
+    (tenant `default`; only its digest is written, gateway/keys.py), recorded as
+    `gateway` (base URL) and `api_key`."""
+    from gateway.keys import digest, new_key
+
+    key, port = new_key(), free_port()
+    keys_file = Path(stack.log_dir).parent / "gateway-keys.yaml"
+    keys_file.write_text(f"{digest(key)}: default\n")
+    log_path = Path(stack.log_dir) / "gateway.log"
+    env = {**os.environ, **stack.env(), "TIDEGATE_BROKER": stack.broker, "TIDEGATE_MODEL": stack.model}
+    cmd = [sys.executable, "-m", "gateway", "--port", str(port), "--api-keys", str(keys_file)]
+    proc = spawn(cmd, log_path, env)
+    wait_listening(proc, port, "the gateway", log_path, 30)
+    stack = DevStack.load(state_file)
+    stack.pids["gateway"] = proc.pid
+    stack.gateway, stack.api_key = f"http://127.0.0.1:{port}/v1", key
     stack.save(state_file)
     return stack
 

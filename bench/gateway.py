@@ -1,0 +1,157 @@
+"""`tidegate bench gateway`: what the HTTP front costs, how fast it refuses, and how
+soon streamed text arrives.
+
+One dev stack with the gateway (`echo` model, Apache Kafka), in one run:
+
+- overhead: the same requests one at a time through the Python client and through
+  HTTP (httpx with keep-alive, as an SDK would); the difference of the p50s;
+- 429: with the workers' stage held past its cap (no worker, the cap filled), the
+  gateway's 429s timed at the caller, p50 and p99;
+- time to first token: a `tiny` model stack (continuous batching), streamed over
+  HTTP: first content chunk and last one, p50.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.stats import percentile
+from streams.client import Client
+from streams.config import Settings
+from tidegate import devstack
+
+WARMUP = 10
+REQUESTS = 200
+REFUSALS = 300
+STREAMS = 20
+
+
+def _settings(stack: devstack.DevStack, **overrides: Any) -> Settings:
+    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, broker=stack.broker, **overrides)
+
+
+async def _client_ms(settings: Settings, n: int) -> list[float]:
+    out = []
+    async with Client(settings=settings) as client:
+        for i in range(WARMUP + n):
+            started = time.perf_counter()
+            reply = await client.generate([{"role": "user", "content": f"q {i}"}], f"py-{i}", max_new_tokens=8)
+            if not reply.ok:
+                raise RuntimeError(f"client request failed: {reply.status} {reply.error}")
+            if i >= WARMUP:
+                out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def _body(i: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": "echo", "messages": [{"role": "user", "content": f"q {i}"}], "max_tokens": 8, "stream": stream}
+
+
+async def _http_ms(stack: devstack.DevStack, n: int, expect: int) -> list[float]:
+    out = []
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    async with httpx.AsyncClient(base_url=stack.gateway or "", headers=headers, timeout=60) as http:
+        for i in range(WARMUP + n):
+            started = time.perf_counter()
+            response = await http.post("/chat/completions", json=_body(i))
+            if response.status_code != expect:
+                raise RuntimeError(f"HTTP {response.status_code}, expected {expect}: {response.text[:200]}")
+            if expect == 429 and not response.headers.get("retry-after-ms"):
+                raise RuntimeError("a 429 without retry-after-ms")
+            if i >= WARMUP:
+                out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+async def _stream_ms(stack: devstack.DevStack, n: int) -> tuple[list[float], list[float]]:
+    first, last = [], []
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    async with httpx.AsyncClient(base_url=stack.gateway or "", headers=headers, timeout=120) as http:
+        for i in range(n + 2):
+            body = {**_body(i, stream=True), "model": "tiny", "max_tokens": 32}
+            started, first_at = time.perf_counter(), None
+            async with http.stream("POST", "/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = orjson.loads(line[6:])
+                    if first_at is None and any(c["delta"].get("content") for c in event.get("choices", [])):
+                        first_at = time.perf_counter()
+            if i >= 2 and first_at is not None:
+                first.append((first_at - started) * 1000)
+                last.append((time.perf_counter() - started) * 1000)
+    return first, last
+
+
+async def _fill(settings: Settings, count: int) -> None:
+    async with Client(settings=settings) as client:
+        for i in range(count):
+            await client.submit([{"role": "user", "content": f"fill {i}"}], f"fill-{i}", deadline_s=600)
+
+
+async def _until_refused(stack: devstack.DevStack, timeout_s: float = 30.0) -> None:
+    """Until the gateway answers 429 (the monitor published the filled stage)."""
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=stack.gateway or "", headers=headers, timeout=10) as http:
+        while (await http.post("/chat/completions", json=_body(0))).status_code != 429:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no 429 within {timeout_s:.0f}s of filling the workers' stage")
+            await asyncio.sleep(0.1)
+
+
+def _p(values: list[float], q: float) -> float:
+    return round(percentile(values, q), 2)
+
+
+def run() -> dict[str, Any]:
+    results: dict[str, Any] = {"benchmark": "gateway", "broker": "kafka"}
+    logs = Path(".tidegate/bench-logs")
+    print("== gateway: echo stack, the client and HTTP one request at a time")
+    stack = devstack.up(model="echo", log_dir=logs / "gateway-echo", state_file=logs / "gateway-echo.json")
+    try:
+        stack = devstack.start_gateway(stack, logs / "gateway-echo.json")
+        client_ms = asyncio.run(_client_ms(_settings(stack), REQUESTS))
+        http_ms = asyncio.run(_http_ms(stack, REQUESTS, 200))
+    finally:
+        stack.stop()
+    results["client_p50_ms"], results["http_p50_ms"] = _p(client_ms, 50), _p(http_ms, 50)
+    results["http_overhead_p50_ms"] = round(results["http_p50_ms"] - results["client_p50_ms"], 2)
+    print(f"client p50 {results['client_p50_ms']} ms, HTTP p50 {results['http_p50_ms']} ms")
+
+    print("== gateway: the worker stopped (SIGSTOP), the workers' cap filled: 429s")
+    env = {"TIDEGATE_WORKERS_CAP_MESSAGES": "5"}
+    stack = devstack.up(model="echo", log_dir=logs / "gateway-full", extra_env=env, state_file=logs / "gf.json")
+    workers = stack.role_pids("worker")
+    try:
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        stack = devstack.start_gateway(stack, logs / "gf.json")
+        asyncio.run(_fill(_settings(stack, backpressure=False, workers_cap_messages=5), 10))
+        asyncio.run(_until_refused(stack))
+        refused_ms = asyncio.run(_http_ms(stack, REFUSALS, 429))
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        stack.stop()
+    results["429_p50_ms"], results["429_p99_ms"] = _p(refused_ms, 50), _p(refused_ms, 99)
+    print(f"429 p50 {results['429_p50_ms']} ms, p99 {results['429_p99_ms']} ms")
+
+    print("== gateway: tiny model, streamed over HTTP")
+    stack = devstack.up(model="tiny", log_dir=logs / "gateway-tiny", state_file=logs / "gateway-tiny.json")
+    try:
+        stack = devstack.start_gateway(stack, logs / "gateway-tiny.json")
+        first, last = asyncio.run(_stream_ms(stack, STREAMS))
+    finally:
+        stack.stop()
+    results["stream_first_token_p50_ms"], results["stream_last_token_p50_ms"] = _p(first, 50), _p(last, 50)
+    print(f"streamed: first token p50 {results['stream_first_token_p50_ms']} ms, last {_p(last, 50)} ms")
+    return results

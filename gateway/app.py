@@ -1,0 +1,281 @@
+"""`tidegate gateway`: an OpenAI-compatible HTTP front on the Kafka pipeline.
+
+    POST /v1/chat/completions   a chat completion (Bearer API key -> tenant)
+    GET  /v1/models             the model the workers serve
+    GET  /healthz               the process is up
+    GET  /readyz                it reaches the broker (503 until it does)
+    GET  /metrics               Prometheus text
+
+Each tenant's requests go through a tidegate Client of that tenant (its own reply
+topic under the tenant's prefix, so the secured setup's ACLs and reply checks
+hold). OpenAI calls are stateless (each carries the whole conversation), so each
+gets a conversation of its own. How tidegate's answers become HTTP answers:
+
+    QueueFull, queue_full  429 code queue_full, retry-after-ms from the drain time
+    rate_limited           429 code rate_limit_exceeded, retry-after-ms, x-ratelimit-*
+    invalid                400          expired, no reply in time   504
+    error                  500          broker unreachable          503
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway.keys import ApiKeys
+from gateway.openai_shapes import (
+    BadRequest,
+    completion,
+    error,
+    new_request_id,
+    parse_chat_request,
+    timing_headers,
+    too_many,
+)
+from streams import Client, QueueFull, ReplyTimeout, Settings
+from streams.exceptions import TidegateError
+from streams.kafka import check_reachable
+from streams.reply import Chunk
+from streams.tenants import Tenants
+
+log = logging.getLogger(__name__)
+
+HTTP_REQUESTS = Counter("tidegate_gateway_requests", "HTTP chat completions by status code", ["code"])
+HTTP_LATENCY = Histogram(
+    "tidegate_gateway_request_seconds",
+    "Chat completion time at the gateway, by status code",
+    ["code"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+TIME_TO_FIRST_CHUNK = Histogram(
+    "tidegate_gateway_time_to_first_chunk_seconds",
+    "From a streaming request's arrival to its first chunk of text, at the gateway",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DEADLINE_S = 60.0
+
+
+def _event(payload: dict[str, Any] | str) -> bytes:
+    return b"data: " + (payload.encode() if isinstance(payload, str) else orjson.dumps(payload)) + b"\n\n"
+
+
+async def sse_events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any]) -> AsyncIterator[bytes]:
+    """The chunks as OpenAI server-sent events; the last one (the reply) ends them."""
+    base = {"id": f"chatcmpl-{first.request_id}", "object": "chat.completion.chunk", "created": int(time.time())}
+    base["model"] = asked["model"]
+
+    def delta(content: dict[str, str], finish: str | None = None) -> bytes:
+        return _event({**base, "choices": [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]})
+
+    yield delta({"role": "assistant", "content": ""})
+    chunk = first
+    while True:
+        if chunk.text:
+            yield delta({"content": chunk.text})
+        reply = chunk.reply
+        if reply is not None:
+            if reply.status != "ok":
+                yield _event(
+                    {"error": {"message": reply.error or reply.status, "type": "server_error", "code": reply.status}}
+                )
+                break
+            yield delta({}, "length" if reply.tokens_out >= asked["max_new_tokens"] else "stop")
+            if asked["include_usage"]:
+                usage = {"prompt_tokens": reply.tokens_in, "completion_tokens": reply.tokens_out}
+                usage["total_tokens"] = reply.tokens_in + reply.tokens_out
+                yield _event({**base, "choices": [], "usage": usage})
+            break
+        try:
+            chunk = await anext(chunks)
+        except (ReplyTimeout, TidegateError) as exc:
+            yield _event({"error": {"message": str(exc), "type": "timeout", "code": "timeout"}})
+            break
+    yield _event("[DONE]")
+
+
+class Gateway:
+    """The clients per tenant and the request handling, independent of the routes."""
+
+    def __init__(self, settings: Settings, keys: ApiKeys, tenants: Tenants | None = None) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.tenants = tenants or Tenants.load(settings)
+        self._clients: dict[str, Client] = {}
+        self._lock = asyncio.Lock()
+
+    async def client(self, tenant: str) -> Client:
+        """The tenant's client, started on its first request."""
+        client = self._clients.get(tenant)
+        if client is not None:
+            return client
+        async with self._lock:
+            if tenant not in self._clients:
+                client = Client(settings=self.settings, tenant=tenant, reply_grace_s=5)
+                await client.start()
+                self._clients[tenant] = client
+            return self._clients[tenant]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._clients.clear()
+
+    def tenant_of(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        return self.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key else None
+
+    async def chat(self, request: Request) -> Response:
+        tenant = self.tenant_of(request)
+        if tenant is None:
+            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        try:
+            asked = parse_chat_request(orjson.loads(await request.body()))
+        except orjson.JSONDecodeError as exc:
+            return error(400, f"the body is not JSON: {exc}", "invalid_request_error", "invalid_json")
+        except BadRequest as exc:
+            return error(400, str(exc), "invalid_request_error", "invalid_request")
+        if asked["stream"]:
+            return await self.stream(tenant, asked)
+        try:
+            client = await self.client(tenant)
+            reply = await client.generate(
+                asked["messages"],
+                f"http-{new_request_id()}",
+                max_new_tokens=asked["max_new_tokens"],
+                temperature=asked["temperature"],
+                deadline_s=DEADLINE_S,
+            )
+        except QueueFull as full:
+            return too_many(
+                f"tidegate is at capacity (stage {full.stage}); retry later", "queue_full", full.retry_after_ms
+            )
+        except ReplyTimeout:
+            return error(504, "no reply in time", "timeout", "timeout")
+        except TidegateError as exc:
+            log.warning("pipeline unreachable: %s", exc)
+            return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
+        return self._answer(reply, asked, tenant)
+
+    async def stream(self, tenant: str, asked: dict[str, Any]) -> Response:
+        """Server-sent events: `chat.completion.chunk`s as the text is generated, then
+        `data: [DONE]`. Until the first chunk the answer can still be an HTTP error
+        (429, 400, ...); after it, an error is sent as `data: {"error": ...}`."""
+        started = asyncio.get_running_loop().time()
+        try:
+            client = await self.client(tenant)
+            chunks = client.stream(
+                asked["messages"],
+                f"http-{new_request_id()}",
+                max_new_tokens=asked["max_new_tokens"],
+                temperature=asked["temperature"],
+                deadline_s=DEADLINE_S,
+            )
+            first = await anext(chunks)
+        except QueueFull as full:
+            return too_many(
+                f"tidegate is at capacity (stage {full.stage}); retry later", "queue_full", full.retry_after_ms
+            )
+        except ReplyTimeout:
+            return error(504, "no reply in time", "timeout", "timeout")
+        except TidegateError as exc:
+            log.warning("pipeline unreachable: %s", exc)
+            return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
+        if first.reply is not None and first.reply.status != "ok":
+            return self._answer(first.reply, asked, tenant)
+        TIME_TO_FIRST_CHUNK.observe(asyncio.get_running_loop().time() - started)
+        return StreamingResponse(
+            sse_events(first, chunks, asked), media_type="text/event-stream", headers={"x-request-id": first.request_id}
+        )
+
+    def _answer(self, reply: Any, asked: dict[str, Any], tenant: str) -> Response:
+        headers = timing_headers(reply)
+        if reply.status == "ok":
+            body = completion(reply, asked["model"], asked["max_new_tokens"])
+            return JSONResponse(body, headers=headers)
+        if reply.status == "queue_full":
+            return too_many(reply.error or "tidegate is at capacity", "queue_full", reply.retry_after_ms, headers)
+        if reply.status == "rate_limited":
+            return too_many(
+                reply.error or "over quota",
+                "rate_limit_exceeded",
+                reply.retry_after_ms,
+                {**headers, **self._limit_headers(tenant, reply.retry_after_ms)},
+            )
+        if reply.status == "invalid":
+            return error(400, reply.error or "invalid request", "invalid_request_error", "invalid_request", headers)
+        if reply.status == "expired":
+            return error(504, reply.error or "the request expired", "timeout", "expired", headers)
+        return error(500, reply.error or "the model failed", "server_error", "model_error", headers)
+
+    def _limit_headers(self, tenant: str, retry_after_ms: int | None) -> dict[str, str]:
+        """x-ratelimit-* of the tenant's quota; remaining 0 (it was just refused)."""
+        policy = self.tenants.policy(tenant)
+        reset = f"{retry_after_ms or 0}ms"
+        headers = {}
+        for kind, limit in (("requests", policy.requests_per_minute), ("tokens", policy.tokens_per_minute)):
+            if limit:
+                headers |= {
+                    f"x-ratelimit-limit-{kind}": str(limit),
+                    f"x-ratelimit-remaining-{kind}": "0",
+                    f"x-ratelimit-reset-{kind}": reset,
+                }
+        return headers
+
+
+def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
+    gateway = Gateway(settings, keys)
+
+    async def chat(request: Request) -> Response:
+        started = asyncio.get_running_loop().time()
+        response = await gateway.chat(request)
+        HTTP_REQUESTS.labels(str(response.status_code)).inc()
+        HTTP_LATENCY.labels(str(response.status_code)).observe(asyncio.get_running_loop().time() - started)
+        return response
+
+    async def models(request: Request) -> Response:
+        if gateway.tenant_of(request) is None:
+            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "tidegate"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_request: Request) -> Response:
+        try:
+            await asyncio.to_thread(check_reachable, settings.bootstrap, 1.0)
+        except TidegateError as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(_request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        await gateway.close()
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

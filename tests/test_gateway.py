@@ -1,0 +1,218 @@
+"""The OpenAI-compatible gateway, driven by the official openai SDK (sync and async):
+answers, OpenAI-shaped errors, and 429s whose retry-after-ms the SDK honours."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import httpx
+import openai
+import pytest
+
+from gateway.keys import digest, new_key
+from streams import Client, Settings
+from tests.conftest import LOG_DIR, Pipeline, settings_env
+from tests.helpers import wait_for
+from tidegate.processes import free_port, spawn, stop_pid, wait_listening
+
+pytestmark = pytest.mark.integration
+
+
+class Gateway:
+    def __init__(self, settings: Settings, tenant: str = "acme") -> None:
+        self.key = new_key()
+        self.tenant = tenant
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        folder = LOG_DIR / f"gateway-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        keys = folder / "keys.yaml"
+        keys.write_text(f"{digest(self.key)}: {tenant}\n")
+        env = {**os.environ, **settings_env(settings)}
+        cmd = [sys.executable, "-m", "gateway", "--port", str(self.port), "--api-keys", str(keys)]
+        self.proc: subprocess.Popen[bytes] = spawn(cmd, folder / "gateway.log", env)
+        wait_listening(self.proc, self.port, "the gateway", folder / "gateway.log", 30)
+
+    def stop(self) -> None:
+        stop_pid(self.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def served(pipeline_factory: Callable[..., Pipeline]) -> Iterator[tuple[Pipeline, Gateway]]:
+    pipeline = pipeline_factory(model="echo", workers_cap_messages=10_000)
+    gateway = Gateway(pipeline.settings)
+    yield pipeline, gateway
+    gateway.stop()
+
+
+def test_the_openai_sdk_gets_a_completion_sync_and_async(served: tuple[Pipeline, Gateway]) -> None:
+    _, gateway = served
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.key)
+    raw = client.chat.completions.with_raw_response.create(
+        model="echo", messages=[{"role": "user", "content": "hello through http"}], max_tokens=16
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "hello through http"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    for header in ("x-tidegate-queue-ms", "x-tidegate-context-ms", "x-tidegate-inference-ms"):
+        assert raw.headers[header].isdigit(), header
+
+    async def concurrently() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.key) as aclient:
+            done = await asyncio.gather(
+                *(
+                    aclient.chat.completions.create(
+                        model="echo", messages=[{"role": "user", "content": f"async {i}"}], max_tokens=8
+                    )
+                    for i in range(20)
+                )
+            )
+        return [c.choices[0].message.content or "" for c in done]
+
+    assert asyncio.run(concurrently()) == [f"async {i}" for i in range(20)]
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["echo"]
+
+
+def test_errors_come_as_the_sdk_expects_them(served: tuple[Pipeline, Gateway]) -> None:
+    _, gateway = served
+    wrong = openai.OpenAI(base_url=gateway.base_url, api_key="tg-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.key, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="max_new_tokens"):
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="echo", messages=[{"role": "wizard", "content": "x"}])  # type: ignore[list-item]
+    probe = httpx.Client(base_url=gateway.base_url.removesuffix("/v1"))
+    assert probe.get("/healthz").status_code == 200 and probe.get("/readyz").status_code == 200
+    assert "tidegate_gateway_requests_total" in probe.get("/metrics").text
+    bad_json = probe.post(
+        "/v1/chat/completions", content=b"{not json", headers={"authorization": f"Bearer {gateway.key}"}
+    )
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_full_pipeline_answers_429_with_a_retry_time_the_sdk_waits_out(
+    pipeline_factory: Callable[..., Pipeline],
+) -> None:
+    """No worker, the workers' cap at 5 and filled: the gateway answers 429 queue_full
+    with retry-after-ms (1..120000) and retry-after; the SDK waits that long before it
+    asks again. Then a worker starts, and a patient SDK call is answered."""
+    pipeline = pipeline_factory(("monitor", "processor"), model="echo", workers_cap_messages=5)
+    settings = pipeline.settings
+
+    async def fill() -> None:
+        async with Client(settings=settings.model_copy(update={"backpressure": False})) as client:
+            for i in range(8):
+                await client.submit([{"role": "user", "content": f"fill {i}"}], f"fill-{i}", deadline_s=120)
+
+    asyncio.run(fill())
+    gateway = Gateway(settings)
+    try:
+        seen: list[tuple[float, str, int, str | None]] = []  # (at, event, status, retry-after-ms)
+
+        def on_request(request: httpx.Request) -> None:
+            seen.append((time.monotonic(), "request", 0, None))
+
+        def on_response(response: httpx.Response) -> None:
+            seen.append((time.monotonic(), "response", response.status_code, response.headers.get("retry-after-ms")))
+
+        hooks = {"request": [on_request], "response": [on_response]}
+        client = openai.OpenAI(
+            base_url=gateway.base_url, api_key=gateway.key, max_retries=2, http_client=httpx.Client(event_hooks=hooks)
+        )
+
+        def full() -> bool:
+            try:
+                client.with_options(max_retries=0).chat.completions.create(
+                    model="echo", messages=[{"role": "user", "content": "probe"}], max_tokens=4
+                )
+            except openai.RateLimitError:
+                return True
+            return False
+
+        wait_for(full, 30, "a 429 from the gateway", interval_s=0.2)
+        seen.clear()
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        response = refused.value.response
+        assert refused.value.code == "queue_full"
+        ms = int(response.headers["retry-after-ms"])
+        assert 0 < ms <= 120_000 and int(response.headers["retry-after"]) == -(-ms // 1000)
+        responses = [s for s in seen if s[1] == "response"]
+        requests = [s for s in seen if s[1] == "request"]
+        assert len(requests) == 3 and all(s[2] == 429 and s[3] for s in responses)  # 1 try + 2 retries
+        for answered, asked_again in zip(responses, requests[1:], strict=False):
+            assert asked_again[0] - answered[0] >= 0.9 * int(answered[3] or 0) / 1000  # the hint was waited out
+        pipeline.start(("worker",))
+        patient = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.key, max_retries=20)
+        done = patient.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "patient"}], max_tokens=8
+        )
+        assert done.choices[0].message.content == "patient"
+    finally:
+        gateway.stop()
+
+
+def test_a_stream_through_the_sdk_ends_with_usage_and_done(served: tuple[Pipeline, Gateway]) -> None:
+    _, gateway = served
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.key)
+    stream = client.chat.completions.create(
+        model="echo",
+        messages=[{"role": "user", "content": "streamed words"}],
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "streamed words"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+    raw = httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": "raw"}], "stream": True},
+        headers={"authorization": f"Bearer {gateway.key}"},
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.timeout(300)
+def test_tokens_stream_as_they_are_generated(pipeline_factory: Callable[..., Pipeline]) -> None:
+    """A real model with continuous batching: the text arrives in several chunks, the
+    first one long before the reply, over Kafka (client.stream) and over HTTP."""
+    pipeline = pipeline_factory(("processor", "worker"), model="tiny", torch_threads=1)
+
+    async def over_kafka() -> list:
+        async with Client(settings=pipeline.settings) as client:
+            got = []
+            async for chunk in client.stream([{"role": "user", "content": "tell me"}], "tiny-s", max_new_tokens=24):
+                got.append((time.monotonic(), chunk))
+            return got
+
+    got = asyncio.run(over_kafka())
+    final = got[-1][1].reply
+    assert final is not None and final.status == "ok" and final.tokens_out > 4
+    assert "".join(c.text for _, c in got) == final.text
+    assert len(got) >= 3, [c.text for _, c in got]  # not one piece at the end
+    assert [c.index for _, c in got] == sorted(c.index for _, c in got)
+    gateway = Gateway(pipeline.settings)
+    try:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=gateway.key)
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "tell me"}], max_tokens=24, stream=True
+        )
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+        assert len(pieces) >= 3
+    finally:
+        gateway.stop()
