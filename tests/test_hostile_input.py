@@ -24,7 +24,7 @@ from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import producer_config
 from streams.outgoing import DEAD_LETTER_MAX_BYTES, Outgoing, dead_letter
 from streams.validation import field_reason, reply_to_reason
-from tests.conftest import Pipeline
+from tests.conftest import BROKER, Pipeline
 from tests.hostile import JSON_HEADER, Accounts, Sent, envelope, generated_records, produce_all, request
 
 pytestmark = pytest.mark.integration
@@ -77,15 +77,17 @@ def test_shared_checks_refuse_what_could_hurt_a_stage() -> None:
 def test_a_record_refused_for_good_is_replaced_by_its_fallback(settings_factory: Callable[..., Settings]) -> None:
     """Too large for the broker, or for a topic that does not exist: the fallback (the
     input's dead letter) goes instead, the rest of the batch is delivered; no fallback:
-    DeliveryFailed, never a silent drop."""
+    DeliveryFailed, never a silent drop. (Tansu creates a topic on its first record:
+    there only the record too large is refused.)"""
     settings = settings_factory()
     dead = settings.topics.dead_letter
     fallback = Outgoing(dead, b"k", b"the input", [("error", b"reply refused")])
     batch = [
         Outgoing(settings.topics.replies, b"k", b"fine"),
         Outgoing(settings.topics.replies, b"k", os.urandom(2_000_000), fallback=fallback),
-        Outgoing(f"{settings.topics.replies}.gone", b"k", b"nowhere", fallback=fallback),
     ]
+    if BROKER == "kafka":
+        batch.append(Outgoing(f"{settings.topics.replies}.gone", b"k", b"nowhere", fallback=fallback))
     accounts = Accounts(settings)
     delivery = DeliveryProducer(producer_config(settings))
 
@@ -94,10 +96,10 @@ def test_a_record_refused_for_good_is_replaced_by_its_fallback(settings_factory:
 
     try:
         asyncio.run(send(batch))
-        letters = accounts.letters.wait(lambda ms: len(ms) >= 2, 30, "both fallbacks")
-        errors = sorted(dict(m.headers())["delivery.error"].decode() for m in letters)
-        assert any("too large" in e.lower() for e in errors), errors
-        assert any("unknown topic" in e.lower() for e in errors), errors
+        letters = accounts.letters.wait(lambda ms: len(ms) >= len(batch) - 1, 30, "the fallbacks")
+        errors = sorted(dict(m.headers())["delivery.error"].decode().lower() for m in letters)
+        assert any("too large" in e for e in errors), errors
+        assert BROKER != "kafka" or any("unknown topic" in e for e in errors), errors
         assert [m.value() for m in accounts.replies.wait(lambda ms: len(ms) >= 1, 30, "the fine one")] == [b"fine"]
         with pytest.raises(DeliveryFailed, match="too large"):
             asyncio.run(send([Outgoing(settings.topics.replies, b"k", os.urandom(2_000_000))]))
