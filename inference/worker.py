@@ -41,8 +41,6 @@ from streams.reply_topics import ReplyTopics
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.1  # continuous batching: commits of answered records, at most this often
-# a streamed request's new text goes out at most this often (each chunk is a record)
-STREAM_INTERVAL_S = 0.05
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
@@ -288,7 +286,7 @@ class InferenceWorker:
         now = time.monotonic()
         for row in self.engine.active:
             job: Job = row.tag
-            if not job.streams or now - job.chunked_at < STREAM_INTERVAL_S:
+            if not job.streams or now - job.chunked_at < self.settings.stream_interval_ms / 1000:
                 continue
             text = self.runner.finish(row.out, 0).text  # type: ignore[attr-defined]
             if len(text) <= len(job.streamed) or not text.startswith(job.streamed) or text.endswith("\ufffd"):

@@ -13,10 +13,13 @@ join), starting at each reply partition's end as listed before the first
 request, so no reply to this client's requests is missed.
 
 Replies reach only their caller: each client creates its own reply topic,
-`<replies>.<tenant>.<instance>`, when it starts and deletes it when it closes, so
-it reads its own replies and nobody else's (a shared reply topic would hand every
-client every tenant's replies, and each client's reply traffic would grow with the
-number of clients). `reply_topic=` names a topic to share instead.
+`<replies>.<tenant>.<instance>`, when it starts, so it reads its own replies and
+nobody else's (a shared reply topic would hand every client every tenant's
+replies, and each client's reply traffic would grow with the number of clients).
+`reply_topic=` names a topic to share instead. The topic is not deleted when the
+client closes: a reply still on its way to a deleted topic held the worker that
+produced it for minutes (librdkafka retries it until its message timeout), so
+the topic stays, emptied by its hour's retention (docs/design.md).
 
 Each reply is handed over once: to `generate`, to `reply(request_id)`, or to the
 `replies()` iterator, whichever takes it first; a second copy of a reply (a
@@ -49,7 +52,6 @@ from streams.kafka import (
     consume_ready,
     consumer_config,
     create_client_reply_topic,
-    delete_topic,
     producer_config,
 )
 from streams.lag import PROCESSORS, WORKERS
@@ -87,7 +89,7 @@ class Client:
     :param tenant: the tenant of this client's requests (letters, digits, `_` and `-`);
         its reply topic is under the tenant's name.
     :param reply_topic: a reply topic to share (it must exist); default: a topic of
-        this client's own, created on start and deleted on close.
+        this client's own, created on start.
     :param reply_grace_s: how long past a request's deadline a reply is still awaited
         (an `expired` one included); default 5 s.
     """
@@ -171,8 +173,6 @@ class Client:
         await asyncio.to_thread(self._producer.close, 5)
         if self._consumer is not None:
             await asyncio.to_thread(self._consumer.close)
-        if self._own_reply_topic and self._consumer is not None:
-            await asyncio.to_thread(delete_topic, self.settings, self.reply_topic)
         for pending in self._pending.values():
             pending.future.cancel()
         self._pending.clear()

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     response_cache_ttl_s: int = Field(3600, ge=0)  # greedy replies cached in Redis; 0: off
     # the response cache is per tenant; true: one cache across tenants (conversation/response_cache.py)
     response_cache_shared: bool = False
+    # a streamed request's new text goes out at most this often (each chunk is a record)
+    stream_interval_ms: int = Field(50, ge=0)
     prefetch_limit: int = Field(64, ge=1)  # records a worker holds in memory; partitions pause beyond
     torch_threads: int = Field(2, ge=1)
     # SIGTERM: rows already generating get this long to finish and be replied to

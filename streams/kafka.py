@@ -166,8 +166,9 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
         log.info("topic=%s replicas=%d created", name, replicas)
 
 
-# A client's own reply topic: one partition, kept an hour (a reply nobody read by
-# then is for a caller that is gone); deleted when the client closes.
+# A client's own reply topic: one partition, its records kept an hour (a reply
+# nobody read by then is for a caller that is gone). Never deleted by tidegate: a
+# reply in flight to a deleted topic holds its producer until the message timeout.
 CLIENT_REPLY_TOPIC_CONFIG = {"retention.ms": str(3_600_000), "cleanup.policy": "delete"}
 
 
@@ -188,13 +189,3 @@ def create_client_reply_topic(settings: Settings, name: str, timeout_s: float = 
         if time.monotonic() > deadline:
             raise KafkaException(f"topic {name} created but not listed after {timeout_s:.0f}s")
         time.sleep(0.05)
-
-
-def delete_topic(settings: Settings, name: str, timeout_s: float = 10.0) -> None:
-    """Deletes `name`; a failure is logged (its retention empties it anyway)."""
-    admin = admin_client(settings)
-    try:
-        for future in admin.delete_topics([name], operation_timeout=timeout_s).values():
-            future.result(timeout=timeout_s)
-    except KafkaException as exc:
-        log.warning("topic=%s not deleted: %s", name, exc)

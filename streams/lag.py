@@ -19,13 +19,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
 from streams.kafka import connection_config
 from streams.lag_seconds import LagClock
 
+# a partition whose leader is being elected (a topic just created, a broker just gone)
+LEADER_MOVING = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+)
 PROCESSORS = "processors"
 WORKERS = "workers"
 
@@ -110,12 +114,24 @@ class LagReader:
             tps = [TopicPartition(stage.topic, p) for p in sorted(meta.partitions)]
             self._partitions[stage.topic] = tps
             for tp in tps:
-                low, high = self._tail.get_watermark_offsets(tp, timeout=10, cached=False)
+                low, high = self._watermarks(tp)
                 # ListOffsets may answer early (never late): start there and read up to the true end
                 self._end[(tp.topic, tp.partition)] = high
                 self._start[(tp.topic, tp.partition)] = max(0, low)
                 assignment.append(TopicPartition(tp.topic, tp.partition, high))
         self._tail.assign(assignment)
+
+    def _watermarks(self, tp: TopicPartition, timeout_s: float = 15.0) -> tuple[int, int]:
+        """A partition's offsets; a topic created a moment ago may not have its leader
+        yet ("not leader for partition"): asked again until `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._tail.get_watermark_offsets(tp, timeout=10, cached=False)
+            except KafkaException as exc:
+                if exc.args[0].code() not in LEADER_MOVING or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def poll(self, timeout_s: float) -> None:
         """Reads whatever arrived at the tails and updates the log ends."""

@@ -5,12 +5,17 @@ until the topic appears or its metadata wait runs out, and a stage waiting on th
 delivery stalls (the processors retried their batch forever, a worker crash-looped
 on its partition). So both stages ask here first and dead-letter what cannot be
 answered. Existence comes from the broker's metadata, cached: a name seen once is
-trusted (a topic deleted later is met by the delivery's fallback, streams/outgoing.py),
-a missing one is asked about again at most every `refresh_s`.
+trusted (a topic deleted later is met by the delivery's fallback, streams/outgoing.py).
+A name not seen yet is always asked about (a client creates its reply topic just
+before its first request: a listing from a moment earlier does not have it), and a
+missing one again at most every `refresh_s`; the full listing is asked for, never
+the one topic (a metadata request naming a topic can create it where the broker
+auto-creates topics).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Protocol
@@ -21,6 +26,9 @@ from streams.config import Settings
 from streams.validation import reply_to_reason
 
 log = logging.getLogger(__name__)
+
+
+MISSING_KEPT = 10_000  # names remembered as missing (a flood of made-up names stays bounded)
 
 
 class MetadataSource(Protocol):
@@ -35,7 +43,8 @@ class ReplyTopics:
         self.source = source
         self.refresh_s = refresh_s
         self._known: set[str] = {settings.topics.replies}
-        self._asked_at = -refresh_s
+        # names found missing -> when (monotonic), oldest first, at most MISSING_KEPT
+        self._missing: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def reason(self, reply_to: str, tenant: str | None = None) -> str | None:
         """None when replies may go to `reply_to`, else why not. A request from a
@@ -45,14 +54,21 @@ class ReplyTopics:
             return wrong
         if reply_to in self._known:
             return None
-        if time.monotonic() - self._asked_at >= self.refresh_s and not self._refresh():
+        now = time.monotonic()
+        asked = self._missing.get(reply_to)
+        if (asked is None or now - asked >= self.refresh_s) and not self._refresh():
             return None  # the broker did not answer: the delivery decides
         if reply_to in self._known:
+            self._missing.pop(reply_to, None)
             return None
+        if asked is None or now - asked >= self.refresh_s:
+            self._missing[reply_to] = now
+            self._missing.move_to_end(reply_to)
+            while len(self._missing) > MISSING_KEPT:
+                self._missing.popitem(last=False)
         return f"reply_to topic {reply_to[:80]!r} does not exist"
 
     def _refresh(self) -> bool:
-        self._asked_at = time.monotonic()
         try:
             topics = self.source.list_topics(timeout=5).topics
         except KafkaException as exc:

@@ -17,6 +17,8 @@ import pytest
 
 from gateway.keys import digest, new_key
 from streams import Client, Settings
+from streams.lag import WORKERS
+from streams.pressure_feed import PressureListener
 from tests.conftest import LOG_DIR, Pipeline, settings_env
 from tests.helpers import wait_for
 from tidegate.processes import free_port, spawn, stop_pid, wait_listening
@@ -110,11 +112,19 @@ def test_a_full_pipeline_answers_429_with_a_retry_time_the_sdk_waits_out(
     settings = pipeline.settings
 
     async def fill() -> None:
-        async with Client(settings=settings.model_copy(update={"backpressure": False})) as client:
+        # the gateway key's own tenant: another tenant under its fair share would be let in
+        # up to the high-priority line (processors/fairness.py)
+        async with Client(settings=settings.model_copy(update={"backpressure": False}), tenant="acme") as client:
             for i in range(8):
                 await client.submit([{"role": "user", "content": f"fill {i}"}], f"fill-{i}", deadline_s=120)
 
     asyncio.run(fill())
+    watch = PressureListener(settings)
+    watch.start()
+    try:  # the monitor has published the filled stage: the gateway's client refuses at once
+        wait_for(lambda: (watch.board.state(WORKERS) or {}).get("lag", 0) >= 5, 30, "the workers' lag at its cap")
+    finally:
+        watch.close()
     gateway = Gateway(settings)
     try:
         seen: list[tuple[float, str, int, str | None]] = []  # (at, event, status, retry-after-ms)
@@ -189,9 +199,10 @@ def test_a_stream_through_the_sdk_ends_with_usage_and_done(served: tuple[Pipelin
 
 @pytest.mark.timeout(300)
 def test_tokens_stream_as_they_are_generated(pipeline_factory: Callable[..., Pipeline]) -> None:
-    """A real model with continuous batching: the text arrives in several chunks, the
-    first one long before the reply, over Kafka (client.stream) and over HTTP."""
-    pipeline = pipeline_factory(("processor", "worker"), model="tiny", torch_threads=1)
+    """A real model with continuous batching: the text arrives in several chunks, in
+    order, that add up to the reply's text, over Kafka (client.stream) and over HTTP."""
+    # a chunk every decode step: the tiny model decodes 24 tokens in tens of ms
+    pipeline = pipeline_factory(("processor", "worker"), model="tiny", torch_threads=1, stream_interval_ms=0)
 
     async def over_kafka() -> list:
         async with Client(settings=pipeline.settings) as client:

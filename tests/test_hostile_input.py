@@ -23,6 +23,7 @@ from streams import Client, Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import producer_config
 from streams.outgoing import DEAD_LETTER_MAX_BYTES, Outgoing, dead_letter
+from streams.reply_topics import ReplyTopics
 from streams.validation import field_reason, reply_to_reason
 from tests.conftest import BROKER, Pipeline
 from tests.hostile import JSON_HEADER, Accounts, Sent, envelope, generated_records, produce_all, request
@@ -72,6 +73,33 @@ def test_shared_checks_refuse_what_could_hurt_a_stage() -> None:
     assert reply_to_reason(f"{replies}.tenant-a", settings) is None
     for wrong in (settings.topics.requests, settings.topics.contexts, f"{replies}x", "elsewhere"):
         assert reply_to_reason(wrong, settings) is not None
+
+
+def test_a_reply_topic_created_a_moment_ago_is_found_and_a_missing_one_asked_about_sparingly() -> None:
+    """A client creates its reply topic just before its first request: a listing
+    taken a moment before must not make that request unanswerable."""
+    settings = Settings()
+    replies = settings.topics.replies
+
+    class Broker:
+        def __init__(self) -> None:
+            self.topics: dict[str, object] = {replies: object()}
+            self.asked = 0
+
+        def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+            self.asked += 1
+            return type("Metadata", (), {"topics": dict(self.topics)})()
+
+    broker = Broker()
+    topics = ReplyTopics(settings, broker, refresh_s=60)
+    assert topics.reason(f"{replies}.a.one") is not None  # missing: asked once
+    broker.topics[f"{replies}.a.two"] = object()
+    assert topics.reason(f"{replies}.a.two") is None  # created since: a new name is asked about
+    asked = broker.asked
+    for _ in range(100):
+        assert topics.reason(f"{replies}.a.one") is not None
+    assert broker.asked == asked  # a missing name again only after refresh_s
+    assert topics.reason(f"{replies}.a.two") is None and broker.asked == asked  # a known one never
 
 
 def test_a_record_refused_for_good_is_replaced_by_its_fallback(settings_factory: Callable[..., Settings]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -337,3 +338,27 @@ def test_each_client_reads_only_its_own_replies_however_many_clients(echo_pipeli
     )
     assert one == [per_client] and twenty == [per_client] * 20
     assert min(shared) >= 20 * per_client
+
+
+def test_a_client_that_closes_with_replies_in_flight_holds_up_nobody(echo_pipeline: Pipeline) -> None:
+    """The worker is held (SIGSTOP) while a client submits and closes; its replies are
+    produced after it left. The next caller is still answered at once (when clients
+    deleted their reply topics on close, such replies held the worker for minutes)."""
+    settings = echo_pipeline.settings
+    worker = echo_pipeline.pids["worker"]
+
+    async def scenario() -> float:
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            async with Client(settings=settings) as leaving:
+                for i in range(5):
+                    await leaving.submit(user(f"gone {i}"), f"gone-{i}", max_new_tokens=4, deadline_s=60)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with Client(settings=settings) as staying:
+            started = time.monotonic()
+            reply = await staying.generate(user("still here"), "staying", max_new_tokens=4, deadline_s=60)
+            assert reply.status == "ok"
+            return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 15  # a session timeout's worth of rejoining at most
