@@ -47,6 +47,15 @@ def answered_key(tenant: str, request_id: str) -> str:
     return f"{KEY_PREFIX}answered:{key_part(tenant)}:{key_part(request_id)}"
 
 
+def cancel_key(tenant: str, request_id: str) -> str:
+    """Set when a request's caller went away (the gateway): a worker answers it
+    `expired` instead of generating, or drops its row at the next decode step."""
+    return f"{KEY_PREFIX}cancel:{key_part(tenant)}:{key_part(request_id)}"
+
+
+CANCEL_TTL_S = 600  # longer than any request waits in the pipeline
+
+
 # the turn's stored form is its Avro body as an item of ContextEnvelope.turns
 ENVELOPE, TURNS = "ContextEnvelope", "turns"
 

@@ -23,16 +23,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from conversation.history import CANCEL_TTL_S, cancel_key
 from gateway.keys import ApiKeys
 from gateway.openai_shapes import (
     BadRequest,
@@ -64,14 +66,28 @@ TIME_TO_FIRST_CHUNK = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 DEADLINE_S = 60.0
+DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its HTTP caller is still there
+CANCELLED = Counter("tidegate_gateway_cancelled", "Requests cancelled because their HTTP caller went away")
 
 
 def _event(payload: dict[str, Any] | str) -> bytes:
     return b"data: " + (payload.encode() if isinstance(payload, str) else orjson.dumps(payload)) + b"\n\n"
 
 
-async def sse_events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any]) -> AsyncIterator[bytes]:
-    """The chunks as OpenAI server-sent events; the last one (the reply) ends them."""
+async def sse_events(
+    first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any], abandon: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """The chunks as OpenAI server-sent events; the last one (the reply) ends them.
+    Closed before that (the caller went away): `abandon` cancels the request."""
+    try:
+        async for event in _events(first, chunks, asked):
+            yield event
+    except BaseException:
+        abandon()
+        raise
+
+
+async def _events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any]) -> AsyncIterator[bytes]:
     base = {"id": f"chatcmpl-{first.request_id}", "object": "chat.completion.chunk", "created": int(time.time())}
     base["model"] = asked["model"]
 
@@ -113,6 +129,8 @@ class Gateway:
         self.tenants = tenants or Tenants.load(settings)
         self._clients: dict[str, Client] = {}
         self._lock = asyncio.Lock()
+        self.redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     async def client(self, tenant: str) -> Client:
         """The tenant's client, started on its first request."""
@@ -131,6 +149,7 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await client.close()
         self._clients.clear()
+        await self.redis.aclose()
 
     def tenant_of(self, request: Request) -> str | None:
         header = request.headers.get("authorization", "")
@@ -151,13 +170,16 @@ class Gateway:
             return await self.stream(tenant, asked)
         try:
             client = await self.client(tenant)
-            reply = await client.generate(
+            request_id = await client.submit(
                 asked["messages"],
                 f"http-{new_request_id()}",
                 max_new_tokens=asked["max_new_tokens"],
                 temperature=asked["temperature"],
                 deadline_s=DEADLINE_S,
             )
+            reply = await self._reply_unless_gone(request, client, tenant, request_id)
+            if reply is None:
+                return Response(status_code=499)  # nobody is there to read it
         except QueueFull as full:
             return too_many(
                 f"tidegate is at capacity (stage {full.stage}); retry later", "queue_full", full.retry_after_ms
@@ -168,6 +190,28 @@ class Gateway:
             log.warning("pipeline unreachable: %s", exc)
             return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
         return self._answer(reply, asked, tenant)
+
+    async def _reply_unless_gone(self, request: Request, client: Client, tenant: str, request_id: str) -> Any:
+        """The reply, or None when the HTTP caller went away first: then the request is
+        cancelled (queued, it never reaches the model; generating, it leaves the batch)."""
+        waiting = asyncio.ensure_future(client.reply(request_id))
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected():
+                self._background(waiting)  # its `expired` reply still comes, and is dropped
+                self.cancel(tenant, request_id)
+                return None
+
+    def cancel(self, tenant: str, request_id: str) -> None:
+        """Marks the request cancelled for the workers (conversation/history.py cancel_key)."""
+        CANCELLED.inc()
+        self._background(asyncio.ensure_future(self.redis.set(cancel_key(tenant, request_id), 1, ex=CANCEL_TTL_S)))
+
+    def _background(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stream(self, tenant: str, asked: dict[str, Any]) -> Response:
         """Server-sent events: `chat.completion.chunk`s as the text is generated, then
@@ -197,7 +241,9 @@ class Gateway:
             return self._answer(first.reply, asked, tenant)
         TIME_TO_FIRST_CHUNK.observe(asyncio.get_running_loop().time() - started)
         return StreamingResponse(
-            sse_events(first, chunks, asked), media_type="text/event-stream", headers={"x-request-id": first.request_id}
+            sse_events(first, chunks, asked, lambda: self.cancel(tenant, first.request_id)),
+            media_type="text/event-stream",
+            headers={"x-request-id": first.request_id},
         )
 
     def _answer(self, reply: Any, asked: dict[str, Any], tenant: str) -> Response:

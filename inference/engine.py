@@ -245,6 +245,12 @@ class ContinuousEngine:
             self._retain([i for i, r in enumerate(self.active) if id(r) not in done])
         return finished
 
+    def drop(self, requests: list[Request]) -> None:
+        """Takes `requests` out of the running batch (their callers went away): the
+        next step runs without their rows."""
+        gone = {id(r) for r in requests}
+        self._retain([i for i, r in enumerate(self.active) if id(r) not in gone])
+
     def _retain(self, keep: list[int]) -> None:
         self.active = [self.active[i] for i in keep]
         if not keep:

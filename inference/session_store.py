@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from conversation.history import KEY_PREFIX, HistoryWriter
+from conversation.history import KEY_PREFIX, HistoryWriter, cancel_key
 from conversation.response_cache import CachedReply, cache_key, cacheable, lookup, store
 from inference.jobs import STAGE, Job
 from inference.runners import Generation, ModelRunner
@@ -47,6 +47,19 @@ class SessionStore:
         if self._available():
             log.warning("redis unreachable, %s skipped for %.0fs: %s", skipped, REDIS_RETRY_S, exc)
         self._down_until = time.monotonic() + REDIS_RETRY_S
+
+    def cancelled(self, jobs: Sequence[Job]) -> list[bool]:
+        """Which jobs' callers went away (conversation/history.py cancel_key), in one
+        MGET; none while Redis is unreachable."""
+        if not jobs or not self._available():
+            return [False] * len(jobs)
+        keys = [cancel_key(j.envelope["tenant"], j.envelope["request_id"]) for j in jobs if j.envelope is not None]
+        try:
+            found = iter(self.redis.mget(keys)) if keys else iter(())
+        except (redis.RedisError, OSError) as exc:
+            self._down(exc, "cancellations")
+            return [False] * len(jobs)
+        return [j.envelope is not None and next(found) is not None for j in jobs]
 
     def cached(self, jobs: Sequence[Job]) -> list[Generation | None]:
         """Response-cache hits for greedy prompts, in one MGET; None where the model

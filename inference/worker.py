@@ -41,6 +41,7 @@ from streams.reply_topics import ReplyTopics
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.1  # continuous batching: commits of answered records, at most this often
+CANCEL_CHECK_S = 0.2  # continuous batching: how often the running rows' cancellations are read
 
 
 def consumer_settings(settings: Settings) -> dict[str, Any]:
@@ -93,6 +94,7 @@ class InferenceWorker:
         self._announced = False
         self._last_batch = 0
         self._committed_at = 0.0
+        self._cancel_checked_at = 0.0
         self._stats_at = 0.0
 
     def warm_up(self) -> None:
@@ -201,6 +203,13 @@ class InferenceWorker:
                 answered.append((record, self._reply(job, "expired", error="deadline passed before inference")))
             else:
                 jobs.append(job)
+        cancelled = self.store.cancelled(jobs)
+        for job, gone in zip(jobs, cancelled, strict=True):
+            if gone:
+                answered.append(
+                    (job.record, self._reply(job, "expired", error="cancelled by the caller before inference"))
+                )
+        jobs = [j for j, gone in zip(jobs, cancelled, strict=True) if not gone]
         hits = self.store.cached(jobs)
         for job, hit in zip(jobs, hits, strict=True):
             if hit is not None:
@@ -274,9 +283,33 @@ class InferenceWorker:
             metrics.DECODE_STEPS.inc()
             self._run_engine(self.engine.step, [r.tag for r in self.engine.active])
             self._send_chunks()
+            self._drop_cancelled()
         self.replies.poll()
         if time.monotonic() - self._committed_at >= COMMIT_INTERVAL_S:
             self._commit(asynchronous=True)
+
+    def _drop_cancelled(self) -> None:
+        """Rows whose callers went away leave the batch (checked at most every
+        CANCEL_CHECK_S, one MGET): answered `expired`, their text not kept."""
+        assert self.engine is not None
+        now = time.monotonic()
+        if not self.engine.active or now - self._cancel_checked_at < CANCEL_CHECK_S:
+            return
+        self._cancel_checked_at = now
+        rows = list(self.engine.active)
+        gone = [r for r, flag in zip(rows, self.store.cancelled([r.tag for r in rows]), strict=True) if flag]
+        if not gone:
+            return
+        self.engine.drop(gone)
+        self.replies.send(
+            [
+                (
+                    r.tag.record,
+                    self._reply(r.tag, "expired", error=f"cancelled by the caller after {len(r.out)} tokens"),
+                )
+                for r in gone
+            ]
+        )
 
     def _send_chunks(self) -> None:
         """The text streamed requests generated since their last chunk, as chunks to

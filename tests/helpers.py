@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from gateway.keys import digest, new_key
 from streams import Client, QueueFull, Reply, ReplyTimeout
 from streams.config import Settings
 from streams.kafka import connection_config
 from streams.lag import LagReader, pipeline_stages
+from tests.conftest import LOG_DIR, settings_env
+from tidegate.processes import free_port, spawn, stop_pid, wait_listening
 
 
 def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -195,3 +202,24 @@ def repeated_replies(settings: Settings, request_ids: set[str], timeout_s: float
         return sum(1 for n in counts().values() if n > 1)
     finally:
         reader.close()
+
+
+class GatewayProcess:
+    """`python -m gateway` on a free loopback port for `settings`, with one API key for `tenant`."""
+
+    def __init__(self, settings: Settings, tenant: str = "acme") -> None:
+        self.key = new_key()
+        self.tenant = tenant
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        folder = LOG_DIR / f"gateway-{uuid.uuid4().hex[:6]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        keys = folder / "keys.yaml"
+        keys.write_text(f"{digest(self.key)}: {tenant}\n")
+        env = {**os.environ, **settings_env(settings)}
+        cmd = [sys.executable, "-m", "gateway", "--port", str(self.port), "--api-keys", str(keys)]
+        self.proc: subprocess.Popen[bytes] = spawn(cmd, folder / "gateway.log", env)
+        wait_listening(self.proc, self.port, "the gateway", folder / "gateway.log", 30)
+
+    def stop(self) -> None:
+        stop_pid(self.proc.pid)

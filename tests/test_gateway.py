@@ -5,44 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
+import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
 
-from gateway.keys import digest, new_key
+from schemas import get_codec
 from streams import Client, Settings
+from streams.kafka import admin_client
 from streams.lag import WORKERS
 from streams.pressure_feed import PressureListener
-from tests.conftest import LOG_DIR, Pipeline, settings_env
-from tests.helpers import wait_for
-from tidegate.processes import free_port, spawn, stop_pid, wait_listening
+from tests.conftest import Pipeline
+from tests.helpers import GatewayProcess as Gateway
+from tests.helpers import TopicReader, wait_for
 
-pytestmark = pytest.mark.integration
-
-
-class Gateway:
-    def __init__(self, settings: Settings, tenant: str = "acme") -> None:
-        self.key = new_key()
-        self.tenant = tenant
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        folder = LOG_DIR / f"gateway-{uuid.uuid4().hex[:6]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        keys = folder / "keys.yaml"
-        keys.write_text(f"{digest(self.key)}: {tenant}\n")
-        env = {**os.environ, **settings_env(settings)}
-        cmd = [sys.executable, "-m", "gateway", "--port", str(self.port), "--api-keys", str(keys)]
-        self.proc: subprocess.Popen[bytes] = spawn(cmd, folder / "gateway.log", env)
-        wait_listening(self.proc, self.port, "the gateway", folder / "gateway.log", 30)
-
-    def stop(self) -> None:
-        stop_pid(self.proc.pid)
+# the gateway is the same on either broker: Apache Kafka only, to keep the Tansu rerun short
+pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
 
 @pytest.fixture(scope="module")
@@ -225,5 +206,68 @@ def test_tokens_stream_as_they_are_generated(pipeline_factory: Callable[..., Pip
         )
         pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
         assert len(pieces) >= 3
+    finally:
+        gateway.stop()
+
+
+def _replies_of(settings: Settings, tenant: str) -> TopicReader:
+    """A reader of the gateway's reply topic for `tenant` (its client's own)."""
+    prefix = settings.topics.tenant_replies(tenant)
+    admin = admin_client(settings)
+    topic = wait_for(
+        lambda: next((t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)), None),
+        30,
+        "the gateway's reply topic",
+    )
+    return TopicReader(settings, topic)
+
+
+@pytest.mark.timeout(300)
+def test_a_caller_that_goes_away_cancels_its_request(pipeline_factory: Callable[..., Pipeline]) -> None:
+    """Queued: a request whose HTTP caller hung up is answered `expired` (cancelled)
+    without reaching the model. Generating: a streamed request whose caller hung up
+    after its first chunk leaves the batch long before its max_tokens."""
+    pipeline = pipeline_factory(("processor", "worker"), model="tiny", torch_threads=1, stream_interval_ms=0)
+    settings = pipeline.settings
+    gateway = Gateway(settings)
+    headers = {"authorization": f"Bearer {gateway.key}"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "go on and on"}], "max_tokens": 1000}
+    try:
+        httpx.post(f"{gateway.base_url}/chat/completions", json={**body, "max_tokens": 4}, headers=headers)
+        replies = _replies_of(settings, gateway.tenant)
+        # generating: hang up after the first chunk
+        with httpx.stream(
+            "POST", f"{gateway.base_url}/chat/completions", json={**body, "stream": True}, headers=headers
+        ) as s:
+            for line in s.iter_lines():
+                if '"content"' in line and '"content":""' not in line:
+                    break
+
+        # queued: the worker is held (SIGSTOP) while the caller gives up
+        worker = pipeline.pids["worker"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{gateway.base_url}/chat/completions", json=body, headers=headers, timeout=0.5)
+            metrics = f"{gateway.base_url.removesuffix('/v1')}/metrics"
+            wait_for(
+                lambda: "tidegate_gateway_cancelled_total 2.0" in httpx.get(metrics).text,
+                10,
+                "the gateway to cancel both abandoned requests",
+            )
+        finally:
+            os.kill(worker, signal.SIGCONT)
+
+        def cancelled() -> list[dict]:
+            found = [get_codec().decode(m.value()) for m in replies.poll()]
+            replied = [r for name, r in found if name == "InferenceReply"]  # not the chunks
+            return [r for r in replied if r["status"] == "expired" and "cancelled" in (r["error"] or "")]
+
+        gone = wait_for(lambda: len(cancelled()) >= 2 and cancelled(), 60, "both cancellations answered")
+        errors = sorted(r["error"] for r in gone)
+        assert any("before inference" in e for e in errors), errors
+        after = next(r for r in gone if "after" in r["error"])
+        assert after["tokens_out"] == 0 and int(after["error"].split()[2]) < 1000, after
+        replies.close()
     finally:
         gateway.stop()
