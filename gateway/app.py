@@ -120,6 +120,16 @@ async def _events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, A
     yield _event("[DONE]")
 
 
+def pipeline_error(exc: TidegateError) -> Response:
+    """What the client raised, as HTTP: QueueFull 429, no reply in time 504, else 503."""
+    if isinstance(exc, QueueFull):
+        return too_many(f"tidegate is at capacity (stage {exc.stage}); retry later", "queue_full", exc.retry_after_ms)
+    if isinstance(exc, ReplyTimeout):
+        return error(504, "no reply in time", "timeout", "timeout")
+    log.warning("pipeline unreachable: %s", exc)
+    return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
+
+
 class Gateway:
     """The clients per tenant and the request handling, independent of the routes."""
 
@@ -180,15 +190,8 @@ class Gateway:
             reply = await self._reply_unless_gone(request, client, tenant, request_id)
             if reply is None:
                 return Response(status_code=499)  # nobody is there to read it
-        except QueueFull as full:
-            return too_many(
-                f"tidegate is at capacity (stage {full.stage}); retry later", "queue_full", full.retry_after_ms
-            )
-        except ReplyTimeout:
-            return error(504, "no reply in time", "timeout", "timeout")
         except TidegateError as exc:
-            log.warning("pipeline unreachable: %s", exc)
-            return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
+            return pipeline_error(exc)
         return self._answer(reply, asked, tenant)
 
     async def _reply_unless_gone(self, request: Request, client: Client, tenant: str, request_id: str) -> Any:
@@ -228,15 +231,8 @@ class Gateway:
                 deadline_s=DEADLINE_S,
             )
             first = await anext(chunks)
-        except QueueFull as full:
-            return too_many(
-                f"tidegate is at capacity (stage {full.stage}); retry later", "queue_full", full.retry_after_ms
-            )
-        except ReplyTimeout:
-            return error(504, "no reply in time", "timeout", "timeout")
         except TidegateError as exc:
-            log.warning("pipeline unreachable: %s", exc)
-            return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
+            return pipeline_error(exc)
         if first.reply is not None and first.reply.status != "ok":
             return self._answer(first.reply, asked, tenant)
         TIME_TO_FIRST_CHUNK.observe(asyncio.get_running_loop().time() - started)

@@ -127,6 +127,21 @@ def request(settings: Settings, request_id: str, **fields: Any) -> dict[str, Any
     }
 
 
+def avro_request(settings: Settings, request_id: str, **fields: Any) -> dict[str, Any]:
+    """A valid request with every field the Avro schema writes, fields overridden."""
+    defaults = {
+        "tenant": "default",
+        "priority": "normal",
+        "temperature": 0.0,
+        "created_ms": 0,
+        "deadline_ms": 0,
+        "strategy": None,
+        "metadata": {},
+        "stream": False,
+    }
+    return {**request(settings, request_id), **defaults, **fields}
+
+
 def envelope(settings: Settings, request_id: str, **fields: Any) -> dict[str, Any]:
     """A valid ContextEnvelope, fields overridden."""
     return {
@@ -259,21 +274,7 @@ def generated_records(
                 value = raw
             out.append((topic, value, [JSON_HEADER, *headers[:1]], request_id))
             return
-        full = (
-            {
-                **request(settings, request_id),
-                "tenant": "default",
-                "priority": "normal",
-                "temperature": 0.0,
-                "created_ms": 0,
-                "deadline_ms": 0,
-                "strategy": None,
-                "metadata": {},
-                **record,
-            }
-            if is_requests
-            else envelope(settings, request_id, **record)
-        )
+        full = avro_request(settings, request_id, **record) if is_requests else envelope(settings, request_id, **record)
         name = "InferenceRequest" if is_requests else "ContextEnvelope"
         try:
             value = codec.encode(name, full)

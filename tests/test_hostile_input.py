@@ -26,7 +26,7 @@ from streams.outgoing import DEAD_LETTER_MAX_BYTES, Outgoing, dead_letter
 from streams.reply_topics import ReplyTopics
 from streams.validation import field_reason, reply_to_reason
 from tests.conftest import BROKER, Pipeline
-from tests.hostile import JSON_HEADER, Accounts, Sent, envelope, generated_records, produce_all, request
+from tests.hostile import JSON_HEADER, Accounts, Sent, avro_request, envelope, generated_records, produce_all, request
 
 pytestmark = pytest.mark.integration
 
@@ -156,15 +156,6 @@ def test_each_crafted_record_is_answered_or_dead_lettered_alone(hostile_pipeline
     codec = get_codec()
     tag = f"mix{uuid.uuid4().hex[:6]}-"
     req, ctx, replies = settings.topics.requests, settings.topics.contexts, settings.topics.replies
-    avro_request = {
-        "tenant": "default",
-        "priority": "normal",
-        "temperature": 0.0,
-        "created_ms": 0,
-        "deadline_ms": 0,
-        "strategy": None,
-        "metadata": {},
-    }
     deep = b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
     # (topic, value, headers, request_id, expected: "dead:<reason>" or "invalid:<reason>")
     crafted = [
@@ -180,9 +171,7 @@ def test_each_crafted_record_is_answered_or_dead_lettered_alone(hostile_pipeline
         (req, orjson.dumps(request(settings, f"{tag}wt", reply_to=req)), [JSON_HEADER], None, "dead:is not"),
         (
             req,
-            codec.encode(
-                "InferenceRequest", {**avro_request, **request(settings, f"{tag}nan"), "temperature": math.nan}
-            ),
+            codec.encode("InferenceRequest", avro_request(settings, f"{tag}nan", temperature=math.nan)),
             [],
             f"{tag}nan",
             "invalid:finite",
