@@ -258,9 +258,6 @@ class RequestHandler:
         """What a request may cost at most: its own turns and its max_new_tokens."""
         return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
 
-    def _under_share(self, tenant: str) -> bool:
-        return self.fair_shares is not None and self.fair_shares.standing(tenant) == "under"
-
     def _admitted(self, accepted: list[_Accepted], out: list[Outgoing]) -> list[_Accepted]:
         """The requests the workers' stage can take: near its cap each tenant is held
         to its fair share (processors/fairness.py), past its cap every request of the
@@ -272,13 +269,14 @@ class RequestHandler:
             request = item.request
             tenant = request["tenant"]
             near_full = self.near_full() if self.near_full is not None else None
-            if near_full is not None and self.fair_shares is not None and self.fair_shares.standing(tenant) == "over":
+            standing = self.fair_shares.standing(tenant) if self.fair_shares is not None else "alone"
+            if near_full is not None and standing == "over":
                 stage, retry_after_ms = near_full
                 why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
                 out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
                 continue
             full = self.admission(request)
-            if full is not None and request["priority"] == "normal" and self._under_share(tenant):
+            if full is not None and request["priority"] == "normal" and standing == "under":
                 full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
             if full is not None:
                 stage, lag, cap, retry_after_ms = full
