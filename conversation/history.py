@@ -47,6 +47,12 @@ def answered_key(tenant: str, request_id: str) -> str:
     return f"{KEY_PREFIX}answered:{key_part(tenant)}:{key_part(request_id)}"
 
 
+def early_answer_key(tenant: str, request_id: str) -> str:
+    """A request's assistant turn appended before its own turns were: it waits here
+    until the processors' claim appends the question, then the answer after it."""
+    return f"{KEY_PREFIX}early:{key_part(tenant)}:{key_part(request_id)}"
+
+
 def cancel_key(tenant: str, request_id: str) -> str:
     """Set when a request's caller went away (the gateway): a worker answers it
     `expired` instead of generating, or drops its row at the next decode step."""
@@ -108,6 +114,12 @@ class StoredHistory(Sequence[Turn]):
 #    (SET NX) and, if the claim is new, append the request's own turns, atomically.
 #    A processor that dies between the two leaves no claim: the redelivered request
 #    is read and forwarded again (the worker and the client drop the duplicate).
+# 3. _ANSWER_ONCE, the worker's, once per request id (its `answered` key): the
+#    assistant turn follows the request's claimed turns. A worker can answer before
+#    step 2 ran (the envelope is on the contexts topic as soon as it is
+#    acknowledged); its turn then waits under the request's `early` key, and step 2
+#    appends it right after the question, in the same script: the history never
+#    reads answer, question.
 _LOAD = """
 local room = tonumber(ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -137,11 +149,29 @@ return {total, kept}
 _CLAIM_APPEND = """
 local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
-if #ARGV > 2 then
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+local early = redis.call('LRANGE', KEYS[3], 0, -1)
+if #early > 0 then redis.call('DEL', KEYS[3]) end
+if #ARGV > 2 or #early > 0 then
+  if #ARGV > 2 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 3)) end
+  if #early > 0 then redis.call('RPUSH', KEYS[2], unpack(early)) end
   redis.call('LTRIM', KEYS[2], -max_turns, -1)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
+return 1
+"""
+
+_ANSWER_ONCE = """
+local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
+if #ARGV < 3 then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 3))
+  redis.call('EXPIRE', KEYS[4], ttl)
+  return 1
+end
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+redis.call('LTRIM', KEYS[2], -max_turns, -1)
+redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
@@ -180,13 +210,20 @@ class HistoryWriter:
         """Queues the claim + append of a forwarded request (step 2); replies 1 when
         the claim is new and the turns were appended, 0 for a repeat."""
         args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
-        pipe.eval(_CLAIM_APPEND, 2, seen_key(tenant, request_id), history_key(tenant, session_id), *args)
+        keys = seen_key(tenant, request_id), history_key(tenant, session_id), early_answer_key(tenant, request_id)
+        pipe.eval(_CLAIM_APPEND, 3, *keys, *args)
 
     def append_once(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
-        """Queues an append that happens once per request id (the worker's assistant
-        turn); replies 0 for a repeat."""
+        """Queues the worker's assistant turns, appended once per request id and always
+        after the request's own turns (step 3); replies 0 for a repeat."""
         args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
-        pipe.eval(_CLAIM_APPEND, 2, answered_key(tenant, request_id), history_key(tenant, session_id), *args)
+        keys = (
+            answered_key(tenant, request_id),
+            history_key(tenant, session_id),
+            seen_key(tenant, request_id),
+            early_answer_key(tenant, request_id),
+        )
+        pipe.eval(_ANSWER_ONCE, 4, *keys, *args)
 
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))

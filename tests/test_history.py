@@ -129,6 +129,33 @@ def test_window_reads_only_the_turns_it_keeps_and_a_redelivery_changes_nothing(
     assert sum(t["tokens"] for t in everything[-len(loaded) - 1 :]) > 300 >= sum(t["tokens"] for t in loaded)
 
 
+def test_an_answer_appended_before_its_question_is_claimed_still_follows_it(
+    services: tuple[str, str], counter: TokenCounter
+) -> None:
+    """The processors append a request's own turns once its envelope is acknowledged; a
+    fast worker can answer (and append its turn) in between. The history must still
+    read question, answer: the answer waits for the question's claim."""
+    handler = make_handler(services[1], counter)
+    store = redis.Redis.from_url(services[1])
+    session = f"o-{uuid.uuid4().hex[:6]}"
+    answer = {"role": "assistant", "content": "an answer", "tokens": 2}
+    worker_appended: list[int] = []
+
+    async def deliver_then_worker_answers(outgoing: list[Outgoing]) -> None:
+        env = envelope(outgoing)  # acknowledged; the worker reads it and answers at once
+        with store.pipeline(transaction=False) as pipe:
+            HistoryWriter(60, 400).append_once(pipe, env["request_id"], "acme", session, [answer])
+            worker_appended.extend(pipe.execute())
+
+    assert _runner is not None
+    _runner.run(handler.handle([incoming("a question", session)], deliver_then_worker_answers))
+    turns = get_codec().decode_items(
+        "ContextEnvelope", "turns", [e.split(b"\t", 1)[1] for e in store.lrange(history_key("acme", session), 0, -1)]
+    )
+    assert worker_appended == [1]
+    assert [(t["role"], t["content"]) for t in turns] == [("user", "a question"), ("assistant", "an answer")]
+
+
 def test_tenants_cannot_reach_each_others_history(services: tuple[str, str], counter: TokenCounter) -> None:
     handler = make_handler(services[1], counter)
     handle(handler, incoming("secret of a", "x:y", tenant="a"))
