@@ -78,7 +78,8 @@ def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
         line = warn_ratio * state["cap"]
         if state["state"] == OK and state["lag"] < line:
             return None
-        return WORKERS, retry_after_ms(state["lag"], EXIT_FACTOR * line, state["drain_rate"])
+        rate = state["drain_rate"]
+        return WORKERS, board.retry_after(WORKERS, retry_after_ms(state["lag"], EXIT_FACTOR * line, rate), rate)
 
     return check
 

@@ -268,16 +268,18 @@ class RequestHandler:
         for item in accepted:
             request = item.request
             tenant = request["tenant"]
-            near_full = self.near_full() if self.near_full is not None else None
             standing = self.fair_shares.standing(tenant) if self.fair_shares is not None else "alone"
-            if near_full is not None and standing == "over":
+            # asked only when it refuses: each answer hands out a retry time
+            near_full = self.near_full() if self.near_full is not None and standing == "over" else None
+            if near_full is not None:
                 stage, retry_after_ms = near_full
                 why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
                 out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
                 continue
-            full = self.admission(request)
-            if full is not None and request["priority"] == "normal" and standing == "under":
+            if request["priority"] == "normal" and standing == "under":
                 full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
+            else:
+                full = self.admission(request)
             if full is not None:
                 stage, lag, cap, retry_after_ms = full
                 why = f"stage {stage} lag {lag} is past its cap {cap}"

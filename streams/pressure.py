@@ -14,6 +14,14 @@ Admission rules (per stage on the request's path):
   `ADMISSION_MEMORY_MS`), so a burst is cut at the cap, not one update after it.
 - A stage with no update for `pressure_stale_s` counts as `full` for `low` and
   `warn` for the rest (so `normal` and `high` still pass).
+
+Retry hints: a refusal's `retry_after_ms` is when the backlog will have drained
+below the line that lets its priority in, *and* the callers told to come back
+before it have had their turn: successive refusals are given times one drain
+interval (1 / drain rate) apart. Told the same drain time, every refused caller
+came back at once, most were refused again, with a 50 ms hint each time while
+the state was not yet `full` (6,300-8,200 429s for ~2,300 calls in the HTTP
+overload test, and the CPU they took delayed the answers).
 """
 
 from __future__ import annotations
@@ -198,6 +206,7 @@ class PressureBoard:
         self._states: dict[str, dict[str, Any]] = {}
         self._received_at: dict[str, float] = {}
         self._admitted: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
+        self._last_retry_ms: dict[str, float] = {}  # per stage: the latest retry time handed out
         self._lock = threading.Lock()
 
     def publish(self, state: dict[str, Any]) -> None:
@@ -218,18 +227,37 @@ class PressureBoard:
             return self._states.get(stage)
 
     def check(self, stages: list[str], priority: str) -> Refusal | None:
-        """A Refusal for the first stage on the path that is too full for `priority`."""
+        """A Refusal for the first stage on the path that is too full for `priority`
+        (its retry time is not handed out: the next refusal may get the same)."""
         return self._decide(stages, priority, count=False)
 
     def admit(self, stages: list[str], priority: str) -> Refusal | None:
-        """check(), and count the request as sent when it passes."""
+        """check(), and count the request as sent when it passes, or hand out its
+        retry time when it does not."""
         return self._decide(stages, priority, count=True)
+
+    def retry_after(self, stage: str, wait_ms: int, drain_rate: float, hand_out: bool = True) -> int:
+        """`wait_ms` (the backlog's drain time) or, if later, one drain interval after
+        the retry time handed out last for the stage: the callers refused before come
+        back first, one per interval, and each finds room (see the module docstring)."""
+        with self._lock:
+            return self._retry_after(stage, wait_ms, drain_rate, hand_out)
+
+    def _retry_after(self, stage: str, wait_ms: int, drain_rate: float, hand_out: bool) -> int:
+        if drain_rate <= 0:
+            return wait_ms
+        now = now_ms()
+        at = max(now + wait_ms, self._last_retry_ms.get(stage, 0.0) + 1000 / drain_rate)
+        at = min(at, now + MAX_RETRY_AFTER_MS)
+        if hand_out:
+            self._last_retry_ms[stage] = at
+        return max(MIN_RETRY_AFTER_MS, int(at - now))
 
     def _decide(self, stages: list[str], priority: str, count: bool) -> Refusal | None:
         now = time.monotonic()
         with self._lock:
             for stage in stages:
-                refusal = self._check_stage(stage, priority, now)
+                refusal = self._check_stage(stage, priority, now, count)
                 if refusal is not None:
                     return refusal
             if count:
@@ -238,7 +266,7 @@ class PressureBoard:
                     self._admitted[stage].append(at)
         return None
 
-    def _check_stage(self, stage: str, priority: str, now: float) -> Refusal | None:
+    def _check_stage(self, stage: str, priority: str, now: float, hand_out: bool) -> Refusal | None:
         admitted = self._admitted[stage]
         forget_before = now_ms() - ADMISSION_MEMORY_MS
         while admitted and admitted[0] < forget_before:
@@ -265,4 +293,5 @@ class PressureBoard:
             return None
         # retry once the backlog is back under the line that lets this priority in
         target = EXIT_FACTOR * line if published != OK else line
-        return Refusal(stage, lag, cap, retry_after_ms(lag, target, state["drain_rate"]))
+        rate = state["drain_rate"]
+        return Refusal(stage, lag, cap, self._retry_after(stage, retry_after_ms(lag, target, rate), rate, hand_out))

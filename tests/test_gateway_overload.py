@@ -1,23 +1,27 @@
 """Three times capacity through HTTP with the official openai SDK: nothing lost, every
-429 carries retry-after-ms, and goodput. The issue's target is 95% of capacity; on
-the 2-core development machine this measures 61-71% (the SDK's requests and the
-gateway's 429s take the CPU the processors need to keep the worker fed), so the
-test holds a floor of 50% and prints the figure; the target is open.
+429 carries retry-after-ms, and goodput at least 95% of capacity.
 
-One worker on a simulated accelerator (`sim:50`: batches of up to 16 short prompts
-cost 8 x 50 ms, so its capacity is the simulator's, not the two cores'). Capacity
+One worker on a simulated accelerator (`sim:50`: up to 16 rows per 50 ms decode
+step, 8 tokens each, so its capacity is the simulator's, not the two cores'). Capacity
 is measured in the same run, closed loop through the gateway; then the SDK offers
 three times that, open loop, each call retrying 429s the SDK's way (waiting out
-`retry-after-ms`). Goodput: `ok` answers that completed while the load was
-offered, per second.
+`retry-after-ms`). Goodput: `ok` answers per second once the pipeline is full (the
+same warm-up as the capacity measurement is left out), while the load is offered.
+
+The load comes from `LOAD_PROCESSES` processes: the SDK costs a few milliseconds of
+CPU per call, and one Python process offering ~120 calls/s plus their retries was
+itself the bottleneck (at 100% of a core it offered the load in bursts, the
+worker's queue ran dry between them, and goodput read 61-76%).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 import httpx
 import openai
@@ -29,14 +33,24 @@ from tests.helpers import GatewayProcess as Gateway
 pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
 
 CAPACITY_S = 12.0
+WARM_UP_S = 3.0  # the first batches fill the pipeline: left out of both rates
 LOAD_S = 20.0
 CONCURRENCY = 48  # closed loop: enough to keep 16-row batches full
-GOODPUT_FLOOR = 0.5  # of capacity; the issue asks 0.95 (see the docstring)
+LOAD_PROCESSES = 3
+GOODPUT_TARGET = 0.95  # of capacity
+
+Outcome = tuple[str, float]  # (what the call ended as, when: time.monotonic, the same clock in every process)
 
 
-def _sdk(gateway: Gateway, hooks: dict, max_retries: int) -> openai.AsyncOpenAI:
-    http = httpx.AsyncClient(event_hooks=hooks, limits=httpx.Limits(max_connections=2000), timeout=180)
-    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.key, max_retries=max_retries, http_client=http)
+def _sdk(base_url: str, key: str, max_retries: int, refusals: list[str | None]) -> openai.AsyncOpenAI:
+    async def on_response(response: httpx.Response) -> None:
+        if response.status_code == 429:
+            refusals.append(response.headers.get("retry-after-ms"))
+
+    http = httpx.AsyncClient(
+        event_hooks={"response": [on_response]}, limits=httpx.Limits(max_connections=2000), timeout=180
+    )
+    return openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=max_retries, http_client=http)
 
 
 async def _ask(sdk: openai.AsyncOpenAI, i: int) -> str:
@@ -51,64 +65,87 @@ async def _ask(sdk: openai.AsyncOpenAI, i: int) -> str:
         return f"error {exc.__class__.__name__}"
 
 
+async def _closed_loop(base_url: str, key: str) -> float:
+    """Answers per second with CONCURRENCY callers each asking again once answered."""
+    sdk = _sdk(base_url, key, 20, [])
+    stop_at = time.monotonic() + CAPACITY_S
+    counted_from = time.monotonic() + WARM_UP_S
+    done: list[float] = []
+
+    async def lane(lane_id: int) -> None:
+        i = 0
+        while time.monotonic() < stop_at:
+            if await _ask(sdk, lane_id * 100_000 + i) == "ok":
+                done.append(time.monotonic())
+            i += 1
+
+    await asyncio.gather(*(lane(n) for n in range(CONCURRENCY)))
+    await sdk.close()
+    return sum(1 for t in done if counted_from <= t <= stop_at) / (stop_at - counted_from)
+
+
+def offer(base_url: str, key: str, rate: float, start_at: float, first: int) -> tuple[list[Outcome], list[str | None]]:
+    """One load process: `rate` calls per second from `start_at` for LOAD_S, open loop,
+    each retried by the SDK; every call's outcome and every 429's retry-after-ms."""
+
+    async def run() -> tuple[list[Outcome], list[str | None]]:
+        refusals: list[str | None] = []
+        sdk = _sdk(base_url, key, 30, refusals)
+        outcomes: list[Outcome] = []
+
+        async def one(i: int) -> None:
+            outcomes.append((await _ask(sdk, first + i), time.monotonic()))
+
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        tasks: list[asyncio.Task[None]] = []
+        while time.monotonic() - start_at < LOAD_S:
+            due = int((time.monotonic() - start_at) * rate)
+            tasks += [asyncio.create_task(one(i)) for i in range(len(tasks), due)]
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        await sdk.close()
+        return outcomes, refusals
+
+    return asyncio.run(run())
+
+
+def overload(gateway: Gateway, rate: float) -> tuple[list[Outcome], list[str | None], float]:
+    """`rate` calls per second from LOAD_PROCESSES processes; their outcomes, 429s, and start."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(LOAD_PROCESSES, mp_context=context) as pool:
+        start_at = time.monotonic() + 10.0  # spawned, openai imported, then all at once
+        share = rate / LOAD_PROCESSES
+        futures = [
+            pool.submit(offer, gateway.base_url, gateway.key, share, start_at, n * 1_000_000)
+            for n in range(LOAD_PROCESSES)
+        ]
+        results = [f.result() for f in futures]
+    outcomes = [o for outcomes, _ in results for o in outcomes]
+    refusals = [r for _, refusals in results for r in refusals]
+    return outcomes, refusals, start_at
+
+
+def goodput(outcomes: list[Outcome], started: float) -> float:
+    """`ok` answers per second from WARM_UP_S into the load to its end."""
+    counted = [t for status, t in outcomes if status == "ok" and started + WARM_UP_S <= t <= started + LOAD_S]
+    return len(counted) / (LOAD_S - WARM_UP_S)
+
+
 @pytest.mark.timeout(420)
 def test_three_times_capacity_through_the_sdk(pipeline_factory: Callable[..., Pipeline]) -> None:
     pipeline = pipeline_factory(model="sim:50")
     gateway = Gateway(pipeline.settings)
-    refusals: list[str | None] = []
-
-    async def on_response(response: httpx.Response) -> None:
-        if response.status_code == 429:
-            refusals.append(response.headers.get("retry-after-ms"))
-
-    hooks = {"response": [on_response]}
     try:
-
-        async def capacity() -> float:
-            sdk = _sdk(gateway, hooks, max_retries=20)
-            stop_at = time.monotonic() + CAPACITY_S
-            counted_from = time.monotonic() + 3.0  # the first batches fill the pipeline
-            done: list[float] = []
-
-            async def lane(lane_id: int) -> None:
-                i = 0
-                while time.monotonic() < stop_at:
-                    if await _ask(sdk, lane_id * 100_000 + i) == "ok":
-                        done.append(time.monotonic())
-                    i += 1
-
-            await asyncio.gather(*(lane(n) for n in range(CONCURRENCY)))
-            await sdk.close()
-            return sum(1 for t in done if counted_from <= t <= stop_at) / (stop_at - counted_from)
-
-        async def overload(rate: float) -> tuple[list[tuple[str, float]], float]:
-            sdk = _sdk(gateway, hooks, max_retries=30)
-            outcomes: list[tuple[str, float]] = []
-
-            async def one(i: int) -> None:
-                outcomes.append((await _ask(sdk, i), time.monotonic()))
-
-            tasks = []
-            started = time.monotonic()
-            while time.monotonic() - started < LOAD_S:
-                due = int((time.monotonic() - started) * rate)
-                tasks += [asyncio.create_task(one(i)) for i in range(len(tasks), due)]
-                await asyncio.sleep(0.01)
-            await asyncio.gather(*tasks)
-            await sdk.close()
-            return outcomes, started
-
-        cap = asyncio.run(capacity())
-        refusals.clear()
-        outcomes, started = asyncio.run(overload(3 * cap))
+        cap = asyncio.run(_closed_loop(gateway.base_url, gateway.key))
+        outcomes, refusals, started = overload(gateway, 3 * cap)
     finally:
         gateway.stop()
     statuses = collections.Counter(status for status, _ in outcomes)
-    goodput = sum(1 for s, t in outcomes if s == "ok" and t <= started + LOAD_S) / LOAD_S
+    good = goodput(outcomes, started)
     print(
         f"HTTP OVERLOAD capacity {cap:.1f}/s, offered {3 * cap:.1f}/s for {LOAD_S:.0f}s: {dict(statuses)}, "
-        f"goodput {goodput:.1f}/s = {goodput / cap:.0%}, 429s {len(refusals)}"
+        f"goodput {good:.1f}/s = {good / cap:.0%}, 429s {len(refusals)}"
     )
     assert set(statuses) <= {"ok", "429 after retries"}, statuses  # every call answered: none lost
     assert refusals and all(r is not None and 0 < int(r) <= 120_000 for r in refusals)
-    assert goodput >= GOODPUT_FLOOR * cap, (goodput, cap)
+    assert good >= GOODPUT_TARGET * cap, (good, cap)

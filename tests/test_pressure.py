@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from streams.config import Settings
@@ -9,6 +10,7 @@ from streams.outgoing import now_ms
 from streams.pressure import (
     FORWARD_TRANSIT_MS,
     FULL,
+    MAX_RETRY_AFTER_MS,
     OK,
     TRANSIT_MS,
     WARN,
@@ -160,6 +162,20 @@ def test_retry_after_follows_the_drain() -> None:
     assert retry_after_ms(300, 100, 100.0) == 2000
     assert retry_after_ms(101, 100, 1000.0) == 50  # floor
     assert retry_after_ms(10, 5, 0.0) == 1000  # unknown rate
+
+
+def test_refused_callers_are_given_retry_times_one_drain_interval_apart() -> None:
+    board = PressureBoard(stale_s=5, warn_ratio=0.8)
+    board.publish({**state(120, 100, FULL), "drain_rate": 50.0})  # drains to 90 in 600 ms, 20 ms per request
+    peeked = [board.check(["workers"], "normal") for _ in range(3)]
+    assert [r.retry_after_ms for r in peeked if r] == [600, 600, 600]  # a check hands nothing out
+    handed = [r.retry_after_ms for r in (board.admit(["workers"], "normal") for _ in range(5)) if r]
+    assert len(handed) == 5 and all(18 <= b - a <= 20 for a, b in itertools.pairwise(handed)), handed
+    assert 599 <= handed[0] <= 600
+    assert board.retry_after("workers", 600, 50.0) <= 720  # the processors' fair-share refusals: the same line
+    for _ in range(3000):  # never past the most a caller is told to wait
+        last = board.admit(["workers"], "normal")
+    assert last is not None and last.retry_after_ms <= MAX_RETRY_AFTER_MS
 
 
 def test_each_stage_cap_floor_is_four_of_its_own_batches() -> None:
