@@ -94,9 +94,7 @@ class Pipeline:
         self.pids: dict[str, int] = {}
         self.exit_codes: dict[str, int] = {}
 
-    def start(
-        self, roles: tuple[str, ...] = tuple(STAGE_MODULES), extra_env: dict[str, str] | None = None
-    ) -> None:
+    def start(self, roles: tuple[str, ...] = tuple(STAGE_MODULES), extra_env: dict[str, str] | None = None) -> None:
         """Starts the given roles (monitor, processor, worker) and waits until each is
         ready; `extra_env` goes to these roles only (e.g. TIDEGATE_FAULTS). A role
         with a suffix (`worker-2`) is one more process of its stage."""

@@ -71,9 +71,7 @@ def test_every_package_is_in_a_layer() -> None:
         ("ops", "from streams.lag import LagReader\n", False),
     ],
 )
-def test_the_check_catches_an_upward_or_sideways_import(
-    tmp_path: Path, package: str, source: str, bad: bool
-) -> None:
+def test_the_check_catches_an_upward_or_sideways_import(tmp_path: Path, package: str, source: str, bad: bool) -> None:
     for name in LEVEL:
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("")

@@ -333,9 +333,7 @@ def test_each_client_reads_only_its_own_replies_however_many_clients(echo_pipeli
     one = asyncio.run(round_of(1, shared=False))
     twenty = asyncio.run(round_of(20, shared=False))
     shared = asyncio.run(round_of(20, shared=True))
-    print(
-        f"REPLY TRAFFIC per client: 1 client {one}, 20 clients {sorted(set(twenty))}, shared {sorted(set(shared))}"
-    )
+    print(f"REPLY TRAFFIC per client: 1 client {one}, 20 clients {sorted(set(twenty))}, shared {sorted(set(shared))}")
     assert one == [per_client] and twenty == [per_client] * 20
     assert min(shared) >= 20 * per_client
 
