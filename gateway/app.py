@@ -220,7 +220,7 @@ class Gateway:
         """Server-sent events: `chat.completion.chunk`s as the text is generated, then
         `data: [DONE]`. Until the first chunk the answer can still be an HTTP error
         (429, 400, ...); after it, an error is sent as `data: {"error": ...}`."""
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         try:
             client = await self.client(tenant)
             chunks = client.stream(
@@ -235,7 +235,7 @@ class Gateway:
             return pipeline_error(exc)
         if first.reply is not None and first.reply.status != "ok":
             return self._answer(first.reply, asked, tenant)
-        TIME_TO_FIRST_CHUNK.observe(asyncio.get_running_loop().time() - started)
+        TIME_TO_FIRST_CHUNK.observe(time.perf_counter() - started)
         return StreamingResponse(
             sse_events(first, chunks, asked, lambda: self.cancel(tenant, first.request_id)),
             media_type="text/event-stream",
@@ -281,10 +281,10 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
     gateway = Gateway(settings, keys)
 
     async def chat(request: Request) -> Response:
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         response = await gateway.chat(request)
         HTTP_REQUESTS.labels(str(response.status_code)).inc()
-        HTTP_LATENCY.labels(str(response.status_code)).observe(asyncio.get_running_loop().time() - started)
+        HTTP_LATENCY.labels(str(response.status_code)).observe(time.perf_counter() - started)
         return response
 
     async def models(request: Request) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -76,7 +77,11 @@ def test_errors_come_as_the_sdk_expects_them(served: tuple[Pipeline, Gateway]) -
         client.chat.completions.create(model="echo", messages=[{"role": "wizard", "content": "x"}])  # type: ignore[list-item]
     probe = httpx.Client(base_url=gateway.base_url.removesuffix("/v1"))
     assert probe.get("/healthz").status_code == 200 and probe.get("/readyz").status_code == 200
-    assert "tidegate_gateway_requests_total" in probe.get("/metrics").text
+    exported = probe.get("/metrics").text
+    assert "tidegate_gateway_requests_total" in exported
+    # timed to the microsecond: the event loop's clock (uvloop's) counts whole milliseconds
+    took = float(re.findall(r'tidegate_gateway_request_seconds_sum\{code="400"\} (\S+)', exported)[0])
+    assert took > 0 and round(took * 1000, 6) % 1 != 0, took
     bad_json = probe.post(
         "/v1/chat/completions", content=b"{not json", headers={"authorization": f"Bearer {gateway.key}"}
     )
