@@ -20,8 +20,9 @@ import asyncio
 import collections
 import multiprocessing
 import time
+import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -39,6 +40,9 @@ CONCURRENCY = 48  # closed loop: enough to keep 16-row batches full
 LOAD_PROCESSES = 3
 GOODPUT_TARGET = 0.95  # of capacity
 
+# in every prompt: the workers' response cache (per model, tenant and prompt) must not
+# answer a run from an earlier one's (each spawned load process draws its own)
+RUN = uuid.uuid4().hex[:8]
 Outcome = tuple[str, float]  # (what the call ended as, when: time.monotonic, the same clock in every process)
 
 
@@ -56,7 +60,7 @@ def _sdk(base_url: str, key: str, max_retries: int, refusals: list[str | None]) 
 async def _ask(sdk: openai.AsyncOpenAI, i: int) -> str:
     try:
         done = await sdk.chat.completions.create(
-            model="sim", messages=[{"role": "user", "content": f"load {i}"}], max_tokens=8
+            model="sim", messages=[{"role": "user", "content": f"load {RUN} {i}"}], max_tokens=8
         )
         return "ok" if done.choices[0].message.content else "empty"
     except openai.RateLimitError:
@@ -84,9 +88,9 @@ async def _closed_loop(base_url: str, key: str) -> float:
     return sum(1 for t in done if counted_from <= t <= stop_at) / (stop_at - counted_from)
 
 
-def offer(base_url: str, key: str, rate: float, start_at: float, first: int) -> tuple[list[Outcome], list[str | None]]:
-    """One load process: `rate` calls per second from `start_at` for LOAD_S, open loop,
-    each retried by the SDK; every call's outcome and every 429's retry-after-ms."""
+def offer(base_url: str, key: str, rate: float, first: int) -> tuple[list[Outcome], list[str | None]]:
+    """One load process: `rate` calls per second from now for LOAD_S, open loop, each
+    retried by the SDK; every call's outcome and every 429's retry-after-ms."""
 
     async def run() -> tuple[list[Outcome], list[str | None]]:
         refusals: list[str | None] = []
@@ -96,10 +100,10 @@ def offer(base_url: str, key: str, rate: float, start_at: float, first: int) -> 
         async def one(i: int) -> None:
             outcomes.append((await _ask(sdk, first + i), time.monotonic()))
 
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        started = time.monotonic()
         tasks: list[asyncio.Task[None]] = []
-        while time.monotonic() - start_at < LOAD_S:
-            due = int((time.monotonic() - start_at) * rate)
+        while time.monotonic() - started < LOAD_S:
+            due = int((time.monotonic() - started) * rate)
             tasks += [asyncio.create_task(one(i)) for i in range(len(tasks), due)]
             await asyncio.sleep(0.01)
         await asyncio.gather(*tasks)
@@ -109,20 +113,32 @@ def offer(base_url: str, key: str, rate: float, start_at: float, first: int) -> 
     return asyncio.run(run())
 
 
+def _load_process(base_url: str, key: str, rate: float, first: int, start: Any, results: Any) -> None:
+    start.wait(60)  # every load process spawned, with openai imported: all begin together
+    results.put(offer(base_url, key, rate, first))
+
+
 def overload(gateway: Gateway, rate: float) -> tuple[list[Outcome], list[str | None], float]:
     """`rate` calls per second from LOAD_PROCESSES processes; their outcomes, 429s, and start."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(LOAD_PROCESSES, mp_context=context) as pool:
-        start_at = time.monotonic() + 10.0  # spawned, openai imported, then all at once
-        share = rate / LOAD_PROCESSES
-        futures = [
-            pool.submit(offer, gateway.base_url, gateway.key, share, start_at, n * 1_000_000)
-            for n in range(LOAD_PROCESSES)
-        ]
-        results = [f.result() for f in futures]
-    outcomes = [o for outcomes, _ in results for o in outcomes]
-    refusals = [r for _, refusals in results for r in refusals]
-    return outcomes, refusals, start_at
+    start, results = context.Barrier(LOAD_PROCESSES + 1), context.Queue()
+    share = rate / LOAD_PROCESSES
+    args = [(gateway.base_url, gateway.key, share, n * 1_000_000, start, results) for n in range(LOAD_PROCESSES)]
+    processes = [context.Process(target=_load_process, args=a) for a in args]
+    for process in processes:
+        process.start()
+    try:
+        start.wait(60)
+        started = time.monotonic()
+        shares = [results.get(timeout=300) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+    outcomes = [o for outcomes, _ in shares for o in outcomes]
+    refusals = [r for _, refusals in shares for r in refusals]
+    return outcomes, refusals, started
 
 
 def goodput(outcomes: list[Outcome], started: float) -> float:
