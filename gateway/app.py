@@ -15,6 +15,11 @@ gets a conversation of its own. How tidegate's answers become HTTP answers:
     rate_limited           429 code rate_limit_exceeded, retry-after-ms, x-ratelimit-*
     invalid                400          expired, no reply in time   504
     error                  500          broker unreachable          503
+    a body over the limit  413          RequestTooLarge             413
+
+A request over the deployment's prompt limits is answered 400 before anything is
+sent, and a body larger than any request the pipeline takes is refused as it
+arrives, never read whole.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ from gateway.openai_shapes import (
     timing_headers,
     too_many,
 )
-from streams import Client, QueueFull, ReplyTimeout, Settings
+from streams import Client, QueueFull, ReplyTimeout, RequestTooLarge, Settings
 from streams.exceptions import TidegateError
 from streams.kafka import check_reachable
 from streams.reply import Chunk
 from streams.tenants import Tenants
+from streams.validation import prompt_reason
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,28 @@ TIME_TO_FIRST_CHUNK = Histogram(
 DEADLINE_S = 60.0
 DISCONNECT_POLL_S = 0.1  # how often a waiting request checks that its HTTP caller is still there
 CANCELLED = Counter("tidegate_gateway_cancelled", "Requests cancelled because their HTTP caller went away")
+MIN_BODY_LIMIT = 1 << 20
+BYTES_PER_PROMPT_CHAR = 8  # a character escaped in JSON (\uXXXX) is 6 bytes, then the body around it
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest body worth reading: room for a prompt of `max_prompt_chars`."""
+    return max(MIN_BODY_LIMIT, BYTES_PER_PROMPT_CHAR * settings.max_prompt_chars)
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to be over `limit` bytes (from its
+    content-length, or while it streams in): a huge body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            return None
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _event(payload: dict[str, Any] | str) -> bytes:
@@ -126,6 +154,8 @@ def pipeline_error(exc: TidegateError) -> Response:
         return too_many(f"tidegate is at capacity (stage {exc.stage}); retry later", "queue_full", exc.retry_after_ms)
     if isinstance(exc, ReplyTimeout):
         return error(504, "no reply in time", "timeout", "timeout")
+    if isinstance(exc, RequestTooLarge):
+        return error(413, str(exc), "invalid_request_error", "request_too_large")
     log.warning("pipeline unreachable: %s", exc)
     return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
 
@@ -141,6 +171,7 @@ class Gateway:
         self._lock = asyncio.Lock()
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._tasks: set[asyncio.Future[Any]] = set()
+        self.body_limit = body_limit(settings)
 
     async def client(self, tenant: str) -> Client:
         """The tenant's client, started on its first request."""
@@ -170,12 +201,19 @@ class Gateway:
         tenant = self.tenant_of(request)
         if tenant is None:
             return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        body = await read_body(request, self.body_limit)
+        if body is None:
+            why = f"the body is over {self.body_limit} bytes"
+            return error(413, why, "invalid_request_error", "request_too_large")
         try:
-            asked = parse_chat_request(orjson.loads(await request.body()))
+            asked = parse_chat_request(orjson.loads(body))
         except orjson.JSONDecodeError as exc:
             return error(400, f"the body is not JSON: {exc}", "invalid_request_error", "invalid_json")
         except BadRequest as exc:
             return error(400, str(exc), "invalid_request_error", "invalid_request")
+        too_much = prompt_reason(asked["messages"], self.settings)
+        if too_much is not None:
+            return error(400, too_much, "invalid_request_error", "invalid_request")
         if asked["stream"]:
             return await self.stream(tenant, asked)
         try:

@@ -6,7 +6,7 @@ from typing import Any
 
 from processors.compression import STRATEGIES
 from streams.config import Settings
-from streams.validation import field_reason
+from streams.validation import field_reason, prompt_reason
 
 ROLES = frozenset({"system", "user", "assistant"})
 PRIORITIES = ("low", "normal", "high")
@@ -21,16 +21,14 @@ def invalid_reason(request: dict[str, Any], settings: Settings) -> str | None:
     messages = request["messages"]
     if not messages:
         return "messages is empty"
-    if len(messages) > settings.max_messages:
-        return f"{len(messages)} messages, over the limit of {settings.max_messages}"
     for i, message in enumerate(messages):
         if message["role"] not in ROLES:
             return f"message {i} has unknown role {message['role']!r} (expected one of {sorted(ROLES)})"
     if all(m["role"] == "system" for m in messages):
         return "messages has only system messages: nothing to answer"
-    size = sum(len(m["content"]) for m in messages)
-    if size > settings.max_prompt_chars:
-        return f"prompt is {size} characters, over the limit of {settings.max_prompt_chars}"
+    too_much = prompt_reason(messages, settings)
+    if too_much is not None:
+        return too_much
     if request["priority"] not in PRIORITIES:
         return f"unknown priority {request['priority']!r} (expected one of {list(PRIORITIES)})"
     if request["strategy"] is not None and request["strategy"] not in STRATEGIES:

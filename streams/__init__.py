@@ -3,7 +3,7 @@ outgoing records, lag, pressure, and the `Client` services use."""
 
 from streams.client import Client
 from streams.config import Settings
-from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
+from streams.exceptions import QueueFull, ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
 from streams.reply import Chunk, Reply, StageTimings
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "QueueFull",
     "Reply",
     "ReplyTimeout",
+    "RequestTooLarge",
     "SendTimeout",
     "Settings",
     "StageTimings",

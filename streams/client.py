@@ -45,8 +45,8 @@ from schemas import AVRO, SerializationError, content_type_header, get_codec
 from schemas.codec import JSON_CONTENT_TYPE, content_type
 from streams import metrics
 from streams.config import Settings
-from streams.delivery import DeliveryProducer
-from streams.exceptions import QueueFull, ReplyTimeout, SendTimeout, TidegateError
+from streams.delivery import DeliveryProducer, RefusedForGood
+from streams.exceptions import QueueFull, ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
 from streams.kafka import (
     check_reachable,
     consume_ready,
@@ -211,6 +211,7 @@ class Client:
         :param wait: when the path is full, retry with backoff until the deadline
             instead of raising QueueFull at once.
         :raises QueueFull: the path is full for this priority (nothing was sent).
+        :raises RequestTooLarge: the broker refuses a record this large (nothing was sent).
         :raises SendTimeout: the broker did not acknowledge the request by its deadline
             (a ReplyTimeout).
         """
@@ -570,7 +571,12 @@ class Client:
             value,
             [content_type_header(AVRO)],
         )
-        await self._producer.send_all([record])
+        try:
+            await self._producer.send_all([record])
+        except RefusedForGood as exc:
+            if exc.too_large:
+                raise RequestTooLarge(f"request of {len(value)} bytes refused by the broker: {exc}") from exc
+            raise
 
 
 def _backoff_ms(retry_after_ms: int, attempt: int) -> float:

@@ -60,6 +60,15 @@ class DeliveryFailed(TidegateError):
     """The broker did not take a record; names its topic and the broker's error."""
 
 
+class RefusedForGood(DeliveryFailed):
+    """The broker refuses the record whatever the retries (REFUSED_FOR_GOOD) and it
+    has no fallback: the caller's to answer (a client: its request is too large)."""
+
+    def __init__(self, topic: str, error: KafkaError) -> None:
+        super().__init__(f"{topic}: {error.str()}")
+        self.too_large = error.code() in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
+
+
 class DeliveryProducer:
     """:param config: librdkafka producer settings (streams.kafka.producer_config)."""
 
@@ -94,13 +103,15 @@ class DeliveryProducer:
             refused = await self._send_once(pending)
             pending = []
             for record, error in refused:
-                fallback = instead_of(record, error)
+                fallback = instead_of(record, error.str())
                 if fallback is None:
-                    raise DeliveryFailed(f"{record.topic}: {error}")
-                log.warning("%s refused for good (%s); sending its fallback to %s", record.topic, error, fallback.topic)
+                    raise RefusedForGood(record.topic, error)
+                log.warning(
+                    "%s refused for good (%s); sending its fallback to %s", record.topic, error.str(), fallback.topic
+                )
                 pending.append(fallback)
 
-    async def _send_once(self, records: Sequence[Outgoing]) -> list[tuple[Outgoing, str]]:
+    async def _send_once(self, records: Sequence[Outgoing]) -> list[tuple[Outgoing, KafkaError]]:
         """Sends `records`; returns those refused for good with the broker's error,
         raises DeliveryFailed if any other failed."""
         if self._producer is None:
@@ -110,12 +121,12 @@ class DeliveryProducer:
         done: asyncio.Future[None] = loop.create_future()
         remaining = len(records)
         failures: list[str] = []
-        refused: list[tuple[Outgoing, str]] = []
+        refused: list[tuple[Outgoing, KafkaError]] = []
         lock = threading.Lock()  # a record refused inside produce() is counted here, not in the report thread
 
         def failed(record: Outgoing, err: KafkaError) -> None:
             if refused_for_good(err):
-                refused.append((record, err.str()))
+                refused.append((record, err))
             else:
                 failures.append(f"{record.topic}: {err.str()}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schemas.exceptions import TidegateError
 
-__all__ = ["QueueFull", "ReplyTimeout", "TidegateError"]
+__all__ = ["QueueFull", "ReplyTimeout", "RequestTooLarge", "TidegateError"]
 
 
 class QueueFull(TidegateError):
@@ -28,3 +28,8 @@ class ReplyTimeout(TidegateError):
 class SendTimeout(ReplyTimeout):
     """The broker did not acknowledge the request before its deadline: it was not
     accepted as far as the caller knows (if it still lands, it is answered `expired`)."""
+
+
+class RequestTooLarge(TidegateError):
+    """The broker refuses a record this large: the request was not sent (a shorter
+    prompt, or fewer messages, will go)."""

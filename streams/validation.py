@@ -10,7 +10,7 @@ The processors' request checks (processors/validation.py) start from these.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from streams.config import Settings
@@ -48,4 +48,15 @@ def field_reason(record: Mapping[str, Any], settings: Settings) -> str | None:
     temperature = record["temperature"]
     if not math.isfinite(temperature) or temperature < 0:
         return f"temperature must be a finite number >= 0, got {temperature}"
+    return None
+
+
+def prompt_reason(messages: Sequence[Mapping[str, Any]], settings: Settings) -> str | None:
+    """None when the messages are within the deployment's count and size limits (the
+    processors' check, and the gateway's before anything is sent), else why not."""
+    if len(messages) > settings.max_messages:
+        return f"{len(messages)} messages, over the limit of {settings.max_messages}"
+    size = sum(len(m["content"]) for m in messages)
+    if size > settings.max_prompt_chars:
+        return f"prompt is {size} characters, over the limit of {settings.max_prompt_chars}"
     return None

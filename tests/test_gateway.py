@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from schemas import get_codec
-from streams import Client, Settings
+from streams import Client, RequestTooLarge, Settings
 from streams.kafka import admin_client
 from streams.lag import WORKERS
 from streams.pressure_feed import PressureListener
@@ -86,6 +86,43 @@ def test_errors_come_as_the_sdk_expects_them(served: tuple[Pipeline, Gateway]) -
         "/v1/chat/completions", content=b"{not json", headers={"authorization": f"Bearer {gateway.key}"}
     )
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+
+
+def test_oversized_requests_are_refused_up_front_and_a_huge_body_is_never_read_whole(
+    served: tuple[Pipeline, Gateway],
+) -> None:
+    """Over the prompt limit: 400 saying so, before anything is sent. Over what any
+    request could need (declared, or streamed in without a length): 413 at once."""
+    pipeline, gateway = served
+    headers = {"authorization": f"Bearer {gateway.key}", "content-type": "application/json"}
+    probe = httpx.Client(base_url=gateway.base_url, headers=headers, timeout=30)
+    limit = pipeline.settings.max_prompt_chars
+    over = {"model": "echo", "messages": [{"role": "user", "content": "x" * (limit + 1)}], "max_tokens": 8}
+    answer = probe.post("/chat/completions", json=over)
+    assert answer.status_code == 400 and "over the limit" in answer.json()["error"]["message"], answer.text
+    huge = {**over, "messages": [{"role": "user", "content": "y" * 3_000_000}]}
+    answer = probe.post("/chat/completions", json=huge)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large", answer.text
+
+    def endless() -> Iterator[bytes]:  # chunked, no content-length: cut off past the limit
+        yield b'{"model": "echo", "messages": [{"role": "user", "content": "'
+        for _ in range(64):
+            yield b"z" * 65_536
+
+    answer = probe.post("/chat/completions", content=endless())
+    assert answer.status_code == 413, answer.text
+    assert probe.post("/chat/completions", json={**over, "messages": [{"role": "user", "content": "ok"}]}).is_success
+
+
+def test_the_client_says_a_request_is_too_large_for_the_broker(served: tuple[Pipeline, Gateway]) -> None:
+    pipeline, _ = served
+
+    async def oversized() -> None:
+        async with Client(settings=pipeline.settings) as client:
+            await client.submit([{"role": "user", "content": "w" * 2_000_000}], "too-large")
+
+    with pytest.raises(RequestTooLarge, match="bytes refused by the broker"):
+        asyncio.run(oversized())
 
 
 def test_a_full_pipeline_answers_429_with_a_retry_time_the_sdk_waits_out(
