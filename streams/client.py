@@ -245,6 +245,7 @@ class Client:
             raise SendTimeout(f"request {request_id} not acknowledged by the broker before its deadline") from exc
         except BaseException:
             self._pending.pop(request_id, None)
+            self._settle(request_id)  # not sent: in nobody's lag
             raise
         return request_id
 
@@ -489,11 +490,17 @@ class Client:
         """On the event loop: resolves the request's future (the first copy only)."""
         pending = self._pending.get(reply.request_id)
         if pending is not None and not pending.future.done():
+            self._settle(reply.request_id)
             pending.future.set_result(reply)
             pending.give_up_at = time.monotonic() + UNCLAIMED_REPLY_S
             if self._arrived is not None and not pending.claimed:
                 self._arrived.put_nowait(reply.request_id)
         self._forget_abandoned()
+
+    def _settle(self, request_id: str) -> None:
+        """The request no longer counts against the path's caps on this client's board."""
+        if self._pressure is not None:
+            self._pressure.board.settle(request_id)
 
     def _forget_abandoned(self) -> None:
         """Drops unclaimed requests whose reply never came by their deadline plus grace,
@@ -549,7 +556,7 @@ class Client:
             return
         attempt = 0
         while True:
-            refusal = self._pressure.board.admit(PATH, request["priority"])
+            refusal = self._pressure.board.admit(PATH, request["priority"], str(request["request_id"]))
             if refusal is None:
                 return
             error = QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)

@@ -214,3 +214,26 @@ def test_wait_true_sends_again_after_a_queue_full_reply_until_answered(no_worker
     finally:
         replies.close()
     assert reply.ok and reply.text == "patient"
+
+
+def test_a_caller_asking_one_at_a_time_never_refuses_itself_at_the_minimum_cap(
+    pipeline_factory: Callable[..., Pipeline],
+) -> None:
+    """At most one request in flight, the workers' cap at its floor of 64: nothing is
+    ever near the cap, so nothing may be refused. The client's board once counted its
+    own answered requests until a state measured after them (~60 at ~120/s) and
+    refused the caller."""
+    settings = pipeline_factory(model="echo", workers_cap_messages=64).settings
+
+    async def one_at_a_time() -> collections.Counter[str]:
+        outcomes: collections.Counter[str] = collections.Counter()
+        async with Client(settings=settings) as client:
+            for i in range(600):
+                try:
+                    reply = await client.generate(user(f"one {i}"), f"one-{i}", max_new_tokens=4)
+                    outcomes[reply.status] += 1
+                except QueueFull:
+                    outcomes["QueueFull"] += 1
+        return outcomes
+
+    assert asyncio.run(one_at_a_time()) == {"ok": 600}
