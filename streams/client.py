@@ -67,7 +67,6 @@ REPLY_GRACE_S = 5.0
 # a reply nobody took with reply() or replies() is dropped this long after it arrived
 UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
-BACKOFF_FACTOR = 2.0
 MIN_RETRY_MS = 10
 
 
@@ -208,7 +207,7 @@ class Client:
             0: none.
         :param strategy: context compression (`window`, `summary`, `relevance`,
             `prefix-stable`); None: the configured default.
-        :param wait: when the path is full, retry with backoff until the deadline
+        :param wait: when the path is full, retry at the refusal's retry time until the deadline
             instead of raising QueueFull at once.
         :raises QueueFull: the path is full for this priority (nothing was sent).
         :raises RequestTooLarge: the broker refuses a record this large (nothing was sent).
@@ -266,8 +265,8 @@ class Client:
     ) -> Reply:
         """`submit`, then `reply`: the reply (any status) once it arrives. With `wait`,
         a `queue_full` reply (a processor refused the request past its cap) is not the
-        end either: the request is sent again, with backoff and jitter from its
-        `retry_after_ms`, until its deadline; so is a `rate_limited` one (the tenant
+        end either: the request is sent again at its `retry_after_ms` (plus up to a
+        quarter, jitter), until its deadline; so is a `rate_limited` one (the tenant
         over its quota), after exactly its `retry_after_ms`.
 
         :raises QueueFull: as `submit`.
@@ -275,7 +274,6 @@ class Client:
         """
         request_id = request_id or uuid.uuid4().hex
         deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
-        attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             reply = await self.reply(
@@ -298,10 +296,9 @@ class Client:
             if reply.status == "rate_limited":  # the quota's retry time is exact: no backoff
                 delay_s = (reply.retry_after_ms or MIN_RETRY_MS) / 1000
             else:
-                delay_s = _backoff_ms(reply.retry_after_ms or 0, attempt) / 1000
+                delay_s = _retry_delay_ms(reply.retry_after_ms or 0) / 1000
             if time.monotonic() + delay_s >= deadline:
                 return reply
-            attempt += 1
             await asyncio.sleep(delay_s)
 
     # -- replies --------------------------------------------------------------
@@ -551,10 +548,9 @@ class Client:
 
     async def _admit(self, request: dict[str, Any], wait: bool) -> None:
         """Raises QueueFull at once when the path is full for the request's priority;
-        with `wait`, retries with exponential backoff and jitter until the deadline."""
+        with `wait`, retries at each refusal's retry time until the deadline."""
         if self._pressure is None:
             return
-        attempt = 0
         while True:
             refusal = self._pressure.board.admit(PATH, request["priority"], str(request["request_id"]))
             if refusal is None:
@@ -564,10 +560,9 @@ class Client:
             metrics.RETRY_AFTER.labels(refusal.stage).observe(refusal.retry_after_ms / 1000)
             if not wait:
                 raise error
-            delay_ms = _backoff_ms(refusal.retry_after_ms, attempt)
+            delay_ms = _retry_delay_ms(refusal.retry_after_ms)
             if request["deadline_ms"] and now_ms() + delay_ms >= request["deadline_ms"]:
                 raise error
-            attempt += 1
             await asyncio.sleep(delay_ms / 1000)
 
     async def _produce(self, request: dict[str, Any]) -> None:
@@ -586,7 +581,9 @@ class Client:
             raise
 
 
-def _backoff_ms(retry_after_ms: int, attempt: int) -> float:
-    """The broker-side hint, doubled per attempt (up to 16x), with full jitter in its
-    upper half so that refused callers do not come back together."""
-    return max(MIN_RETRY_MS, retry_after_ms) * (BACKOFF_FACTOR ** min(attempt, 4)) * random.uniform(0.5, 1.0)
+def _retry_delay_ms(retry_after_ms: int) -> float:
+    """The refusal's own retry time (each refusal gets its own, one drain interval after
+    the one before: streams/pressure.py), plus up to a quarter: callers told the same
+    time (no drain rate measured yet) do not come back together. Doubling it per attempt
+    as well made a caller wait up to 16x what it had been told."""
+    return max(MIN_RETRY_MS, retry_after_ms) * random.uniform(1.0, 1.25)
