@@ -26,7 +26,7 @@ from confluent_kafka import Producer
 
 from bench.stats import percentile
 from conversation.history import HistoryWriter
-from conversation.model_files import load_tokenizer
+from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.compression import STRATEGIES, compress
 from processors.embeddings import Embedder
@@ -92,7 +92,7 @@ def _conversation(rng: random.Random, n: int) -> tuple[list[dict[str, str]], str
 
 def measure_strategies(seed: int = 7) -> dict[str, Any]:
     rng = random.Random(seed)
-    counter = TokenCounter(load_tokenizer("default"))
+    counter = TokenCounter(load_counting_tokenizer("default"))
     embedder = Embedder(threads=2)  # the processors use 1; only the prep (history embeddings) runs on 2
     cases = []
     for _ in range(CONVERSATIONS):
@@ -146,7 +146,7 @@ def measure_processor_throughput(processors: int = 1, broker: devstack.Broker = 
         pids.append(devstack.start_redis(rport, log_dir).pid)
         settings = Settings(bootstrap=brokers.bootstrap, redis_url=f"redis://127.0.0.1:{rport}/0", broker=broker)
         create_topics(settings)
-        counter = TokenCounter(load_tokenizer("default"))
+        counter = TokenCounter(load_counting_tokenizer("default"))
         rng = random.Random(3)
         writer = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
         client = redis.Redis.from_url(settings.redis_url)

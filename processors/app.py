@@ -23,7 +23,7 @@ import faust
 from confluent_kafka import KafkaException
 from redis.asyncio import Redis
 
-from conversation.model_files import load_tokenizer
+from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
@@ -152,7 +152,7 @@ def create_app(settings: Settings) -> faust.App:
         admission = downstream_admission(board)
         fullness = near_full(board, settings.warn_ratio)
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
-    counter = TokenCounter(load_tokenizer(settings.model))
+    counter = TokenCounter(load_counting_tokenizer(settings.model))
     handler = RequestHandler(
         settings, redis, counter, admission, ReplyTopics(settings, delivery), fullness, Tenants.load(settings)
     )

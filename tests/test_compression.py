@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from conversation.history import StoredHistory, encode_turn, history_key
-from conversation.model_files import load_tokenizer
+from conversation.model_files import load_counting_tokenizer, load_tokenizer
 from conversation.tokens import TokenCounter
 from processors.compression import CUT_MARKER, compress
 
@@ -19,7 +19,7 @@ def tokenizer() -> Any:
 
 @pytest.fixture(scope="module")
 def counter(tokenizer: Any) -> TokenCounter:
-    return TokenCounter(tokenizer)
+    return TokenCounter(load_counting_tokenizer("default"))
 
 
 @pytest.mark.parametrize("text", ["Hello there", "naïve café — 東京 🌊", "", "word " * 300])
@@ -37,6 +37,18 @@ def test_a_turn_counts_what_it_adds_to_the_chat_template(counter: TokenCounter, 
 
 def turn(counter: TokenCounter, role: str, content: str) -> dict:
     return {"role": role, "content": content, "tokens": counter.count(content)}
+
+
+@pytest.mark.parametrize("text", ["Hello there", "naïve café — 東京 🌊 <|im_end|> x", "word " * 300])
+def test_the_processors_tokenizer_counts_and_cuts_as_the_models_own(
+    counter: TokenCounter, tokenizer: Any, text: str
+) -> None:
+    """The processors read tokenizer.json alone (no transformers): the same counts and
+    the same cut text as through the model's Hugging Face tokenizer."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert counter.count(text) == len(ids) + counter.count("") - len(tokenizer.encode("", add_special_tokens=False))
+    keep = max(0, 12 - counter.count(CUT_MARKER))
+    assert counter.truncate(text, 12, CUT_MARKER) == CUT_MARKER + tokenizer.decode(ids[len(ids) - keep :])
 
 
 def test_window_keeps_the_newest_turns_that_fit(counter: TokenCounter) -> None:

@@ -13,7 +13,7 @@ import redis
 from redis.asyncio import Redis
 
 from conversation.history import HistoryWriter, embeddings_key, encode_turn, history_key, loaded_history
-from conversation.model_files import load_tokenizer
+from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.compression import compress
 from processors.handler import Incoming, RequestHandler
@@ -26,7 +26,7 @@ from tidegate import devstack, processes
 
 @pytest.fixture(scope="module")
 def counter() -> TokenCounter:
-    return TokenCounter(load_tokenizer("default"))
+    return TokenCounter(load_counting_tokenizer("default"))
 
 
 def incoming(text: str, session: str, tenant: str = "acme", strategy: str | None = None) -> Incoming:

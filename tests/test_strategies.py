@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conversation.model_files import load_tokenizer
+from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.compression import EPOCH_TURNS, compress
 
 
 @pytest.fixture(scope="module")
 def counter() -> TokenCounter:
-    return TokenCounter(load_tokenizer("default"))
+    return TokenCounter(load_counting_tokenizer("default"))
 
 
 def conversation(counter: TokenCounter, n: int) -> list[dict]:
