@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   a chat completion (Bearer API key -> tenant)
     GET  /v1/models             the model the workers serve
+    GET  /v1/models/{id}        that model, or 404
     GET  /healthz               the process is up
     GET  /readyz                it reaches the broker (503 until it does)
     GET  /metrics               Prometheus text
@@ -335,11 +336,27 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
         HTTP_LATENCY.labels(str(response.status_code)).observe(time.perf_counter() - started)
         return response
 
+    served_model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "tidegate"}
+
     async def models(request: Request) -> Response:
         if gateway.tenant_of(request) is None:
             return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
-        model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "tidegate"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [served_model]})
+
+    async def model(request: Request) -> Response:
+        """`GET /v1/models/{id}` (the SDKs' `models.retrieve`): the served model, else 404."""
+        if gateway.tenant_of(request) is None:
+            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if request.path_params["model"] != settings.model:
+            why = f"The model {request.path_params['model']!r} does not exist; this gateway serves {settings.model!r}"
+            return error(404, why, "invalid_request_error", "model_not_found")
+        return JSONResponse(served_model)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        """Unknown paths and methods answered in OpenAI's error shape, not Starlette's text."""
+        status = getattr(exc, "status_code", 404)
+        why = f"{request.method} {request.url.path} is not served here"
+        return error(status, why, "invalid_request_error", "not_found" if status == 404 else "method_not_allowed")
 
     async def healthz(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -363,9 +380,11 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
+        exception_handlers={404: not_found, 405: not_found},
         lifespan=lifespan,
     )

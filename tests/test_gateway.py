@@ -63,6 +63,11 @@ def test_the_openai_sdk_gets_a_completion_sync_and_async(served: tuple[Pipeline,
     assert asyncio.run(concurrently()) == [f"async {i}" for i in range(20)]
     models = client.models.list()
     assert [m.id for m in models.data] == ["echo"]
+    assert client.models.retrieve("echo").id == "echo"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-5")
+    with pytest.raises(openai.NotFoundError, match="not served here"):  # OpenAI's error shape, not plain text
+        client.completions.create(model="echo", prompt="legacy completions")
 
 
 def test_errors_come_as_the_sdk_expects_them(served: tuple[Pipeline, Gateway]) -> None:
