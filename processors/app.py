@@ -35,7 +35,7 @@ from streams.kafka import admin_client, producer_config
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, dead_letter
-from streams.pressure import EXIT_FACTOR, FORWARD_TRANSIT_MS, OK, PressureBoard, retry_after_ms
+from streams.pressure import EXIT_FACTOR, FORWARD_TRANSIT_MS, OK, PressureBoard
 from streams.pressure_feed import PressureListener
 from streams.reply_topics import ReplyTopics
 from streams.tenants import Tenants
@@ -78,8 +78,7 @@ def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
         line = warn_ratio * state["cap"]
         if state["state"] == OK and state["lag"] < line:
             return None
-        rate = state["drain_rate"]
-        return WORKERS, board.retry_after(WORKERS, retry_after_ms(state["lag"], EXIT_FACTOR * line, rate), rate)
+        return WORKERS, board.retry_after(WORKERS, state["lag"], EXIT_FACTOR * line, state["drain_rate"])
 
     return check
 

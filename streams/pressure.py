@@ -249,14 +249,16 @@ class PressureBoard:
             for admitted in self._admitted.values():
                 admitted.pop(request_id, None)
 
-    def retry_after(self, stage: str, wait_ms: int, drain_rate: float, hand_out: bool = True) -> int:
-        """`wait_ms` (the backlog's drain time) or, if later, one drain interval after
-        the retry time handed out last for the stage: the callers refused before come
+    def retry_after(self, stage: str, lag: float, target: float, drain_rate: float) -> int:
+        """The time handed out to a caller refused while `stage`'s backlog is `lag`:
+        when it will have drained to `target` or, if later, one drain interval after
+        the time handed out last for the stage, so the callers refused before come
         back first, one per interval, and each finds room (see the module docstring)."""
         with self._lock:
-            return self._retry_after(stage, wait_ms, drain_rate, hand_out)
+            return self._retry_after(stage, lag, target, drain_rate, hand_out=True)
 
-    def _retry_after(self, stage: str, wait_ms: int, drain_rate: float, hand_out: bool) -> int:
+    def _retry_after(self, stage: str, lag: float, target: float, drain_rate: float, hand_out: bool) -> int:
+        wait_ms = retry_after_ms(lag, target, drain_rate)
         if drain_rate <= 0:
             return wait_ms
         now = now_ms()
@@ -304,8 +306,7 @@ class PressureBoard:
             return None
         # retry once the backlog is back under the line that lets this priority in
         target = EXIT_FACTOR * line if published != OK else line
-        rate = state["drain_rate"]
-        return Refusal(stage, lag, cap, self._retry_after(stage, retry_after_ms(lag, target, rate), rate, hand_out))
+        return Refusal(stage, lag, cap, self._retry_after(stage, lag, target, state["drain_rate"], hand_out))
 
 
 def _forget_before(admitted: collections.OrderedDict[str | int, int], cutoff_ms: float) -> None:
