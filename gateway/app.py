@@ -50,6 +50,7 @@ from gateway.openai_shapes import (
     parse_chat_request,
     timing_headers,
     too_many,
+    unauthorized,
 )
 from streams import Client, QueueFull, ReplyTimeout, RequestTooLarge, Settings
 from streams.exceptions import TidegateError
@@ -209,7 +210,7 @@ class Gateway:
     async def chat(self, request: Request) -> Response:
         tenant = self.tenant_of(request)
         if tenant is None:
-            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return unauthorized()
         body = await read_body(request, self.body_limit)
         if body is None:
             why = f"the body is over {self.body_limit} bytes"
@@ -340,13 +341,13 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
 
     async def models(request: Request) -> Response:
         if gateway.tenant_of(request) is None:
-            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return unauthorized()
         return JSONResponse({"object": "list", "data": [served_model]})
 
     async def model(request: Request) -> Response:
         """`GET /v1/models/{id}` (the SDKs' `models.retrieve`): the served model, else 404."""
         if gateway.tenant_of(request) is None:
-            return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+            return unauthorized()
         if request.path_params["model"] != settings.model:
             why = f"The model {request.path_params['model']!r} does not exist; this gateway serves {settings.model!r}"
             return error(404, why, "invalid_request_error", "model_not_found")

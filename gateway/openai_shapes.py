@@ -31,6 +31,11 @@ def error(status: int, message: str, kind: str, code: str, headers: dict[str, st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def unauthorized() -> JSONResponse:
+    """401 as OpenAI words it: the SDKs raise AuthenticationError."""
+    return error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+
+
 def retry_headers(retry_after_ms: int | None) -> dict[str, str]:
     """`retry-after-ms` (1..120000) and `retry-after` (seconds, rounded up)."""
     ms = min(MAX_RETRY_AFTER_MS, max(1, int(retry_after_ms or 1000)))
