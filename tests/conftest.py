@@ -4,7 +4,9 @@ prefixes. Everything started here is stopped here, by process id.
 
 The broker is Apache Kafka (one KRaft node) unless TIDEGATE_TEST_BROKER=tansu;
 `make test` runs the integration tests (those that use the services) on both.
-Tests marked `kafka_only` need what Tansu lacks (durability, replication, kcat)."""
+Tests marked `kafka_only` need what Tansu lacks (durability, replication, kcat); tests
+marked `same_on_any_broker` exercise nothing a broker does differently (Redis, the
+model, codecs, HTTP) and run on Apache Kafka alone, to keep the Tansu rerun short."""
 
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ BROKER: devstack.Broker = "tansu" if os.environ.get("TIDEGATE_TEST_BROKER") == "
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks tests that use a broker or Redis `integration`; skips `kafka_only` ones on Tansu."""
+    """Marks tests that use a broker or Redis `integration`; skips `kafka_only` and
+    `same_on_any_broker` ones on Tansu."""
     for item in items:
         if "services" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
         if BROKER == "tansu" and item.get_closest_marker("kafka_only"):
             item.add_marker(pytest.mark.skip(reason="needs Apache Kafka"))
+        elif BROKER == "tansu" and item.get_closest_marker("same_on_any_broker"):
+            item.add_marker(pytest.mark.skip(reason="the same on either broker: run on Apache Kafka"))
 
 
 @pytest.fixture(scope="session")

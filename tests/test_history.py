@@ -23,6 +23,9 @@ from streams.outgoing import Outgoing
 from tests.conftest import LOG_DIR
 from tidegate import devstack, processes
 
+# Redis and the compression: nothing a broker does
+pytestmark = pytest.mark.same_on_any_broker
+
 
 @pytest.fixture(scope="module")
 def counter() -> TokenCounter:

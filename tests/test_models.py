@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
+
 from inference.runners import Prompt, load_runner
 from streams.client import Client
 from streams.lag import WORKERS
 from tests.conftest import Pipeline
 from tests.helpers import wait_for_stage_lag
+
+# the model runners: nothing a broker does differently
+pytestmark = pytest.mark.same_on_any_broker
 
 
 def test_tiny_runner_respects_max_new_tokens_per_request() -> None:
