@@ -48,7 +48,7 @@ class ReplyCommitter:
     def _produce(self, record: Message, o: Outgoing) -> None:
         def on_delivery(err: KafkaError | None, _msg: Message | None) -> None:
             if err is None:
-                self.ledger.answered(record.topic(), record.partition(), record.offset())
+                self.ledger.answered(record)
                 return
             fallback = instead_of(o, err.str()) if refused_for_good(err) else None
             if fallback is None:

@@ -20,11 +20,19 @@ class OffsetLedger:
     """Positions of the partitions this member owns, and only those: a record of a
     partition revoked while it was generating may still be answered (its reply goes
     out, and the caller drops the new owner's copy), but never moves a commit: the
-    new owner commits that partition from where the group left it."""
+    new owner commits that partition from where the group left it.
+
+    That holds when the partition comes straight back too (an eager rebalance, the
+    autoscaler adding a member): the records taken before the revoke belong to the
+    earlier assignment, and the partition is fetched again from its committed offset.
+    A record counts as answered only if it is the very record this assignment took
+    (the same fetched message, by identity), so a row of the earlier assignment that
+    finishes now cannot move the new assignment's commit past a row still generating
+    (take 40-42, answer 41, revoke and reassign, answer 42: no commit past 40)."""
 
     def __init__(self) -> None:
         self._owned: set[Partition] = set()
-        self._open: dict[Partition, set[int]] = {}
+        self._open: dict[Partition, dict[int, Any]] = {}  # offset -> the record taken
         self._answered: dict[Partition, int] = {}  # highest answered offset
         self._committed: dict[Partition, int] = {}
 
@@ -41,13 +49,18 @@ class OffsetLedger:
         for r in records:
             key = (r.topic(), r.partition())
             if key in self._owned:
-                self._open.setdefault(key, set()).add(r.offset())
+                self._open.setdefault(key, {})[r.offset()] = r
 
-    def answered(self, topic: str, partition: int, offset: int) -> None:
-        key = (topic, partition)
-        if key not in self._owned:
-            return  # revoked meanwhile: not ours to commit
-        self._open.get(key, set()).discard(offset)
+    def answered(self, record: Any) -> None:
+        """`record` (as taken) has its reply acknowledged. Ignored unless this
+        assignment of its partition took it: revoked meanwhile, or taken by an earlier
+        assignment of a partition that came back, it is not ours to commit."""
+        key = (record.topic(), record.partition())
+        offset = record.offset()
+        taken = self._open.get(key)
+        if key not in self._owned or taken is None or taken.get(offset) is not record:
+            return
+        del taken[offset]
         self._answered[key] = max(self._answered.get(key, -1), offset)
 
     def open_count(self) -> int:
