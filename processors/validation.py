@@ -6,10 +6,9 @@ from typing import Any
 
 from processors.compression import STRATEGIES
 from streams.config import Settings
-from streams.validation import field_reason, prompt_reason
+from streams.validation import PRIORITIES, field_reason, prompt_reason
 
 ROLES = frozenset({"system", "user", "assistant"})
-PRIORITIES = ("low", "normal", "high")
 
 
 def invalid_reason(request: dict[str, Any], settings: Settings) -> str | None:

@@ -10,15 +10,82 @@ Where each is set: the lag monitor (ops/monitor.py) the lag, status and pressure
 gauges; the processors and the client the refusals and retry-after hints; the
 workers the batching, latency and token metrics; every consumer its rebalances and
 assigned partitions.
+
+Every label value comes from a closed set (`LABEL_VALUES`, per label name): a
+value outside it is counted as `other`. Label values are often copied from a
+record (a request's `priority`, a refusal's stage), and a crafted one would
+otherwise be a new series, kept in memory for the life of the process. The check is
+here, in the metric classes, so no call site has to remember it; a metric with a
+label name that has no closed set is refused at definition.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+import prometheus_client
+from prometheus_client import disable_created_metrics, start_http_server
+
+from streams.outgoing import REPLY_STATUSES
+from streams.validation import PRIORITIES
 
 log = logging.getLogger(__name__)
+
+OTHER = "other"  # what a label value outside its closed set is counted as
+STAGES = ("processors", "workers")
+DEAD_LETTER_REASONS = ("processor_error", "undecodable", "unanswerable")
+BURROW_STATUSES = ("OK", "WARN", "STALL", "STOP", "REWIND")
+MAX_PARTITION_LABELS = 1024  # partitions 0..1023 have their own series
+LABEL_VALUES: dict[str, frozenset[str]] = {
+    "stage": frozenset(STAGES),
+    "priority": frozenset(PRIORITIES),
+    # refusals by reply status; dead letters by why
+    "reason": frozenset(REPLY_STATUSES) | frozenset(DEAD_LETTER_REASONS),
+    # replies by status; partitions by Burrow's status
+    "status": frozenset(REPLY_STATUSES) | frozenset(BURROW_STATUSES),
+    "partition": frozenset(str(i) for i in range(MAX_PARTITION_LABELS)),
+}
+
+
+def bounded_label(name: str, value: object) -> str:
+    """`value` as a label value of label `name`: itself when in the closed set, else `other`."""
+    text = str(value)
+    return text if text in LABEL_VALUES[name] else OTHER
+
+
+class _BoundedLabels:
+    """prometheus_client's metric with every label value mapped into its closed set."""
+
+    _labelnames: tuple[str, ...]
+    _labelvalues: tuple[str, ...]
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (), **kwargs: Any) -> None:
+        names = tuple(labelnames)
+        if not kwargs.get("_labelvalues"):  # a child (one series) repeats its parent's names
+            unknown = [n for n in names if n not in LABEL_VALUES]
+            if unknown:
+                raise ValueError(f"metric {name}: labels {unknown} have no closed set of values in LABEL_VALUES")
+        super().__init__(name, documentation, names, **kwargs)  # type: ignore[call-arg]
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Any:
+        values = tuple(bounded_label(n, v) for n, v in zip(self._labelnames, labelvalues, strict=False))
+        named = {n: bounded_label(n, v) if n in LABEL_VALUES else v for n, v in labelkwargs.items()}
+        return super().labels(*values, **named)  # type: ignore[misc]
+
+
+class Counter(_BoundedLabels, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_BoundedLabels, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_BoundedLabels, prometheus_client.Histogram):
+    pass
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RETRY_AFTER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)

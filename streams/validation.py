@@ -15,6 +15,7 @@ from typing import Any
 
 from streams.config import Settings
 
+PRIORITIES = ("low", "normal", "high")
 MAX_ID_CHARS = 256  # request_id, session_id and tenant: keys in Kafka and Redis
 
 
