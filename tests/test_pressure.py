@@ -184,3 +184,17 @@ def test_each_stage_cap_floor_is_four_of_its_own_batches() -> None:
     assert caps["workers"].resolve(0.0) == 64
     assert caps["processors"].resolve(0.0) == 256
     assert caps["processors"].resolve(1000.0) == 2000  # 2 s of work once the rate is known
+
+
+def test_retry_hints_come_back_to_the_drain_time_once_a_storm_drained() -> None:
+    board = PressureBoard(stale_s=5, warn_ratio=0.8)
+    board.publish({**state(120, 100, FULL), "drain_rate": 50.0})  # 120 -> 90 at 50/s: 600 ms
+    storm = [board.admit(["workers"], "normal") for _ in range(5000)]  # callers who never come back
+    assert storm[-1] is not None and storm[-1].retry_after_ms == MAX_RETRY_AFTER_MS
+    board.publish({**state(10, 100, OK), "drain_rate": 50.0})  # the backlog drained
+    board.publish({**state(120, 100, FULL), "drain_rate": 50.0})  # and filled again
+    refused = board.admit(["workers"], "normal")
+    assert refused is not None and 599 <= refused.retry_after_ms <= 600, refused
+    # within one spell of pressure the line holds: the next caller comes after it
+    following = board.admit(["workers"], "normal")
+    assert following is not None and 618 <= following.retry_after_ms <= 620
