@@ -25,9 +25,10 @@ from redis.asyncio import Redis
 
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
+from processors.admission import STAGE, Admission, NearFull, Release
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
-from processors.handler import STAGE, Admission, Incoming, NearFull, RequestHandler
+from processors.handler import Incoming, RequestHandler
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
@@ -56,15 +57,23 @@ def _incoming(event: Any) -> Incoming:
     )
 
 
-def downstream_admission(board: PressureBoard) -> Admission:
+def _admission_key(request: dict[str, Any]) -> str:
+    return f"{request['tenant']}\x00{request['request_id']}"
+
+
+def downstream_admission(board: PressureBoard) -> tuple[Admission, Release]:
     """Refuses a request while the workers' stage is past its cap for its priority:
-    producers that ignore the client-side signal are still stopped here."""
+    producers that ignore the client-side signal are still stopped here. The second
+    callable takes an admission back (its quota refused it: never forwarded)."""
 
     def admit(request: dict[str, Any]) -> tuple[str, int, int, int] | None:
-        refusal = board.admit([WORKERS], request["priority"])
+        refusal = board.admit([WORKERS], request["priority"], _admission_key(request))
         return None if refusal is None else (refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
 
-    return admit
+    def release(request: dict[str, Any]) -> None:
+        board.settle(_admission_key(request))
+
+    return admit, release
 
 
 def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
@@ -143,17 +152,17 @@ def create_app(settings: Settings) -> faust.App:
     # pattern subscriptions took one partition of one topic here)
     requests = app.topic(*request_topics(settings), key_type=bytes, value_type=bytes)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    admission = fullness = None
+    admission = release = fullness = None
     if settings.backpressure:
         board = PressureBoard(settings.pressure_stale_s, settings.warn_ratio, transit_ms=FORWARD_TRANSIT_MS)
         pressure = PressureListener(settings, board)
         pressure.start()
-        admission = downstream_admission(board)
+        admission, release = downstream_admission(board)
         fullness = near_full(board, settings.warn_ratio)
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
     counter = TokenCounter(load_counting_tokenizer(settings.model))
     handler = RequestHandler(
-        settings, redis, counter, admission, ReplyTopics(settings, delivery), fullness, Tenants.load(settings)
+        settings, redis, counter, admission, ReplyTopics(settings, delivery), fullness, Tenants.load(settings), release
     )
     wait_s = settings.processor_batch_wait_ms / 1000
 

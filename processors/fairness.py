@@ -47,6 +47,16 @@ class FairShares:
         self._admitted.append((at, tenant))
         self._counts[tenant] += 1
 
+    def withdraw(self, tenant: str) -> None:
+        """Takes back `tenant`'s newest admission: a later check (its quota) refused it."""
+        for i in range(len(self._admitted) - 1, -1, -1):
+            if self._admitted[i][1] == tenant:
+                del self._admitted[i]
+                self._counts[tenant] -= 1
+                if not self._counts[tenant]:
+                    del self._counts[tenant]
+                return
+
     def _forget(self, now: float) -> None:
         while self._admitted and self._admitted[0][0] < now - self.window_s:
             _, tenant = self._admitted.popleft()

@@ -20,12 +20,22 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from conversation.history import ENVELOPE, TURNS, HistoryWriter, StoredHistory, Turn, content_digest, loaded_history
+from conversation.history import (
+    ENVELOPE,
+    TURNS,
+    HistoryWriter,
+    StoredHistory,
+    Turn,
+    content_digest,
+    loaded_history,
+    seen_key,
+)
 from conversation.tokens import TokenCounter
+from processors.admission import STAGE, Admission, AdmissionGate, NearFull, Release
 from processors.compression import compress, fit_new_turns, reads_newest_only
 from processors.embeddings import Embedder, from_bytes, to_bytes
 from processors.fairness import FairShares
-from processors.quotas import Quotas, too_large
+from processors.quotas import Quotas
 from processors.validation import invalid_reason
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams import metrics
@@ -38,13 +48,8 @@ from streams.validation import reply_to_reason
 
 log = logging.getLogger(__name__)
 
-STAGE = "processors"
 REDIS_RETRY_S = 1.0
 
-# (stage, lag, cap, retry_after_ms) when the request must be refused, else None
-Admission = Callable[[dict[str, Any]], tuple[str, int, int, int] | None]
-# (stage, retry_after_ms) while the workers' stage is past its warn line, else None
-NearFull = Callable[[], tuple[str, int] | None]
 # produces records and returns once the broker acknowledged every one
 Deliver = Callable[[list[Outgoing]], Awaitable[None]]
 
@@ -87,16 +92,21 @@ class RequestHandler:
         reply_topics: ReplyTopics | None = None,
         near_full: NearFull | None = None,
         tenants: Tenants | None = None,
+        release: Release | None = None,
     ) -> None:
         self.settings = settings
         self.reply_topics = reply_topics  # None: reply_to names are not checked against the broker
-        self.near_full = near_full
         tenants = tenants or Tenants()
-        self.quotas = Quotas(redis, tenants) if tenants.limited else None
-        self.fair_shares = FairShares(tenants, settings.fair_share_window_s) if settings.fair_shares else None
+        self.gate = AdmissionGate(
+            admission,
+            release,
+            near_full,
+            FairShares(tenants, settings.fair_share_window_s) if settings.fair_shares else None,
+            Quotas(redis, tenants) if tenants.limited else None,
+            self._redis_down,
+        )
         self.redis = redis
         self.counter = counter
-        self.admission = admission
         self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
         self.codec = get_codec()
         self._redis_down_until = 0.0
@@ -119,7 +129,8 @@ class RequestHandler:
                 accepted.append(result)
         if accepted:
             self._count_new_turns(accepted)
-            accepted = self._admitted(await self._within_quotas(accepted, out), out)
+            accepted = await self._unclaimed(accepted)
+            accepted = await self.gate.admitted(accepted, out, self._refuse_item, self._quota_tokens)
         if not accepted:
             await deliver(out)
             return
@@ -229,66 +240,27 @@ class RequestHandler:
             item.record, item.request, item.encoding, item.started_ms, status, error, retry_after_ms, stage
         )
 
-    async def _within_quotas(self, accepted: list[_Accepted], out: list[Outgoing]) -> list[_Accepted]:
-        """The requests within their tenants' quotas (one Redis round trip for the
-        batch); the others are answered `rate_limited` with the exact retry time, or
-        `invalid` when no minute's quota could ever cover them."""
-        if self.quotas is None:
-            return accepted
-        asks = [(item.request["tenant"], self._quota_tokens(item)) for item in accepted]
-        try:
-            decisions = await self.quotas.decide(asks)
-        except (RedisError, OSError) as exc:
-            self._redis_down(exc)
-            return accepted
-        passed = []
-        for item, (tenant, tokens), decision in zip(accepted, asks, decisions, strict=True):
-            oversized = too_large(self.quotas.tenants.policy(tenant), tokens)
-            if oversized is not None:
-                out.append(self._refuse_item(item, "invalid", oversized, None, STAGE))
-            elif decision is None or decision.passed:
-                passed.append(item)
-            else:
-                why = f"tenant {tenant!r} is over its quota; retry after {decision.retry_after_ms} ms"
-                out.append(self._refuse_item(item, "rate_limited", why, decision.retry_after_ms, STAGE))
-        return passed
-
     @staticmethod
     def _quota_tokens(item: _Accepted) -> int:
         """What a request may cost at most: its own turns and its max_new_tokens."""
         return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
 
-    def _admitted(self, accepted: list[_Accepted], out: list[Outgoing]) -> list[_Accepted]:
-        """The requests the workers' stage can take: near its cap each tenant is held
-        to its fair share (processors/fairness.py), past its cap every request of the
-        priority is refused (streams/pressure.py)."""
-        if self.admission is None:
+    async def _unclaimed(self, accepted: list[_Accepted]) -> list[_Accepted]:
+        """The requests not claimed before (one round trip): a redelivered duplicate of
+        a forwarded request is dropped before the gate, so it is neither charged to
+        its tenant's quota nor refused `queue_full` (a refusal that could reach its
+        caller before the real reply). The read script checks the claim again."""
+        if not self.gate.refuses or time.monotonic() < self._redis_down_until:
             return accepted
-        passed = []
-        for item in accepted:
-            request = item.request
-            tenant = request["tenant"]
-            standing = self.fair_shares.standing(tenant) if self.fair_shares is not None else "alone"
-            # asked only when it refuses: each answer hands out a retry time
-            near_full = self.near_full() if self.near_full is not None and standing == "over" else None
-            if near_full is not None:
-                stage, retry_after_ms = near_full
-                why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
-                out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
-                continue
-            if request["priority"] == "normal" and standing == "under":
-                full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
-            else:
-                full = self.admission(request)
-            if full is not None:
-                stage, lag, cap, retry_after_ms = full
-                why = f"stage {stage} lag {lag} is past its cap {cap}"
-                out.append(self._refuse_item(item, "queue_full", why, retry_after_ms, stage))
-                continue
-            if self.fair_shares is not None:
-                self.fair_shares.admitted(tenant)
-            passed.append(item)
-        return passed
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item in accepted:
+                    pipe.exists(seen_key(item.request["tenant"], item.request["request_id"]))
+                claimed = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._redis_down(exc)
+            return accepted
+        return [item for item, seen in zip(accepted, claimed, strict=True) if not seen]
 
     def _count_new_turns(self, accepted: list[_Accepted]) -> None:
         """Token counts of every new turn in the batch, in one tokenizer call."""

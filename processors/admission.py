@@ -1,0 +1,151 @@
+"""Which of a batch's accepted requests go on, checked in the order that charges a
+tenant's quota only for work that is admitted.
+
+1. Backpressure and fair share (the workers' stage near or past its cap,
+   streams/pressure.py, processors/fairness.py): decided request by request in batch
+   order and counted as each passes, so a batch cannot overshoot the cap.
+2. Quotas (processors/quotas.py), one Redis round trip for those that passed 1.
+   A request refused at 2 is taken back from 1's counts (the pressure board's and
+   the fair shares'): it was never forwarded.
+
+With quotas first (as before), a caller refused `queue_full` spent its tenant's
+quota on every retry, and a tenant could be `rate_limited` for work the pipeline
+never did. A redelivered request already claimed (processed before) is dropped by
+the handler before this gate (RequestHandler._unclaimed), so it is neither
+refused nor charged again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from redis.exceptions import RedisError
+
+from processors.fairness import FairShares
+from processors.quotas import Quotas, too_large
+from streams.outgoing import Outgoing
+
+STAGE = "processors"
+
+# (stage, lag, cap, retry_after_ms) when the request must be refused, else None;
+# a request it let through is counted until released or forgotten
+Admission = Callable[[dict[str, Any]], tuple[str, int, int, int] | None]
+# takes back an admission a later check refused: it is in no stage's lag
+Release = Callable[[dict[str, Any]], None]
+# (stage, retry_after_ms) while the workers' stage is past its warn line, else None
+NearFull = Callable[[], tuple[str, int] | None]
+
+
+class Admissible(Protocol):
+    request: dict[str, Any]
+
+
+Item = TypeVar("Item", bound=Admissible)
+# (item, status, error, retry_after_ms, stage) -> the reply that refuses it
+Refuse = Callable[[Item, str, str, int | None, str], Outgoing]
+
+
+class AdmissionGate:
+    def __init__(
+        self,
+        admission: Admission | None,
+        release: Release | None,
+        near_full: NearFull | None,
+        fair_shares: FairShares | None,
+        quotas: Quotas | None,
+        on_redis_down: Callable[[Exception], None],
+    ) -> None:
+        self.admission = admission
+        self.release = release
+        self.near_full = near_full
+        self.fair_shares = fair_shares
+        self.quotas = quotas
+        self.on_redis_down = on_redis_down
+
+    @property
+    def refuses(self) -> bool:
+        """Whether anything here can refuse a request (else duplicates need no early check)."""
+        return self.admission is not None or self.quotas is not None
+
+    async def admitted(
+        self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item], cost: Callable[[Item], int]
+    ) -> list[Item]:
+        """The requests that go on; each refused one's reply is appended to `out`."""
+        downstream = self._downstream(items, out, refuse)
+        return await self._within_quotas(downstream, out, refuse, cost)
+
+    def _downstream(self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item]) -> list[Item]:
+        """The requests the workers' stage can take: near its cap each tenant is held
+        to its fair share, past its cap every request of the priority is refused."""
+        if self.admission is None:
+            return items
+        passed = []
+        for item in items:
+            request = item.request
+            tenant = request["tenant"]
+            standing = self.fair_shares.standing(tenant) if self.fair_shares is not None else "alone"
+            # asked only when it refuses: each answer hands out a retry time
+            near_full = self.near_full() if self.near_full is not None and standing == "over" else None
+            if near_full is not None:
+                stage, retry_after_ms = near_full
+                why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
+                out.append(refuse(item, "queue_full", why, retry_after_ms, stage))
+                continue
+            if request["priority"] == "normal" and standing == "under":
+                full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
+            else:
+                full = self.admission(request)
+            if full is not None:
+                stage, lag, cap, retry_after_ms = full
+                why = f"stage {stage} lag {lag} is past its cap {cap}"
+                out.append(refuse(item, "queue_full", why, retry_after_ms, stage))
+                continue
+            if self.fair_shares is not None:
+                self.fair_shares.admitted(tenant)
+            passed.append(item)
+        return passed
+
+    async def _within_quotas(
+        self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item], cost: Callable[[Item], int]
+    ) -> list[Item]:
+        """The requests within their tenants' quotas (one Redis round trip); the others
+        are answered `rate_limited` with the exact retry time, or `invalid` when no
+        minute's quota could ever cover them, and taken back from the admissions."""
+        if self.quotas is None or not items:
+            return items
+        # a request id twice in one batch (a redelivery beside its original) is charged once
+        charged: dict[tuple[str, str], int] = {}
+        for i, item in enumerate(items):
+            charged.setdefault((item.request["tenant"], item.request["request_id"]), i)
+        asked = sorted(charged.values())
+        asks = [(items[i].request["tenant"], cost(items[i])) for i in asked]
+        try:
+            decisions = await self.quotas.decide(asks)
+        except (RedisError, OSError) as exc:
+            self.on_redis_down(exc)
+            return items
+        refused: set[tuple[str, str]] = set()
+        for i, (tenant, tokens), decision in zip(asked, asks, decisions, strict=True):
+            oversized = too_large(self.quotas.tenants.policy(tenant), tokens)
+            if oversized is not None:
+                out.append(refuse(items[i], "invalid", oversized, None, STAGE))
+            elif decision is not None and not decision.passed:
+                why = f"tenant {tenant!r} is over its quota; retry after {decision.retry_after_ms} ms"
+                out.append(refuse(items[i], "rate_limited", why, decision.retry_after_ms, STAGE))
+            else:
+                continue
+            refused.add((tenant, items[i].request["request_id"]))
+        passed = []
+        for item in items:
+            if (item.request["tenant"], item.request["request_id"]) not in refused:
+                passed.append(item)
+            elif self.admission is not None:
+                self._take_back(item)
+        return passed
+
+    def _take_back(self, item: Admissible) -> None:
+        if self.release is not None:
+            self.release(item.request)
+        if self.fair_shares is not None:
+            self.fair_shares.withdraw(item.request["tenant"])
