@@ -49,6 +49,7 @@ PREVIOUS_SCHEMA_FILES = {
     "InferenceRequest": ["previous/inference_request.v1.avsc"],
     "ContextEnvelope": ["previous/context_envelope.v1.avsc", "previous/context_envelope.v2.avsc"],
     "PressureState": ["previous/pressure_state.v1.avsc"],
+    "InferenceChunk": ["previous/inference_chunk.v1.avsc"],
 }
 
 Record = dict[str, Any]

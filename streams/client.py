@@ -58,6 +58,7 @@ from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
 from streams.reply import Chunk, Reply
+from streams.stitching import StreamStitcher
 from streams.tenants import TENANT_NAME
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class _Pending:
     future: asyncio.Future[Reply]
     give_up_at: float  # monotonic: deadline + grace, or arrival + UNCLAIMED_REPLY_S
     claimed: bool = False  # someone awaits it through reply() / generate()
+    # not acknowledged by the broker yet: `submit` still holds it, so the sweep of
+    # abandoned requests must not drop it (an acknowledgement that came after the
+    # deadline left `generate` with no request to claim: a KeyError, not a reply)
+    sending: bool = True
     chunks: asyncio.Queue[Chunk] | None = None  # a streamed request's chunks, as they arrive
 
 
@@ -131,6 +136,18 @@ class Client:
         await self.close()
 
     async def start(self) -> None:
+        """Connects, creates the reply topic and starts reading it. On any failure what
+        was opened is closed again (a producer, a consumer, the pressure listener) and
+        the error is raised as a TidegateError naming the broker."""
+        try:
+            await self._start()
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, TidegateError) or not isinstance(exc, Exception):
+                raise
+            raise TidegateError(f"client not started on {self.settings.bootstrap}: {exc}") from exc
+
+    async def _start(self) -> None:
         await asyncio.to_thread(check_reachable, self.settings.bootstrap)
         self._loop = asyncio.get_running_loop()
         self._producer.start()
@@ -246,6 +263,9 @@ class Client:
             self._pending.pop(request_id, None)
             self._settle(request_id)  # not sent: in nobody's lag
             raise
+        pending = self._pending.get(request_id)
+        if pending is not None:
+            pending.sending = False
         return request_id
 
     async def generate(
@@ -321,8 +341,12 @@ class Client:
         """`submit` with streaming: yields the reply's text in `Chunk`s as the worker
         generates it (with continuous batching; other runners send the whole text at
         the end), then a last Chunk whose `reply` is the final Reply (any status) and
-        whose text is whatever the chunks before did not carry. A chunk sent again
-        (a worker crashed mid-stream) is skipped by its index.
+        whose text is whatever the chunks before did not carry: the chunks' texts add
+        up to `reply.text`. Where two runs of the request stream at once (a
+        redelivery, a revoked worker beside the new owner), one generation is followed
+        (streams/stitching.py); a last chunk with `restart` set carries the whole of
+        `reply.text` and replaces the text before it (the reply came from a run whose
+        text took another turn).
 
         :raises QueueFull: as `submit`.
         :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
@@ -344,20 +368,19 @@ class Client:
         pending = self._pending[request_id]
         pending.claimed = True
         assert pending.chunks is not None
-        sent, last = "", -1
+        stitcher = StreamStitcher(request_id)
         try:
             while True:
                 chunk = None if pending.chunks.empty() else pending.chunks.get_nowait()
                 if chunk is None and not pending.future.done():
                     chunk = await self._next_chunk(pending)
                 if chunk is not None:
-                    if chunk.index > last:
-                        sent, last = sent + chunk.text, chunk.index
-                        yield chunk
+                    handed = stitcher.add(chunk)
+                    if handed is not None:
+                        yield handed
                     continue
-                reply = pending.future.result()  # came after every chunk sent before it
-                rest = reply.text[len(sent) :] if reply.text.startswith(sent) else ""
-                yield Chunk(request_id, last + 1, rest, reply.tokens_out, reply)
+                # the reply came after every chunk its own generation sent before it
+                yield stitcher.end(pending.future.result())
                 return
         finally:
             self._pending.pop(request_id, None)
@@ -464,7 +487,13 @@ class Client:
             else:
                 name, record = self.codec.decode(value)
             if name == "InferenceChunk":
-                chunk = Chunk(record["request_id"], record["index"], record["text"], record["tokens_out"])
+                chunk = Chunk(
+                    record["request_id"],
+                    record["index"],
+                    record["text"],
+                    record["tokens_out"],
+                    generation=record.get("generation", ""),
+                )
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._deliver_chunk, chunk)
                 return
@@ -506,7 +535,8 @@ class Client:
         now = time.monotonic()
         if len(self._pending) < 1024:
             return
-        for request_id in [k for k, p in self._pending.items() if not p.claimed and p.give_up_at < now]:
+        abandoned = [k for k, p in self._pending.items() if not (p.claimed or p.sending) and p.give_up_at < now]
+        for request_id in abandoned:
             self._pending.pop(request_id).future.cancel()
 
     def _give_up_at(self, request: dict[str, Any]) -> float:

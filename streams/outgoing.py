@@ -86,10 +86,20 @@ def reply_message(reply: Mapping[str, Any], reply_to: str, encoding: str = AVRO)
     return Outgoing(reply_to, str(reply["request_id"]).encode(), value, [content_type_header(encoding)])
 
 
-def chunk_message(request_id: str, index: int, text: str, tokens_out: int, reply_to: str) -> Outgoing:
+def chunk_message(
+    request_id: str, index: int, text: str, tokens_out: int, reply_to: str, generation: str = ""
+) -> Outgoing:
     """A piece of a streamed reply for `reply_to` (always Avro: streaming callers are
-    tidegate's client and gateway)."""
-    record = {"request_id": request_id, "index": index, "text": text, "tokens_out": tokens_out, "sent_ms": now_ms()}
+    tidegate's client and gateway). `generation` names the run that wrote it (a
+    worker instance and its attempt): `index` counts within it (streams/stitching.py)."""
+    record = {
+        "request_id": request_id,
+        "index": index,
+        "text": text,
+        "tokens_out": tokens_out,
+        "sent_ms": now_ms(),
+        "generation": generation,
+    }
     value = get_codec().encode("InferenceChunk", record)
     return Outgoing(reply_to, request_id.encode(), value, [content_type_header(AVRO)])
 

@@ -67,10 +67,15 @@ _TIMING_NAMES = tuple(f.name for f in dataclasses.fields(StageTimings))
 class Chunk:
     """A piece of a streamed reply (`Client.stream`): `text` is what was generated
     since the chunk before. The last chunk carries the final `reply` (any status),
-    and the rest of its text."""
+    and the rest of its text; with `restart` set, its text is the whole of
+    `reply.text` and replaces every chunk before it (the reply came from another
+    generation than the one streamed, streams/stitching.py). `generation`: the run
+    of the request that wrote the text (a worker instance and its attempt)."""
 
     request_id: str
     index: int
     text: str
     tokens_out: int = 0
     reply: Reply | None = None
+    generation: str = ""
+    restart: bool = False
