@@ -82,8 +82,12 @@ def _convert_gguf(target: Path) -> None:
 def tokenizer_dir(model: str = "default") -> str:
     """Where `model`'s tokenizer is: the default model's, unless `model` is a Hugging
     Face path (or `random:PATH`) with its own."""
-    own_tokenizer = model not in {"default", "tiny", "echo"} and not model.startswith("sim:")
-    return model.removeprefix("random:") if own_tokenizer else str(default_model_dir())
+    return model.removeprefix("random:") if has_own_tokenizer(model) else str(default_model_dir())
+
+
+def has_own_tokenizer(model: str) -> bool:
+    """A Hugging Face path (or `random:PATH`) has its own; the rest use the default model's."""
+    return model not in {"default", "tiny", "echo"} and not model.startswith("sim:")
 
 
 def load_tokenizer(model: str = "default") -> Any:
@@ -100,7 +104,14 @@ def load_tokenizer(model: str = "default") -> Any:
 def load_counting_tokenizer(model: str = "default") -> Any:
     """The Rust tokenizer alone (a `tokenizers.Tokenizer`), for counting and cutting
     text: read from the folder's tokenizer.json, it needs neither transformers nor
-    torch, whose imports took ~3 s of each processor's start."""
+    torch, whose imports took ~3 s of each processor's start. Before the default
+    model is converted (a processors' install has no torch to convert it), the same
+    tokenizer is read from its GGUF (conversation/gguf_tokenizer.py)."""
+    converted = cache_dir() / "models" / DEFAULT_MODEL_NAME / "model.safetensors"
+    if not has_own_tokenizer(model) and not converted.exists():
+        from conversation.gguf_tokenizer import counting_tokenizer
+
+        return counting_tokenizer(gguf_path())
     path = Path(tokenizer_dir(model)) / "tokenizer.json"
     if path.exists():
         from tokenizers import Tokenizer
