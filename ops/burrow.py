@@ -80,10 +80,10 @@ class GroupHealth:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self.partitions: dict[int, PartitionWindow] = {}
+        self.partitions: dict[str, PartitionWindow] = {}  # by partition label (streams/lag.py Stage.label)
 
     def add(
-        self, at: float, committed: dict[int, int], lags: dict[int, int], commit_times: dict[int, float] | None = None
+        self, at: float, committed: dict[str, int], lags: dict[str, int], commit_times: dict[str, float] | None = None
     ) -> None:
         """One sample of every partition: committed offsets, lags, and (when the commit
         log is read) the wall-clock time of each partition's last commit."""
@@ -91,7 +91,7 @@ class GroupHealth:
             window = self.partitions.setdefault(partition, PartitionWindow(self.window_s))
             window.add(Sample(at, committed.get(partition, -1), lag, (commit_times or {}).get(partition)))
 
-    def statuses(self, now: float) -> dict[int, str]:
+    def statuses(self, now: float) -> dict[str, str]:
         return {p: w.status(now) for p, w in sorted(self.partitions.items())}
 
     def stage_status(self, now: float) -> str:

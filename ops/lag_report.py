@@ -30,6 +30,7 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
             {
                 "stage": stage.name,
                 "topic": stage.topic,
+                "topics": reader.topics(stage),  # with TENANT_TOPICS, the tenants' request topics too
                 "group": stage.group,
                 "lag": lag.lag,
                 "log_end": lag.log_end,
