@@ -2,10 +2,12 @@
 
 The work itself is `RequestHandler` (processors/handler.py); this module wires it
 to faust: one agent, batches from `take_batches`, every output awaited before the
-batch's offsets can be committed, and any failure sent to the dead-letter topic
-rather than skipped. faust consumes and commits; the outputs go through a
-confluent-kafka producer (streams/delivery.py), idempotent, whose per-record cost
-is librdkafka's C code rather than aiokafka's Python send path.
+batch's offsets can be committed. A failure is its record's (the handler answers
+it `error`); should handling still fail for a whole batch, each record is answered
+`error` where a reply can be built and dead-lettered where not, never skipped.
+faust consumes and commits; the outputs go through a confluent-kafka producer
+(streams/delivery.py), idempotent, whose per-record cost is librdkafka's C code
+rather than aiokafka's Python send path.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import admin_client, producer_config
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
-from streams.outgoing import Outgoing, dead_letter
+from streams.outgoing import Outgoing
 from streams.pressure import EXIT_FACTOR, FORWARD_TRANSIT_MS, OK, PressureBoard
 from streams.pressure_feed import PressureListener
 from streams.reply_topics import ReplyTopics
@@ -191,22 +193,9 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 await handler.handle(batch, deliver)
                 continue
-            except Exception as exc:  # never commit past a failure silently
-                log.exception("batch of %d failed; dead-lettering it", len(batch))
-                metrics.DEAD_LETTERS.labels(STAGE, "processor_error").inc(len(batch))
-                outgoing = [
-                    dead_letter(
-                        settings.topics.dead_letter,
-                        r.value,
-                        r.key,
-                        reason=f"processor error: {exc!r}",
-                        source_topic=r.topic,
-                        partition=r.partition,
-                        offset=r.offset,
-                        stage=STAGE,
-                    )
-                    for r in batch
-                ]
+            except Exception as exc:  # never commit past a failure silently; never fail a batch's callers
+                log.exception("batch of %d failed; answering each record `error` or dead-lettering it", len(batch))
+                outgoing = handler.failed_batch(batch, exc)
             await deliver(outgoing)
 
     @app.on_before_shutdown.connect

@@ -13,31 +13,25 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from conversation.history import (
-    ENVELOPE,
-    TURNS,
     HistoryWriter,
-    StoredHistory,
-    Turn,
     content_digest,
     loaded_history,
     seen_key,
 )
 from conversation.tokens import TokenCounter
 from processors.admission import STAGE, Admission, AdmissionGate, NearFull, Release
-from processors.compression import compress, fit_new_turns, reads_newest_only
-from processors.embeddings import Embedder, from_bytes, to_bytes
+from processors.envelopes import Accepted, EnvelopeBuilder, Incoming
 from processors.fairness import FairShares
 from processors.quotas import Quotas
+from processors.relevance import RelevanceScorer
 from processors.validation import invalid_reason
-from schemas import AVRO, SerializationError, content_type_header, get_codec
+from schemas import SerializationError, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.faults import fault_point
@@ -49,37 +43,10 @@ from streams.validation import reply_to_reason
 log = logging.getLogger(__name__)
 
 REDIS_RETRY_S = 1.0
+WHY_MAX_CHARS = 300  # of an exception's text in an `error` reply
 
 # produces records and returns once the broker acknowledged every one
 Deliver = Callable[[list[Outgoing]], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Incoming:
-    """One consumed record, whatever client read it."""
-
-    value: bytes | None
-    key: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(slots=True)
-class _Accepted:
-    record: Incoming
-    request: dict[str, Any]
-    encoding: str
-    started_ms: int
-    system_prompt: str
-    system_tokens: int
-    strategy: str
-    new_turns: list[Turn] = field(default_factory=list)
-    history: StoredHistory = field(default_factory=StoredHistory)
-    cached_vectors: dict[bytes, bytes] = field(default_factory=dict)  # digest -> embedding
-    new_vectors: dict[str, bytes] = field(default_factory=dict)  # to store
-    similarity: list[float] | None = None
 
 
 class RequestHandler:
@@ -111,7 +78,8 @@ class RequestHandler:
         self.codec = get_codec()
         self._redis_down_until = 0.0
         self._system_tokens = counter.count(settings.system_prompt)
-        self._embedder: Embedder | None = None  # loaded on the first `relevance` request
+        self.relevance = RelevanceScorer()
+        self.envelopes = EnvelopeBuilder(settings, counter, self.codec)
 
     async def handle(self, batch: Sequence[Incoming], deliver: Deliver) -> None:
         """Handles a batch: every output goes through `deliver`, which returns once the
@@ -120,7 +88,7 @@ class RequestHandler:
         conversation go in waves, one per wave, so each sees the turns of the one
         before it in the batch."""
         out: list[Outgoing] = []
-        accepted: list[_Accepted] = []
+        accepted: list[Accepted] = []
         for record in batch:
             result = self._admit(record)
             if isinstance(result, Outgoing):
@@ -128,14 +96,19 @@ class RequestHandler:
             elif result is not None:
                 accepted.append(result)
         if accepted:
-            self._count_new_turns(accepted)
+            accepted = self._count_new_turns(accepted, out)
             accepted = await self._unclaimed(accepted)
             accepted = await self.gate.admitted(accepted, out, self._refuse_item, self._quota_tokens)
         if not accepted:
             await deliver(out)
             return
         for wave in _waves(accepted):
-            envelopes, forwarded, degraded = await self._build_envelopes(wave)
+            try:
+                envelopes, forwarded, degraded = await self._build_envelopes(wave, out)
+            except Exception as exc:  # a step for the whole wave failed: each of its requests answered
+                log.exception("building %d envelopes failed; answering each `error`", len(wave))
+                out += [self._failed(item, f"processor error: {_why(exc)}") for item in wave]
+                envelopes, forwarded, degraded = [], [], True
             fault_point("processor.before_forward")  # history read, nothing forwarded or claimed
             await deliver(out + envelopes)
             out = []
@@ -143,7 +116,30 @@ class RequestHandler:
             if not degraded:
                 await self._claim_and_append(forwarded)
 
-    def _admit(self, record: Incoming) -> Outgoing | _Accepted | None:
+    def failed_batch(self, batch: Sequence[Incoming], exc: Exception) -> list[Outgoing]:
+        """Outputs for a batch whose handling failed in a step not expected to: each
+        record is answered `error` where a reply can be built, else dead-lettered."""
+        why = f"processor error: {_why(exc)}"
+        out = []
+        for record in batch:
+            try:
+                request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
+                tenant = self.settings.topics.tenant_of(record.topic)
+                request["tenant"] = tenant or request["tenant"]
+                if reply_to_reason(request["reply_to"], self.settings, tenant) is None:
+                    out.append(self._refuse(record, request, encoding, now_ms(), "error", why))
+                    continue
+            except Exception:  # undecodable, or a field the reply needs is broken: no reply
+                log.debug("no reply for a record of a failed batch", exc_info=True)
+            out.append(self._dead_letter(record, why, "processor_error"))
+        return out
+
+    def _failed(self, item: Accepted, reason: str) -> Outgoing:
+        """The `error` reply of an admitted request that failed alone."""
+        log.warning("request %r failed alone: %s", item.request["request_id"][:80], reason)
+        return self._refuse_item(item, "error", reason, None, STAGE)
+
+    def _admit(self, record: Incoming) -> Outgoing | Accepted | None:
         """The record's reply or dead letter, or the accepted request. Whatever goes
         wrong with one record (a crafted field the checks missed) is that record's
         dead letter, never its batch's."""
@@ -170,7 +166,7 @@ class RequestHandler:
             stage=STAGE,
         )
 
-    def _admit_checked(self, record: Incoming) -> Outgoing | _Accepted | None:
+    def _admit_checked(self, record: Incoming) -> Outgoing | Accepted | None:
         started = now_ms()
         try:
             request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
@@ -210,7 +206,7 @@ class RequestHandler:
         system_tokens = (
             self._system_tokens if system_prompt == self.settings.system_prompt else self.counter.count(system_prompt)
         )
-        return _Accepted(record, request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
+        return Accepted(record, request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
 
     def _refuse(
         self,
@@ -233,19 +229,17 @@ class RequestHandler:
         out.fallback = self._dead_letter_later(record, f"{status} reply to {request['reply_to']!r} refused")
         return out
 
-    def _refuse_item(
-        self, item: _Accepted, status: str, error: str, retry_after_ms: int | None, stage: str
-    ) -> Outgoing:
+    def _refuse_item(self, item: Accepted, status: str, error: str, retry_after_ms: int | None, stage: str) -> Outgoing:
         return self._refuse(
             item.record, item.request, item.encoding, item.started_ms, status, error, retry_after_ms, stage
         )
 
     @staticmethod
-    def _quota_tokens(item: _Accepted) -> int:
+    def _quota_tokens(item: Accepted) -> int:
         """What a request may cost at most: its own turns and its max_new_tokens."""
         return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
 
-    async def _unclaimed(self, accepted: list[_Accepted]) -> list[_Accepted]:
+    async def _unclaimed(self, accepted: list[Accepted]) -> list[Accepted]:
         """The requests not claimed before (one round trip): a redelivered duplicate of
         a forwarded request is dropped before the gate, so it is neither charged to
         its tenant's quota nor refused `queue_full` (a refusal that could reach its
@@ -262,108 +256,111 @@ class RequestHandler:
             return accepted
         return [item for item, seen in zip(accepted, claimed, strict=True) if not seen]
 
-    def _count_new_turns(self, accepted: list[_Accepted]) -> None:
-        """Token counts of every new turn in the batch, in one tokenizer call."""
-        counts = iter(self.counter.count_many([t["content"] for item in accepted for t in item.new_turns]))
+    def _count_new_turns(self, accepted: list[Accepted], out: list[Outgoing]) -> list[Accepted]:
+        """Token counts of every new turn in the batch, in one tokenizer call; where
+        that call fails, each request is counted alone and one that fails is answered."""
+        try:
+            counts = self.counter.count_many([t["content"] for item in accepted for t in item.new_turns])
+        except Exception:
+            log.exception("counting the tokens of %d requests failed; counting each alone", len(accepted))
+            counted = []
+            for item in accepted:
+                try:
+                    self._count_new_turns_of(item, self.counter.count_many([t["content"] for t in item.new_turns]))
+                    counted.append(item)
+                except Exception as exc:
+                    out.append(self._failed(item, f"its tokens could not be counted: {_why(exc)}"))
+            return counted
+        position = 0
         for item in accepted:
-            for turn in item.new_turns:
-                turn["tokens"] = next(counts)
+            self._count_new_turns_of(item, counts[position : position + len(item.new_turns)])
+            position += len(item.new_turns)
+        return accepted
 
-    def _turn_budget(self, item: _Accepted) -> int:
-        return max(1, self.settings.token_budget - item.system_tokens)
+    @staticmethod
+    def _count_new_turns_of(item: Accepted, counts: Sequence[int]) -> None:
+        for turn, count in zip(item.new_turns, counts, strict=True):
+            turn["tokens"] = count
 
-    def _history_room(self, item: _Accepted) -> int | None:
-        """Tokens of newest history the strategy can keep; None when it looks at all of it."""
-        if not reads_newest_only(item.strategy):
-            return None
-        budget = self._turn_budget(item)
-        return budget - sum(t["tokens"] for t in fit_new_turns(item.new_turns, budget, self.counter))
-
-    async def _build_envelopes(self, accepted: list[_Accepted]) -> tuple[list[Outgoing], list[_Accepted], bool]:
+    async def _build_envelopes(
+        self, accepted: list[Accepted], out: list[Outgoing]
+    ) -> tuple[list[Outgoing], list[Accepted], bool]:
         """Envelopes for the requests not processed before, those requests, and
-        whether Redis was unreachable (then every request goes on without history)."""
-        fresh, degraded = await self._load(accepted)
+        whether Redis was unreachable (then every request goes on without history).
+        A request whose own step fails (its stored history unreadable, its envelope
+        not encodable) is answered `error` in `out`; the others go on."""
+        fresh, degraded = await self._load(accepted, out)
         # not fresh: claimed before, so forwarded and acknowledged once: no output
         items = [item for item, is_fresh in zip(accepted, fresh, strict=True) if is_fresh]
         relevant = [item for item in items if item.strategy == "relevance" and item.history]
         if relevant:
-            await asyncio.to_thread(self._score_relevance, relevant)
-        out = [self._envelope(item, degraded) for item in items]
-        if relevant and not degraded:
-            await self._store_embeddings(relevant)
-        return out, items, degraded
+            await asyncio.to_thread(self.relevance.score_or_fall_back, relevant)  # type: ignore[arg-type]
+        envelopes, built = [], []
+        for item in items:
+            try:
+                envelopes.append(self.envelopes.build(item, degraded))
+                built.append(item)
+            except Exception as exc:
+                log.exception("envelope of request %r", item.request["request_id"][:80])
+                out.append(self._failed(item, f"its context could not be built: {_why(exc)}"))
+        scored = [item for item in relevant if item.new_vectors and item in built]
+        if scored and not degraded:
+            await self._store_embeddings(scored)
+        return envelopes, built, degraded
 
-    def _envelope(self, item: _Accepted, degraded: bool) -> Outgoing:
-        request = item.request
-        budget = self.settings.token_budget
-        context = compress(
-            item.strategy, item.history, item.new_turns, self._turn_budget(item), self.counter, item.similarity
-        )
-        forwarded = now_ms()
-        envelope = {
-            "version": 3,
-            "request_id": request["request_id"],
-            "session_id": request["session_id"],
-            "tenant": request["tenant"],
-            "reply_to": request["reply_to"],
-            "reply_encoding": item.encoding,
-            "priority": request["priority"],
-            "max_new_tokens": request["max_new_tokens"],
-            "temperature": request["temperature"],
-            "created_ms": request["created_ms"],
-            "deadline_ms": request["deadline_ms"],
-            "system_prompt": item.system_prompt,
-            "turns": [],  # spliced in below
-            "summary": context.summary,
-            "token_budget": budget,
-            "tokens_used": context.tokens_used + item.system_tokens,
-            "strategy": context.strategy,
-            "turns_dropped": context.turns_dropped + item.history.skipped,
-            "degraded": degraded,
-            "queued_ms": max(0, item.started_ms - request["created_ms"]),
-            "context_ms": forwarded - item.started_ms,
-            "forwarded_ms": forwarded,
-            "stream": request["stream"],
-        }
-        # kept history goes in as stored (Avro bodies); only the request's own turns are encoded
-        bodies = [item.history.bodies[i] for i in context.kept]
-        bodies += [self.codec.encode_item(ENVELOPE, TURNS, t) for t in context.new_turns]
-        value = self.codec.encode_with_items(ENVELOPE, envelope, TURNS, bodies)
-        return Outgoing(
-            self.settings.topics.contexts, request["session_id"].encode(), value, [content_type_header(AVRO)]
-        )
-
-    async def _load(self, accepted: list[_Accepted]) -> tuple[list[bool], bool]:
+    async def _load(self, accepted: list[Accepted], out: list[Outgoing]) -> tuple[list[bool], bool]:
         """One pipeline: per request the read script (and the cached embeddings for
         `relevance`). Fills each item's history; a request id claimed before is not
-        fresh. Redis down: every request fresh, degraded."""
+        fresh, nor is one whose history cannot be read (answered `error` in `out`).
+        Redis down: every request fresh, degraded."""
         if time.monotonic() < self._redis_down_until:
             return [True] * len(accepted), True
+        rooms: list[int | Exception | None] = []
+        for item in accepted:
+            try:
+                rooms.append(self.envelopes.history_room(item))
+            except Exception as exc:
+                rooms.append(exc)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for item in accepted:
+                for item, room in zip(accepted, rooms, strict=True):
                     request = item.request
                     tenant, session = request["tenant"], request["session_id"]
-                    room = self._history_room(item)
+                    if isinstance(room, Exception):
+                        continue
                     self.history.load(pipe, request["request_id"], tenant, session, room)
                     if item.strategy == "relevance":
                         self.history.load_embeddings(pipe, tenant, session)
-                results = iter(await pipe.execute())
+                # a command's own error (a key of the wrong type) is its request's alone
+                results = iter(await pipe.execute(raise_on_error=False))
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
             return [True] * len(accepted), True
         metrics.REDIS_DEGRADED.labels(STAGE).set(0)
         fresh = []
-        for item in accepted:
-            history = loaded_history(next(results))
+        for item, room in zip(accepted, rooms, strict=True):
+            if isinstance(room, Exception):
+                out.append(self._failed(item, f"its new turns could not be fitted: {_why(room)}"))
+                fresh.append(False)
+                continue
+            read = next(results)
+            vectors = next(results) if item.strategy == "relevance" else {}
+            try:
+                if isinstance(read, Exception):
+                    raise read
+                history = loaded_history(read)
+            except Exception as exc:
+                out.append(self._failed(item, f"the history of its session could not be read: {_why(exc)}"))
+                fresh.append(False)
+                continue
             fresh.append(history is not None)
             if history is not None:
                 item.history = history
-            if item.strategy == "relevance":
-                item.cached_vectors = next(results)
+            # an unreadable embeddings cache is only recomputed
+            item.cached_vectors = vectors if isinstance(vectors, dict) else {}
         return fresh, False
 
-    async def _claim_and_append(self, items: list[_Accepted]) -> None:
+    async def _claim_and_append(self, items: list[Accepted]) -> None:
         """One pipeline: per forwarded request, its claim and its own turns. Redis down
         here: the turns are missing from the history, and a redelivery of the request
         would be forwarded again (the worker and the client drop the duplicate)."""
@@ -376,36 +373,15 @@ class RequestHandler:
                     self.history.claim_append(
                         pipe, request["request_id"], request["tenant"], request["session_id"], item.new_turns
                     )
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
+            return
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, Exception):  # its own key's error: forwarded, not claimed
+                log.warning("request %r not claimed: %r", item.request["request_id"][:80], result)
 
-    def _score_relevance(self, items: list[_Accepted]) -> None:
-        """Similarity of every history turn to the new question; embeds only what is
-        not cached yet (each turn is embedded once, then stored in Redis)."""
-        if self._embedder is None:
-            self._embedder = Embedder()
-        digests = [[content_digest(turn["content"]) for turn in item.history] for item in items]
-        missing: dict[str, str] = {}
-        for item, item_digests in zip(items, digests, strict=True):
-            for turn, digest in zip(item.history, item_digests, strict=True):
-                if digest.encode() not in item.cached_vectors:
-                    missing[digest] = turn["content"]
-        questions = [next((t["content"] for t in reversed(i.new_turns) if t["role"] == "user"), "") for i in items]
-        vectors = self._embedder.embed(list(missing.values()) + questions)
-        computed = {d: to_bytes(v) for d, v in zip(missing, vectors, strict=False)}
-        for item, item_digests, text, question in zip(items, digests, questions, vectors[len(missing) :], strict=True):
-            item.new_vectors[content_digest(text)] = to_bytes(question)  # the question becomes a history turn
-            rows = []
-            for digest in item_digests:
-                if digest in computed:
-                    item.new_vectors[digest] = computed[digest]
-                    rows.append(from_bytes(computed[digest]))
-                else:
-                    rows.append(from_bytes(item.cached_vectors[digest.encode()]))
-            item.similarity = (np.stack(rows) @ question).tolist() if rows else []
-
-    async def _store_embeddings(self, items: list[_Accepted]) -> None:
+    async def _store_embeddings(self, items: list[Accepted]) -> None:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
@@ -416,7 +392,8 @@ class RequestHandler:
                     }
                     stale = [d for d in item.cached_vectors if d not in kept]
                     self.history.store_embeddings(pipe, tenant, session, item.new_vectors, stale)
-                await pipe.execute()
+                # a session's own error (its hash of the wrong type) costs only its cache
+                await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
 
@@ -426,10 +403,15 @@ class RequestHandler:
         metrics.REDIS_DEGRADED.labels(STAGE).set(1)
 
 
-def _waves(items: list[_Accepted]) -> list[list[_Accepted]]:
+def _why(exc: BaseException) -> str:
+    """An exception as a reply's error text: its type and message, bounded."""
+    return f"{type(exc).__name__}: {exc}"[:WHY_MAX_CHARS]
+
+
+def _waves(items: list[Accepted]) -> list[list[Accepted]]:
     """Splits a batch so that each conversation has at most one request per wave, in
     order: a request then reads the history its predecessor in the batch appended."""
-    waves: list[list[_Accepted]] = []
+    waves: list[list[Accepted]] = []
     seen: dict[tuple[str, str], int] = {}
     for item in items:
         key = (item.request["tenant"], item.request["session_id"])

@@ -177,7 +177,7 @@ def test_relevance_embeds_each_turn_once_and_finds_the_needle(services: tuple[st
     assert any("4812" in t["content"] for t in env["turns"])
     cached = redis.Redis.from_url(services[1]).hlen(embeddings_key("acme", session))
     assert cached == 42  # every history turn and the question embedded once, and stored
-    embedder = handler._embedder
+    embedder = handler.relevance.embedder
     assert embedder is not None
     calls = []
     original = embedder.embed
