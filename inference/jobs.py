@@ -40,6 +40,7 @@ class Job:
     started_ms: int = 0  # taken from the pool
     streamed: str = ""  # a streamed request's text sent in chunks so far
     chunks_sent: int = 0
+    generation: str = ""  # a streamed run's name on its chunks: worker instance and attempt
     chunked_at: float = 0.0  # monotonic
 
     @property

@@ -15,11 +15,13 @@ reply (inference/commits.py), and its assistant turn is appended to the history.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,6 +92,11 @@ class InferenceWorker:
         self.engine = make_engine(settings.prefix_cache_entries, settings.prefix_cache_bytes) if continuous else None
         self.stats = self.engine.stats if self.engine is not None else EngineStats()
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
+        # names each streamed run of a request on its chunks (instance.attempt): a
+        # redelivery, or this worker's row of a revoked partition beside the new owner's,
+        # streams apart from the other run (streams/stitching.py)
+        self.instance = uuid.uuid4().hex[:12]
+        self._attempts = itertools.count()
         self.stopping = threading.Event()
         self._announced = False
         self._last_batch = 0
@@ -225,7 +232,7 @@ class InferenceWorker:
         if jobs:
             answered.extend(self._generate_static(jobs))
         self.replies.send(answered)
-        self.replies.flush(30)
+        self._await_acknowledgements(30)
         self._commit(asynchronous=False)
 
     def _generate_static(self, jobs: list[Job]) -> list[tuple[Message, Outgoing]]:
@@ -264,7 +271,7 @@ class InferenceWorker:
             # pool holds work: a flush and a synchronous commit per cohort of rows that
             # ended together would keep the worker waiting on the broker; the periodic
             # commit below covers a busy worker.
-            self.replies.flush(10)
+            self._await_acknowledgements(10)
             self._commit(asynchronous=False)
         room = self.settings.join_room(len(self.engine.active), busy)
         # room 0: keeps fetching; an idle engine starts at once (no batching window)
@@ -326,8 +333,14 @@ class InferenceWorker:
                 continue
             assert job.envelope is not None
             envelope = job.envelope
+            job.generation = job.generation or f"{self.instance}.{next(self._attempts)}"
             o = chunk_message(
-                envelope["request_id"], job.chunks_sent, text[len(job.streamed) :], len(row.out), envelope["reply_to"]
+                envelope["request_id"],
+                job.chunks_sent,
+                text[len(job.streamed) :],
+                len(row.out),
+                envelope["reply_to"],
+                generation=job.generation,
             )
             try:
                 self.replies.producer.produce(o.topic, o.value, o.key, headers=o.headers)
@@ -400,6 +413,22 @@ class InferenceWorker:
         return out
 
     # -- commits and stats ----------------------------------------------------
+
+    def _await_acknowledgements(self, timeout_s: float) -> None:
+        """Waits up to `timeout_s` for the broker to acknowledge the replies sent. A
+        broker slow to answer (a leader election; a broker stopped for seconds) is not
+        a failure: an unacknowledged reply's record stays open in the ledger, so no
+        commit passes it, and librdkafka goes on delivering it; the next idle round
+        waits again. Only a delivery that failed (its report says so, at the latest
+        after librdkafka's message timeout) stops the worker (DeliveryError). This
+        flush raised as soon as it ran out, and an idle worker exited on a leader
+        election."""
+        remaining = self.replies.producer.flush(timeout_s)
+        if remaining:
+            log.warning(
+                "%d replies not acknowledged after %.0fs; waiting on, committing only what is", remaining, timeout_s
+            )
+        self.replies.poll()  # fallbacks of replies refused for good; DeliveryError on a failure
 
     def _commit(self, asynchronous: bool) -> None:
         """Commits what is answered. A refused commit (this member was fenced: stopped
