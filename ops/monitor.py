@@ -10,32 +10,47 @@ Each state also carries what operators read (`tidegate lag`, `tidegate scale
 advise`, Prometheus on `METRICS_PORT`): lag in seconds (exact and interpolated),
 the group's health by Burrow's rules (ops/burrow.py, from the commit log on Apache
 Kafka), the arrival rate, and the group's members against the topic's partitions.
+
+It never exits on a transient fault (a broker restarting, a coordinator loading, a
+tail's fetch error): it measures again with backoff, and the states go stale for
+their readers meanwhile, never wrong. A monitor that starts (or restarts: the
+supervisor restarts one that died) resumes each stage's drain rate from the last
+state on the compacted pressure topic, when it is recent: starting from nothing, a
+seconds-cap fell to its floor and a burst of `queue_full` followed every restart.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import uuid
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from ops.burrow import OK, REWIND, STAGE_CODES, STALL, STOP, WARN, GroupHealth
 from ops.commit_log import CommitLog
 from ops.scaling import drain_time_s
-from schemas import AVRO, content_type_header, get_codec
+from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.exceptions import TidegateError
-from streams.kafka import admin_client, producer_config
+from streams.kafka import admin_client, connection_config, producer_config
 from streams.lag import LagReader, Stage, StageLag, pipeline_stages
 from streams.lifecycle import announce_ready, stop_on_signals
+from streams.outgoing import now_ms
 from streams.pressure import PressureGauge, stage_caps
+from streams.pressure_feed import REPLAY
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 RETRY_MAX_S = 5.0
+# a published state older than this says nothing about the stage now (it was rescaled,
+# or the deployment was down): a monitor starting after it measures afresh
+RESUME_MAX_AGE_S = 300.0
+LAST_STATES_WAIT_S = 3.0
 
 
 class LagMonitor:
@@ -45,6 +60,9 @@ class LagMonitor:
         self.reader = LagReader(settings, self.stages)
         caps = stage_caps(settings)
         self.gauges = {s.name: PressureGauge(s.name, caps[s.name], settings.warn_ratio) for s in self.stages}
+        for name, state in last_states(settings).items():
+            if name in self.gauges and resume_gauge(self.gauges[name], state, now_ms()):
+                log.info("stage=%s drain rate resumed at %.1f/s, cap %d", name, state["drain_rate"], state["cap"])
         self.health = {s.name: GroupHealth(settings.health_window_s) for s in self.stages}
         self.arrivals = {s.name: RateMeter() for s in self.stages}
         self.commit_log = CommitLog(settings, {s.group for s in self.stages})
@@ -71,9 +89,9 @@ class LagMonitor:
         """Adds lag seconds, health, arrival rate and members to a stage's state, and
         sets its Prometheus gauges."""
         commit_times = {
-            p: ms / 1000
+            stage.label(topic, p): ms / 1000
             for (group, topic, p), ms in self.commit_log.last_commit_ms.items()
-            if group == stage.group and topic == stage.topic
+            if group == stage.group and stage.reads(topic)
         }
         health = self.health[stage.name]
         health.add(
@@ -89,7 +107,7 @@ class LagMonitor:
             lag_seconds=round(lag.lag_seconds, 3),
             lag_seconds_interpolated=round(lag.lag_seconds_interpolated, 3),
             health=health.stage_status(now),
-            partition_health={str(p): status for p, status in statuses.items()},
+            partition_health=dict(statuses),
             arrival_rate=round(arrival, 3),
             members=members,
             partitions=self.reader.partition_count(stage),
@@ -117,9 +135,18 @@ class LagMonitor:
             started = time.monotonic()
             try:
                 states, signature = self.sample()
-            except (KafkaException, TidegateError) as exc:
-                # a broker restarting, or its group coordinator still loading: wait and
-                # measure again; the states go stale for readers meanwhile, never wrong
+                if signature != last_signature or started - last_sent >= HEARTBEAT_S:
+                    self.publish(states)
+                    last_signature, last_sent = signature, started
+                    if not announced:
+                        announced = True
+                        announce_ready()
+                # tail the topics until the next sample: keeps the log ends current
+                self.reader.poll(max(0.0, interval - (time.monotonic() - started)))
+            except (KafkaException, TidegateError, BufferError) as exc:
+                # a broker restarting, its group coordinator still loading, a fetch or a
+                # produce failing: wait and measure again; the states go stale for
+                # readers meanwhile, never wrong
                 failures += 1
                 log.warning("attempt=%d lag not measured, retrying: %s", failures, exc)
                 self.stopping.wait(min(RETRY_MAX_S, interval * 2 ** min(failures, 5)))
@@ -127,17 +154,80 @@ class LagMonitor:
             if failures:
                 log.warning("lag measured again after %d failed attempts", failures)
                 failures = 0
-            if signature != last_signature or started - last_sent >= HEARTBEAT_S:
-                self.publish(states)
-                last_signature, last_sent = signature, started
-                if not announced:
-                    announced = True
-                    announce_ready()
-            # tail the topics until the next sample: keeps the log ends current
-            self.reader.poll(max(0.0, interval - (time.monotonic() - started)))
         self.reader.close()
         self.commit_log.close()
         self.producer.flush(5)
+
+
+def last_states(settings: Settings, timeout_s: float = LAST_STATES_WAIT_S) -> dict[str, dict[str, Any]]:
+    """The latest PressureState per stage on the pressure topic, read up to its end as
+    it is now (the last REPLAY records per partition: the monitor republishes every
+    stage at least once a second); {} when there is none or the topic is unreadable."""
+    consumer = Consumer(
+        {
+            **connection_config(settings),
+            "group.id": f"tidegate-monitor-resume-{uuid.uuid4().hex}",  # never joined
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 100,
+        }
+    )
+    codec, found = get_codec(), {}
+    try:
+        topic = settings.topics.pressure
+        meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+        ends, assignment = {}, []
+        for p in sorted(meta.partitions) if meta is not None and meta.error is None else []:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5, cached=False)
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, max(low, high - REPLAY)))
+        consumer.assign(assignment)
+        deadline = time.monotonic() + timeout_s
+        while ends and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.2):
+                if message.error() is not None:
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        ends.pop(message.partition(), None)
+                    continue
+                if message.offset() + 1 >= ends.get(message.partition(), 0):
+                    ends.pop(message.partition(), None)
+                try:
+                    state = codec.decode(message.value(), "PressureState")[1]
+                except SerializationError:
+                    continue
+                if state["updated_ms"] >= found.get(state["stage"], {}).get("updated_ms", -1):
+                    found[state["stage"]] = state
+    except KafkaException as exc:  # no broker yet: the monitor starts from nothing
+        log.info("last pressure states not read: %s", exc)
+    finally:
+        consumer.close()
+    return found
+
+
+def resume_gauge(gauge: PressureGauge, state: dict[str, Any], at_ms: int) -> bool:
+    """Starts `gauge` from a state published by an earlier monitor, unless it is older
+    than RESUME_MAX_AGE_S or had no drain rate: the rate, as ended spells of the busy
+    time it was measured over (so the next spells replace them as they end), and the
+    state, for its hysteresis. The busy time is read back from the published cap: a
+    seconds-cap grows with it (StageCap.resolve). Sets the gauge's own fields
+    (streams/pressure.py has no resume of its own); True when it resumed."""
+    rate = float(state.get("drain_rate", 0.0))
+    if rate <= 0 or at_ms - state["updated_ms"] > RESUME_MAX_AGE_S * 1000:
+        return False
+    confidence = 1.0
+    if gauge.cap.messages is None:
+        confidence = min(1.0, state["cap"] / (gauge.cap.seconds * rate))
+    busy = confidence * gauge.window_s
+    ended = min(gauge._spells.maxlen or 1, math.floor(busy / gauge.short_s + 1e-9))
+    gauge._spells.clear()
+    gauge._spells.extend([(gauge.short_s, rate * gauge.short_s)] * ended)
+    rest = max(0.0, busy - ended * gauge.short_s)
+    gauge._spell = (rest, int(rate * rest))
+    gauge.busy_s = busy
+    gauge.drain_rate = rate
+    gauge.state = state["state"]
+    return True
 
 
 class RateMeter:
@@ -183,17 +273,17 @@ class GroupMembers:
         return self._counts[stage.name]
 
 
-def export(state: dict[str, Any], lag: StageLag, statuses: dict[int, str]) -> None:
+def export(state: dict[str, Any], lag: StageLag, statuses: dict[str, str]) -> None:
     """One stage's state into the process's Prometheus gauges."""
     stage = state["stage"]
     for partition, pl in lag.partitions.items():
-        metrics.LAG_MESSAGES.labels(stage, str(partition)).set(pl.lag)
+        metrics.LAG_MESSAGES.labels(stage, partition).set(pl.lag)
     metrics.LAG_SECONDS.labels(stage).set(state["lag_seconds"])
     metrics.LAG_SECONDS_INTERPOLATED.labels(stage).set(state["lag_seconds_interpolated"])
     metrics.STAGE_STATUS.labels(stage).set(STAGE_CODES[state["health"]])
     for partition, status in statuses.items():
         for name in (OK, WARN, STALL, STOP, REWIND):
-            metrics.PARTITION_STATUS.labels(stage, str(partition), name).set(1 if status == name else 0)
+            metrics.PARTITION_STATUS.labels(stage, partition, name).set(1 if status == name else 0)
     metrics.CAP_MESSAGES.labels(stage).set(state["cap"])
     metrics.PRESSURE_STATE.labels(stage).set(metrics.STATUS_CODES[state["state"]])
     metrics.DRAIN_RATE.labels(stage).set(state["drain_rate"])

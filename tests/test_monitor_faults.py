@@ -1,0 +1,110 @@
+"""The lag monitor survives transient faults and its restarts (issue 25, item 8).
+
+- A transient error of its tail's consumer (injected: `lag-tail-error@2`, the
+  point's second reach, in the tail between two samples) used to end the process.
+- A restarted monitor measured the drain rates afresh: every seconds-cap fell to its
+  floor and a burst of `queue_full` followed. It resumes from the last state on the
+  compacted pressure topic."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from streams.kafka import connection_config
+from streams.lag import PROCESSORS
+from streams.outgoing import now_ms
+from streams.pressure_feed import PressureListener
+from tests.conftest import Pipeline
+from tests.helpers import wait_for
+
+BACKLOG = 4000
+COMMIT_STEP = 40  # records per 0.1 s: a drain rate of ~400/s
+FLOOR = 8 * 4  # PROCESSOR_BATCH 8 x FLOOR_BATCHES
+
+
+def alive(pid: int) -> bool:
+    return os.waitpid(pid, os.WNOHANG) == (0, 0)
+
+
+def test_the_monitor_survives_a_transient_tail_error(pipeline_factory: Callable[..., Pipeline]) -> None:
+    pipeline = pipeline_factory(roles=())
+    pipeline.start(("monitor",), extra_env={"TIDEGATE_FAULTS": "lag-tail-error@2"})
+    log_path = pipeline.log_dir / "ops.log"
+    listener = PressureListener(pipeline.settings)
+    listener.start()
+    try:
+        wait_for(
+            lambda: (
+                "injected by TIDEGATE_FAULTS" in log_path.read_text(errors="replace")
+                or not alive(pipeline.pids["monitor"])
+            ),
+            15,
+            "the injected error",
+        )
+        after = now_ms()
+        wait_for(
+            lambda: (listener.board.state(PROCESSORS) or {}).get("updated_ms", 0) > after + 1500,
+            15,
+            "states published after the error",
+        )
+        assert alive(pipeline.pids["monitor"]), log_path.read_text(errors="replace")[-2000:]
+    finally:
+        listener.close()
+
+
+def test_a_restarted_monitor_resumes_the_drain_rate_and_cap(pipeline_factory: Callable[..., Pipeline]) -> None:
+    """The processors' group drains ~400/s (commits made here, as a group with no live
+    member); the monitor is SIGKILLed and started again: its first state carries the
+    drain rate and cap of the last one, not a rate of 0 and the cap's floor."""
+    pipeline = pipeline_factory(roles=("monitor",), processor_batch=8, processors_cap_seconds=2.0)
+    settings = pipeline.settings
+    producer = Producer(connection_config(settings))
+    for _ in range(BACKLOG):
+        producer.produce(settings.topics.requests, b"x", partition=0)
+    assert producer.flush(30) == 0
+    committer = Consumer({**connection_config(settings), "group.id": settings.processor_group})
+    done = threading.Event()
+
+    def drain() -> None:
+        offset = 0
+        while not done.wait(0.1) and offset < BACKLOG - 400:
+            offset += COMMIT_STEP
+            committer.commit(offsets=[TopicPartition(settings.topics.requests, 0, offset)], asynchronous=False)
+
+    listener = PressureListener(settings)
+    listener.start()
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        state = wait_for(
+            lambda: (s := listener.board.state(PROCESSORS)) and s["drain_rate"] > 200 and s["cap"] > 4 * FLOOR and s,
+            30,
+            "a measured drain rate and a cap above the floor",
+        )
+        done.set()
+        drainer.join(5)
+        before = listener.board.state(PROCESSORS)
+        assert before is not None
+        os.kill(pipeline.pids["monitor"], 9)
+        pipeline.wait_exited("monitor", 10)
+        restarted_ms = now_ms()
+        pipeline.start(("monitor",))
+        first = wait_for(
+            lambda: (s := listener.board.state(PROCESSORS)) and s["updated_ms"] > restarted_ms and s,
+            30,
+            "the restarted monitor's first state",
+        )
+        print(
+            f"MONITOR before kill: cap {before['cap']} drain {before['drain_rate']}/s; "
+            f"after restart: cap {first['cap']} drain {first['drain_rate']}/s (was {state['cap']} when seen)"
+        )
+        assert first["drain_rate"] == before["drain_rate"]
+        assert first["cap"] >= before["cap"] * 0.9 > FLOOR
+    finally:
+        done.set()
+        listener.close()
+        committer.close()
