@@ -89,8 +89,12 @@ class RequestHandler:
         before it in the batch."""
         out: list[Outgoing] = []
         accepted: list[Accepted] = []
-        for record in batch:
-            result = self._admit(record)
+        decoded = [self._guarded(record, self._decode, record) for record in batch]
+        if self.reply_topics is not None:  # the batch's unseen reply topics in one listing, off the loop
+            await self.reply_topics.prepare(d[1]["reply_to"] for d in decoded if isinstance(d, tuple))
+        for result in decoded:
+            if isinstance(result, tuple):
+                result = self._guarded(result[0], self._admit_checked, *result)
             if isinstance(result, Outgoing):
                 out.append(result)
             elif result is not None:
@@ -139,12 +143,11 @@ class RequestHandler:
         log.warning("request %r failed alone: %s", item.request["request_id"][:80], reason)
         return self._refuse_item(item, "error", reason, None, STAGE)
 
-    def _admit(self, record: Incoming) -> Outgoing | Accepted | None:
-        """The record's reply or dead letter, or the accepted request. Whatever goes
-        wrong with one record (a crafted field the checks missed) is that record's
-        dead letter, never its batch's."""
+    def _guarded(self, record: Incoming, step: Callable[..., Any], *args: Any) -> Any:
+        """`step(*args)` for one record. Whatever goes wrong with one record (a crafted
+        field the checks missed) is that record's dead letter, never its batch's."""
         try:
-            return self._admit_checked(record)
+            return step(*args)
         except Exception as exc:
             log.exception("topic=%s partition=%d offset=%d failed alone", record.topic, record.partition, record.offset)
             return self._dead_letter(record, f"processor error on this record: {exc!r}", "processor_error")
@@ -166,7 +169,9 @@ class RequestHandler:
             stage=STAGE,
         )
 
-    def _admit_checked(self, record: Incoming) -> Outgoing | Accepted | None:
+    def _decode(self, record: Incoming) -> Outgoing | tuple[Incoming, dict[str, Any], str, int]:
+        """(record, request, encoding, started_ms), or the dead letter of a record that
+        is no request."""
         started = now_ms()
         try:
             request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
@@ -175,11 +180,17 @@ class RequestHandler:
                 "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
             )
             return self._dead_letter(record, str(exc), "undecodable")
+        return record, request, encoding, started
+
+    def _admit_checked(
+        self, record: Incoming, request: dict[str, Any], encoding: str, started: int
+    ) -> Outgoing | Accepted | None:
+        """The record's reply or dead letter, or the accepted request."""
         tenant = self.settings.topics.tenant_of(record.topic)
         if tenant is not None:  # its principal may write only there: the topic says who sent it
             request["tenant"] = tenant
         if self.reply_topics is not None:
-            unanswerable = self.reply_topics.reason(request["reply_to"], tenant)
+            unanswerable = self.reply_topics.reason(request["reply_to"], tenant, ask=False)
         else:
             unanswerable = reply_to_reason(request["reply_to"], self.settings, tenant)
         if unanswerable is not None:

@@ -11,13 +11,23 @@ before its first request: a listing from a moment earlier does not have it), and
 missing one again at most every `refresh_s`; the full listing is asked for, never
 the one topic (a metadata request naming a topic can create it where the broker
 auto-creates topics).
+
+Bounded in time and memory: the processors (an asyncio loop) ask once per batch,
+for all its unseen names together, in a thread (`prepare`), and wait at most
+`LIST_WAIT_S` for it; the loop goes on meanwhile. Before, each unseen name made a
+listing on the loop itself (up to 5 s each, every record again while the broker
+did not answer): a batch of made-up names stopped the loop, its heartbeats and
+commits, for minutes. The names kept (trusted and missing) are each at most
+`KEPT` (least recently asked dropped first), not every name ever seen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaException
@@ -27,8 +37,9 @@ from streams.validation import reply_to_reason
 
 log = logging.getLogger(__name__)
 
-
-MISSING_KEPT = 10_000  # names remembered as missing (a flood of made-up names stays bounded)
+KEPT = 10_000  # names remembered as existing, and as missing (a flood of made-up names stays bounded)
+LIST_TIMEOUT_S = 5.0  # the metadata request's own timeout
+LIST_WAIT_S = 2.0  # what a batch waits for a listing; past it, its unseen names are the delivery's to decide
 
 
 class MetadataSource(Protocol):
@@ -38,42 +49,82 @@ class MetadataSource(Protocol):
 
 
 class ReplyTopics:
-    def __init__(self, settings: Settings, source: MetadataSource, refresh_s: float = 0.25) -> None:
+    def __init__(self, settings: Settings, source: MetadataSource, refresh_s: float = 0.25, kept: int = KEPT) -> None:
         self.settings = settings
         self.source = source
         self.refresh_s = refresh_s
-        self._known: set[str] = {settings.topics.replies}
-        # names found missing -> when (monotonic), oldest first, at most MISSING_KEPT
+        self.kept = kept
+        # names found existing / missing -> when (monotonic), least recently asked first
+        self._known: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._missing: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._listing: asyncio.Future[set[str] | None] | None = None  # the one in flight, if any
 
-    def reason(self, reply_to: str, tenant: str | None = None) -> str | None:
+    def reason(self, reply_to: str, tenant: str | None = None, ask: bool = True) -> str | None:
         """None when replies may go to `reply_to`, else why not. A request from a
-        tenant's own topic may name only that tenant's reply topics."""
+        tenant's own topic may name only that tenant's reply topics. `ask`: list the
+        broker's topics (blocking) for a name not decided yet; without it (after
+        `prepare`) such a name is the delivery's to decide."""
         wrong = reply_to_reason(reply_to, self.settings, tenant)
         if wrong is not None:
             return wrong
-        if reply_to in self._known:
+        if reply_to == self.settings.topics.replies:  # the deployment's own: created with the stack
             return None
         now = time.monotonic()
-        asked = self._missing.get(reply_to)
-        if (asked is None or now - asked >= self.refresh_s) and not self._refresh():
-            return None  # the broker did not answer: the delivery decides
+        if self._undecided(reply_to, now):
+            listed = self._list() if ask else None
+            if listed is None:
+                return None  # the broker did not answer: the delivery decides
+            self._learn(listed, [reply_to], now)
         if reply_to in self._known:
-            self._missing.pop(reply_to, None)
+            self._known.move_to_end(reply_to)
             return None
-        if asked is None or now - asked >= self.refresh_s:
-            self._missing[reply_to] = now
-            self._missing.move_to_end(reply_to)
-            while len(self._missing) > MISSING_KEPT:
-                self._missing.popitem(last=False)
         return f"reply_to topic {reply_to[:80]!r} does not exist"
 
-    def _refresh(self) -> bool:
+    async def prepare(self, names: Iterable[str]) -> None:
+        """Decides the batch's unseen names with one listing, in a thread, waiting at
+        most LIST_WAIT_S: the caller's loop is never blocked on the broker. A listing
+        still running from an earlier batch is waited for rather than doubled."""
+        now = time.monotonic()
+        shared = self.settings.topics.replies
+        unseen = {
+            n for n in names if n != shared and reply_to_reason(n, self.settings) is None and self._undecided(n, now)
+        }
+        if not unseen:
+            return
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.ensure_future(asyncio.to_thread(self._list))
+        listing = self._listing
         try:
-            topics = self.source.list_topics(timeout=5).topics
+            listed = await asyncio.wait_for(asyncio.shield(listing), LIST_WAIT_S)
+        except TimeoutError:
+            log.warning(
+                "no topic listing within %.1fs; %d reply_to names left to the delivery", LIST_WAIT_S, len(unseen)
+            )
+            return
+        if listed is not None:
+            self._learn(listed, unseen, now)
+
+    def _undecided(self, name: str, now: float) -> bool:
+        if name in self._known:
+            return False
+        asked = self._missing.get(name)
+        return asked is None or now - asked >= self.refresh_s
+
+    def _learn(self, listed: set[str], asked: Iterable[str], now: float) -> None:
+        for name in asked:
+            found, other = (self._known, self._missing) if name in listed else (self._missing, self._known)
+            other.pop(name, None)
+            found[name] = now
+            found.move_to_end(name)
+            while len(found) > self.kept:
+                found.popitem(last=False)
+
+    def _list(self) -> set[str] | None:
+        """The reply topics the broker lists now; None when it did not answer."""
+        try:
+            topics = self.source.list_topics(timeout=LIST_TIMEOUT_S).topics
         except KafkaException as exc:
             log.warning("cannot list topics to check reply_to: %s", exc)
-            return False
+            return None
         replies = self.settings.topics.replies
-        self._known |= {name for name in topics if name == replies or name.startswith(f"{replies}.")}
-        return True
+        return {name for name in topics if name == replies or name.startswith(f"{replies}.")}

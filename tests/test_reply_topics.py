@@ -1,0 +1,120 @@
+"""The processors' reply_to check is bounded in time and memory (streams/reply_topics.py).
+
+Unseen reply_to names while the broker does not answer its metadata requests (the
+fault: a real producer whose broker is gone) must not stop the processors' loop;
+and a flood of distinct names keeps at most `KEPT` of each kind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from redis.asyncio import Redis
+
+from conversation.model_files import load_counting_tokenizer
+from conversation.tokens import TokenCounter
+from processors.handler import Incoming, RequestHandler
+from schemas import get_codec
+from streams.config import Settings
+from streams.delivery import DeliveryProducer
+from streams.kafka import producer_config
+from streams.outgoing import Outgoing
+from streams.reply_topics import KEPT, LIST_WAIT_S, ReplyTopics
+from tidegate.processes import free_port
+
+
+def record(reply_to: str) -> Incoming:
+    request = {
+        "request_id": uuid.uuid4().hex,
+        "session_id": "s",
+        "tenant": "acme",
+        "messages": [{"role": "user", "content": "hi"}],
+        "priority": "normal",
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "created_ms": 0,
+        "deadline_ms": 0,
+        "reply_to": reply_to,
+        "strategy": None,
+        "metadata": {},
+    }
+    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "tidegate.requests", 0, 0)
+
+
+class Listing:
+    """A broker's topic listing, counting how often it is asked for."""
+
+    def __init__(self, topics: set[str]) -> None:
+        self.topics = topics
+        self.asked = 0
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+        self.asked += 1
+        return type("Metadata", (), {"topics": dict.fromkeys(self.topics)})()
+
+
+def test_unseen_reply_topics_while_the_broker_is_silent_do_not_stop_the_loop() -> None:
+    settings = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    producer = DeliveryProducer(producer_config(settings))  # its broker is gone: each listing waits 5 s
+    redis = Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    handler = RequestHandler(
+        settings, redis, TokenCounter(load_counting_tokenizer("default")), None, ReplyTopics(settings, producer)
+    )
+    replies = settings.topics.replies
+    delivered: list[Outgoing] = []
+
+    async def deliver(outgoing: list[Outgoing]) -> None:
+        delivered.extend(outgoing)
+
+    async def run() -> tuple[float, float]:
+        gaps = [0.0]
+        stop = asyncio.Event()
+
+        async def tick() -> None:  # what faust's heartbeats and commits need: a loop that turns
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        started = time.monotonic()
+        for _ in range(2):  # the second batch waits on the listing still running, not on a new one
+            await handler.handle([record(f"{replies}.acme.{uuid.uuid4().hex}") for _ in range(3)], deliver)
+        took = time.monotonic() - started
+        stop.set()
+        await ticker
+        return max(gaps), took
+
+    try:
+        longest_gap, took = asyncio.run(run())
+    finally:
+        producer.close(0)
+    assert longest_gap < 0.5, f"the loop stood still for {longest_gap:.1f}s"
+    assert took < 2 * LIST_WAIT_S + 2, took
+    assert len(delivered) == 6  # not refused: the delivery decides (its fallback dead-letters)
+
+
+def test_a_flood_of_distinct_reply_to_names_keeps_a_bounded_number_of_them() -> None:
+    settings = Settings()
+    replies = settings.topics.replies
+    existing = {f"{replies}.a.{i}" for i in range(2 * KEPT)}
+    broker = Listing({replies, *existing})
+    topics = ReplyTopics(settings, broker)
+
+    async def flood() -> None:
+        names = sorted(existing) + [f"{replies}.a.missing-{i}" for i in range(2 * KEPT)]
+        for start in range(0, len(names), 500):
+            batch = names[start : start + 500]
+            await topics.prepare(batch)
+            verdicts = [topics.reason(name, ask=False) for name in batch]
+            assert all((v is None) == (name in existing) for name, v in zip(batch, verdicts, strict=True))
+
+    asyncio.run(flood())
+    assert len(topics._known) <= KEPT and len(topics._missing) <= KEPT
+    assert broker.asked == 4 * KEPT // 500  # one listing per batch, not one per name
+    asked = broker.asked
+    recent = sorted(existing)[-1]
+    assert topics.reason(recent) is None and broker.asked == asked  # the most recent are still known
