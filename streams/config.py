@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # each tenant sends to its own request topic, `<requests>.<tenant>`, and the
     # processors take the tenant from it (the secured setup: tidegate/tenancy.py)
     tenant_topics: bool = False
+    # how often the tenants' request topics are listed again, so a tenant added while
+    # the processors run is read without a restart (processors/tenant_topics.py)
+    tenant_topics_refresh_s: float = Field(10.0, gt=0)
     # near the workers' cap, each tenant's share of the admissions over this window is
     # held to its weight's share (processors/fairness.py); false: first come, first served
     fair_shares: bool = True
