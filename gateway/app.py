@@ -99,6 +99,11 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
+class ClientNotStarted(TidegateError):
+    """A tenant's Kafka client did not start (the broker unreachable, say); what it
+    had opened is closed again (Client.start), and the next request tries again."""
+
+
 def _event(payload: dict[str, Any] | str) -> bytes:
     return b"data: " + (payload.encode() if isinstance(payload, str) else orjson.dumps(payload)) + b"\n\n"
 
@@ -126,6 +131,14 @@ async def _events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, A
     yield delta({"role": "assistant", "content": ""})
     chunk = first
     while True:
+        if chunk.restart:
+            # the reply came from another run of the request than the one streamed,
+            # and its text took another turn (streams/stitching.py): SSE deltas cannot
+            # be taken back, so the caller is told instead of handed a text that is
+            # not the reply's
+            why = "the streamed text was superseded by another run of this request; retry, or ask without streaming"
+            yield _event({"error": {"message": why, "type": "server_error", "code": "stream_superseded"}})
+            break
         if chunk.text:
             yield delta({"content": chunk.text})
         reply = chunk.reply
@@ -166,6 +179,10 @@ def pipeline_error(exc: TidegateError) -> Response:
         return error(504, "no reply in time", "timeout", "timeout")
     if isinstance(exc, RequestTooLarge):
         return error(413, str(exc), "invalid_request_error", "request_too_large")
+    if isinstance(exc, ClientNotStarted):
+        log.warning("client not started: %s", exc)
+        why = "the inference pipeline cannot be reached: the gateway's Kafka client did not start; retry later"
+        return error(503, why, "server_error", "unavailable")
     log.warning("pipeline unreachable: %s", exc)
     return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
 
@@ -191,7 +208,10 @@ class Gateway:
         async with self._lock:
             if tenant not in self._clients:
                 client = Client(settings=self.settings, tenant=tenant, reply_grace_s=5)
-                await client.start()
+                try:
+                    await client.start()  # closes what it opened when it fails
+                except Exception as exc:
+                    raise ClientNotStarted(f"tenant {tenant}'s client: {exc}") from exc
                 self._clients[tenant] = client
             return self._clients[tenant]
 
@@ -225,7 +245,7 @@ class Gateway:
         if too_much is not None:
             return error(400, too_much, "invalid_request_error", "invalid_request")
         if asked["stream"]:
-            return await self.stream(tenant, asked)
+            return await self.stream(request, tenant, asked)
         try:
             client = await self.client(tenant)
             request_id = await client.submit(
@@ -257,6 +277,24 @@ class Gateway:
         self.cancel(tenant, request_id)
         return None
 
+    async def _first_chunk_unless_gone(self, request: Request, chunks: AsyncIterator[Chunk]) -> Chunk | None:
+        """The stream's first chunk, or None when the HTTP caller went away first
+        (the stream is closed: its request leaves the client)."""
+        first = asyncio.ensure_future(anext(chunks))
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if first.done():
+            return first.result()
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        with contextlib.suppress(Exception):
+            await chunks.aclose()  # type: ignore[attr-defined]
+        return None
+
     def cancel(self, tenant: str, request_id: str) -> None:
         """Marks the request cancelled for the workers (conversation/history.py cancel_key)."""
         CANCELLED.inc()
@@ -266,11 +304,15 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def stream(self, tenant: str, asked: dict[str, Any]) -> Response:
+    async def stream(self, request: Request, tenant: str, asked: dict[str, Any]) -> Response:
         """Server-sent events: `chat.completion.chunk`s as the text is generated, then
         `data: [DONE]`. Until the first chunk the answer can still be an HTTP error
-        (429, 400, ...); after it, an error is sent as `data: {"error": ...}`."""
+        (429, 400, ...); after it, an error is sent as `data: {"error": ...}`. A caller
+        that hangs up before the first chunk cancels the request as one that hangs up
+        after it does (before, it was noticed only once a first chunk came: the model
+        had run by then)."""
         started = time.perf_counter()
+        request_id = new_request_id()
         try:
             client = await self.client(tenant)
             chunks = client.stream(
@@ -279,10 +321,14 @@ class Gateway:
                 max_new_tokens=asked["max_new_tokens"],
                 temperature=asked["temperature"],
                 deadline_s=DEADLINE_S,
+                request_id=request_id,
             )
-            first = await anext(chunks)
+            first = await self._first_chunk_unless_gone(request, chunks)
         except TidegateError as exc:
             return pipeline_error(exc)
+        if first is None:
+            self.cancel(tenant, request_id)
+            return Response(status_code=499)  # nobody is there to read it
         if first.reply is not None and first.reply.status != "ok":
             return self._answer(first.reply, asked, tenant)
         TIME_TO_FIRST_CHUNK.observe(time.perf_counter() - started)
@@ -332,7 +378,11 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
 
     async def chat(request: Request) -> Response:
         started = time.perf_counter()
-        response = await gateway.chat(request)
+        try:
+            response = await gateway.chat(request)
+        except Exception:  # answered in OpenAI's shape, never Starlette's plain-text 500
+            log.exception("chat completion failed")
+            response = error(500, "the gateway failed on this request", "server_error", "internal_error")
         HTTP_REQUESTS.labels(str(response.status_code)).inc()
         HTTP_LATENCY.labels(str(response.status_code)).observe(time.perf_counter() - started)
         return response
