@@ -22,6 +22,7 @@ label name that has no closed set is refused at definition.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,22 +39,29 @@ OTHER = "other"  # what a label value outside its closed set is counted as
 STAGES = ("processors", "workers")
 DEAD_LETTER_REASONS = ("processor_error", "undecodable", "unanswerable")
 BURROW_STATUSES = ("OK", "WARN", "STALL", "STOP", "REWIND")
-MAX_PARTITION_LABELS = 1024  # partitions 0..1023 have their own series
-LABEL_VALUES: dict[str, frozenset[str]] = {
+# a partition as the monitor labels it: `3`, or `acme/3` on tenant `acme`'s own request
+# topic (TENANT_TOPICS); a tenant's topic is created by an operator (tidegate/tenancy.py),
+# never by a caller, so these values are as many as the deployment's partitions
+PARTITION_LABEL = re.compile(r"(?:[A-Za-z0-9_-]{1,64}/)?(?:0|[1-9][0-9]{0,3})")
+ClosedSet = frozenset[str] | re.Pattern[str]
+LABEL_VALUES: dict[str, ClosedSet] = {
     "stage": frozenset(STAGES),
     "priority": frozenset(PRIORITIES),
     # refusals by reply status; dead letters by why
     "reason": frozenset(REPLY_STATUSES) | frozenset(DEAD_LETTER_REASONS),
     # replies by status; partitions by Burrow's status
     "status": frozenset(REPLY_STATUSES) | frozenset(BURROW_STATUSES),
-    "partition": frozenset(str(i) for i in range(MAX_PARTITION_LABELS)),
+    "partition": PARTITION_LABEL,
 }
 
 
 def bounded_label(name: str, value: object) -> str:
     """`value` as a label value of label `name`: itself when in the closed set, else `other`."""
     text = str(value)
-    return text if text in LABEL_VALUES[name] else OTHER
+    closed = LABEL_VALUES[name]
+    if isinstance(closed, frozenset):
+        return text if text in closed else OTHER
+    return text if closed.fullmatch(text) else OTHER
 
 
 class _BoundedLabels:

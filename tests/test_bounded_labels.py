@@ -60,7 +60,9 @@ def test_every_label_of_every_metric_has_a_closed_set() -> None:
     assert metrics.bounded_label("priority", "high") == "high"
     assert metrics.bounded_label("priority", "x" * 10_000) == metrics.OTHER
     assert metrics.bounded_label("partition", 7) == "7"
+    assert metrics.bounded_label("partition", "acme/3") == "acme/3"  # a tenant's own topic (TENANT_TOPICS)
     assert metrics.bounded_label("partition", "-1") == metrics.OTHER
+    assert metrics.bounded_label("partition", "x" * 65 + "/3") == metrics.OTHER
 
 
 def test_ten_thousand_crafted_priorities_on_the_processors_invalid_path_add_no_series() -> None:
