@@ -69,6 +69,10 @@ REPLY_GRACE_S = 5.0
 UNCLAIMED_REPLY_S = 300.0
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes
 MIN_RETRY_MS = 10
+# abandoned requests are swept at most this often: a sweep scans every pending request,
+# and one per reply under a flood (thousands pending, hundreds of replies a second)
+# held the event loop long enough to hand acknowledgements back past their deadline
+SWEEP_INTERVAL_S = 1.0
 
 
 @dataclass(slots=True)
@@ -118,6 +122,7 @@ class Client:
         self.replies_read = 0  # records read off the reply topic: this client's reply traffic
         self.codec = get_codec()
         self._pending: dict[str, _Pending] = {}
+        self._swept_at = 0.0  # monotonic
         self._arrived: asyncio.Queue[str] | None = None  # ids whose reply came, while replies() runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer = DeliveryProducer(producer_config(self.settings))
@@ -533,8 +538,9 @@ class Client:
         or came and was not taken within UNCLAIMED_REPLY_S: memory stays bounded for
         callers that submit and never read."""
         now = time.monotonic()
-        if len(self._pending) < 1024:
+        if len(self._pending) < 1024 or now - self._swept_at < SWEEP_INTERVAL_S:
             return
+        self._swept_at = now
         abandoned = [k for k, p in self._pending.items() if not (p.claimed or p.sending) and p.give_up_at < now]
         for request_id in abandoned:
             self._pending.pop(request_id).future.cancel()
