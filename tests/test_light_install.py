@@ -28,7 +28,7 @@ BLOCKED = {WORKER_ONLY!r}
 class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (the worker extra is not installed)")
+            raise ModuleNotFoundError(f"No module named {{name!r}} (the worker extra is not installed)", name=name)
         return None
 
 sys.meta_path.insert(0, Refuse())
@@ -82,3 +82,15 @@ def test_the_tokenizer_read_from_the_gguf_is_the_one_transformers_converts() -> 
     if not converted.exists():
         pytest.skip("the default model is not converted yet (make model)")
     assert tokenizer_json(gguf_path()) == json.loads(converted.read_text())
+
+
+def test_a_worker_without_the_worker_extra_says_which_extra_in_one_line() -> None:
+    code = """
+from tidegate.cli import main
+print(main(["worker"]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_IMPORTS + code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "2", result.stderr[-3000:]
+    assert "pip install 'tidegate[worker]'" in result.stderr and "Traceback" not in result.stderr

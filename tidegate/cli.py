@@ -31,6 +31,8 @@ from streams.config import Settings
 from streams.exceptions import TidegateError
 from tidegate.devstack import BROKERS
 
+# the `worker` extra's packages (pyproject.toml): a light install runs every stage but the workers
+WORKER_EXTRA = {"torch", "transformers", "accelerate", "safetensors"}
 MODEL_HELP = "default (SmolLM2-135M-Instruct), tiny (random, for tests), echo (no model), or a Hugging Face path"
 
 
@@ -345,7 +347,12 @@ def _run(args: argparse.Namespace) -> int:
         monitor_main()
         return 0
     if args.command == "worker":
-        from inference.__main__ import main as worker_main
+        try:
+            from inference.__main__ import main as worker_main
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in WORKER_EXTRA:
+                raise
+            raise TidegateError(f"the worker needs the worker extra: pip install 'tidegate[worker]' ({exc})") from exc
 
         worker_main()
         return 0
