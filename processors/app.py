@@ -15,14 +15,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import re
 import shutil
 import ssl
 import tempfile
 from typing import Any
 
 import faust
-from confluent_kafka import KafkaException
 from redis.asyncio import Redis
 
 from conversation.model_files import load_counting_tokenizer
@@ -31,10 +29,11 @@ from processors.admission import STAGE, Admission, NearFull, Release
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import Incoming, RequestHandler
+from processors.tenant_topics import TenantTopics, listed_request_topics
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
-from streams.kafka import admin_client, producer_config
+from streams.kafka import producer_config
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing
@@ -96,17 +95,9 @@ def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
 
 def request_topics(settings: Settings) -> list[str]:
     """The shared request topic and, with TENANT_TOPICS, the tenants' own as the
-    broker lists them now."""
-    topics = settings.topics
-    if not settings.tenant_topics:
-        return [topics.requests]
-    own = re.compile(topics.tenant_requests_pattern)
-    try:
-        listed = admin_client(settings).list_topics(timeout=10).topics
-    except KafkaException as exc:  # faust itself waits for the broker; tenants' topics at the next start
-        log.warning("cannot list the tenants' request topics: %s", exc)
-        return [topics.requests]
-    return [topics.requests, *sorted(name for name in listed if own.match(name))]
+    broker lists them now (faust itself waits for a broker that does not answer:
+    then the tenants' topics come with the first refresh)."""
+    return listed_request_topics(settings) or [settings.topics.requests]
 
 
 def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -149,10 +140,12 @@ def create_app(settings: Settings) -> faust.App:
         # interval would show seconds of finished work as backlog
         broker_commit_interval=settings.processor_commit_interval_ms / 1000,
     )
-    # the shared request topic and every tenant's own (`<requests>.<tenant>`) that
-    # exists now: a tenant added later is read once the processors restart (faust's
-    # pattern subscriptions took one partition of one topic here)
+    # the shared request topic and every tenant's own (`<requests>.<tenant>`): listed
+    # again every TENANT_TOPICS_REFRESH_S, so a tenant added later is read too
     requests = app.topic(*request_topics(settings), key_type=bytes, value_type=bytes)
+    if settings.tenant_topics:
+        tenant_topics = TenantTopics(settings, app)
+        app.timer(settings.tenant_topics_refresh_s)(tenant_topics.refresh)
     redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     admission = release = fullness = None
     if settings.backpressure:
