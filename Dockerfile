@@ -12,7 +12,7 @@
 #                (docker build --target worker -t tidegate-worker:latest .)
 #   worker-cuda  the same on CUDA torch (PyPI's Linux wheel of torch is the CUDA
 #                build), for nodes with an NVIDIA GPU
-#                (docker build --target worker-cuda -t tidegate-worker:cuda .)
+#                (docker build --target worker-cuda -t tidegate-worker-cuda:latest .)
 #
 # The processors' `relevance` strategy embeds with transformers: processors that use
 # it run on a worker image.
@@ -20,7 +20,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 ARG TORCH_VERSION=2.13.0
 
 # The source set, mounted into each install step (never a layer of an image)
-FROM ${PYTHON_IMAGE} AS source
+FROM scratch AS source
 COPY . /src
 
 FROM ${PYTHON_IMAGE} AS torch-cpu

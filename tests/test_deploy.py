@@ -324,7 +324,7 @@ def test_the_workers_gpu_request_comes_with_the_image_that_carries_cuda_torch() 
     assert container["image"] == "tidegate-worker:latest"
     assert "nvidia.com/gpu" not in str(container["resources"])
     patch = k8s("workers-cuda.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
-    assert patch["name"] == container["name"] and patch["image"] == "tidegate-worker:cuda"
+    assert patch["name"] == container["name"] and patch["image"] == "tidegate-worker-cuda:latest"
     assert patch["resources"]["limits"]["nvidia.com/gpu"] == 1
     light = {
         d["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -333,7 +333,12 @@ def test_the_workers_gpu_request_comes_with_the_image_that_carries_cuda_torch() 
     }
     assert light == {"tidegate:latest"}
     services = compose()["services"]
-    assert services["workers"]["build"]["target"] == "${TIDEGATE_WORKER_TARGET:-worker}"
+    assert services["workers"]["build"]["target"] == "worker"
+    assert services["workers"]["image"] == "tidegate-worker:latest" == container["image"]
+    cuda_workers = yaml.safe_load((ROOT / "docker-compose.cuda.yml").read_text())["services"]["workers"]
+    assert cuda_workers["build"]["target"] == "worker-cuda" and cuda_workers["image"] == patch["image"]
+    assert cuda_workers["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "nvidia" not in str(services["workers"])
     assert {services[s]["build"]["target"] for s in ("topics", "monitor", "processors", "gateway")} == {"light"}
 
 
