@@ -14,8 +14,9 @@
 #                build), for nodes with an NVIDIA GPU
 #                (docker build --target worker-cuda -t tidegate-worker-cuda:latest .)
 #
-# The processors' `relevance` strategy embeds with transformers: processors that use
-# it run on a worker image.
+# The processors' `relevance` strategy embeds with transformers and torch: on the
+# light image it falls back to `window`, marked degraded (processors/relevance.py);
+# processors that should rank by relevance run on a worker image.
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG TORCH_VERSION=2.13.0
 
