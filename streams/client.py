@@ -271,6 +271,9 @@ class Client:
         pending = self._pending.get(request_id)
         if pending is not None:
             pending.sending = False
+            # acknowledged past its deadline and grace (a stalled loop): its caller still
+            # has a grace to claim it before a sweep may take it for abandoned
+            pending.give_up_at = max(pending.give_up_at, time.monotonic() + self.reply_grace_s)
         return request_id
 
     async def generate(
