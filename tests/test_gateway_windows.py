@@ -4,19 +4,23 @@ is answered in OpenAI's error shape, not Starlette's plain-text 500."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
+from gateway.app import sse_events
 from schemas import get_codec
-from streams import Settings
+from streams import Reply, Settings
+from streams.reply import Chunk
 from tests.conftest import Pipeline
 from tests.helpers import GatewayProcess as Gateway
 from tests.helpers import wait_for
@@ -124,3 +128,24 @@ def test_a_streamed_caller_that_hangs_up_before_its_first_chunk_cancels_its_requ
     reply = wait_for(answered, 60, "the abandoned stream's reply")
     assert reply["status"] == "expired" and "cancelled by the caller before inference" in reply["error"], reply
     replies.close()
+
+
+def test_a_restarted_stream_ends_in_an_error_event_not_in_a_wrong_text() -> None:
+    """The reply came from another run whose text took another turn (a `restart`
+    chunk, streams/stitching.py): SSE deltas cannot be taken back, so the caller is
+    told, and never handed a text that is not the reply's."""
+    reply = Reply("r1", "ok", text="Azure, they say", tokens_out=3)
+    rest = [Chunk("r1", 1, ", mostly"), Chunk("r1", 2, "Azure, they say", 3, reply, restart=True)]
+
+    async def later() -> AsyncIterator[Chunk]:
+        for chunk in rest:
+            yield chunk
+
+    async def collect() -> list[bytes]:
+        asked = {"model": "m", "max_new_tokens": 8, "include_usage": False}
+        return [e async for e in sse_events(Chunk("r1", 0, "Blue"), later(), asked, lambda: None)]
+
+    events = [orjson.loads(e.removeprefix(b"data: ")) for e in asyncio.run(collect()) if e != b"data: [DONE]\n\n"]
+    texts = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    assert texts == ["", "Blue", ", mostly"]
+    assert events[-1]["error"]["code"] == "stream_superseded"

@@ -111,6 +111,7 @@ def test_an_idle_worker_waits_out_a_broker_slow_to_acknowledge(own_stack: tuple[
     reply = got[-1].reply
     assert reply is not None and reply.ok, reply
     assert "".join(c.text for c in got) == reply.text
+    assert len({c.generation for c in got[:-1]}) == 1 and got[0].generation  # the worker names its run
     # the window was hit: the reply was produced while the broker was stopped, at
     # least the flush's wait before it was resumed
     assert paused_at[0] * 1000 <= reply.replied_ms <= (resumed_at[0] - FLUSH_WAIT_S) * 1000
