@@ -34,7 +34,7 @@ from processors.validation import invalid_reason
 from schemas import SerializationError, get_codec
 from streams import metrics
 from streams.config import Settings
-from streams.faults import fault_point
+from streams.faults import fault_armed, fault_point
 from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
 from streams.reply_topics import ReplyTopics
 from streams.tenants import Tenants
@@ -103,6 +103,8 @@ class RequestHandler:
             accepted = self._count_new_turns(accepted, out)
             accepted = await self._unclaimed(accepted)
             accepted = await self.gate.admitted(accepted, out, self._refuse_item, self._quota_tokens)
+        if fault_armed("processor.batch_fails"):  # a step for the whole batch failing (its test)
+            raise RuntimeError("injected fault processor.batch_fails")
         if not accepted:
             await deliver(out)
             return
@@ -300,6 +302,8 @@ class RequestHandler:
         whether Redis was unreachable (then every request goes on without history).
         A request whose own step fails (its stored history unreadable, its envelope
         not encodable) is answered `error` in `out`; the others go on."""
+        if fault_armed("processor.wave_fails"):  # a step for the whole wave failing (its test)
+            raise RuntimeError("injected fault processor.wave_fails")
         fresh, degraded = await self._load(accepted, out)
         # not fresh: claimed before, so forwarded and acknowledged once: no output
         items = [item for item, is_fresh in zip(accepted, fresh, strict=True) if is_fresh]

@@ -19,8 +19,11 @@ from conversation.tokens import TokenCounter
 from processors import embeddings
 from processors.handler import Incoming, RequestHandler
 from schemas import get_codec
+from streams import faults
+from streams.client import Client
 from streams.config import Settings
 from streams.outgoing import Outgoing
+from tests.conftest import LOG_DIR, Pipeline, SettingsFactory
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
 
@@ -136,3 +139,41 @@ def test_a_batch_that_failed_as_a_whole_is_answered_record_by_record(counter: To
     out = [decoded(o) for o in handler.failed_batch(batch, RuntimeError("boom"))]
     assert [kind for kind, _ in out] == ["reply", "dead_letter", "dead_letter"]
     assert out[0][1]["status"] == "error" and "boom" in out[0][1]["error"]
+
+
+def test_a_wave_whose_step_fails_answers_each_of_its_requests(
+    services: tuple[str, str], counter: TokenCounter, runner: asyncio.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(faults._ARMED, "processor.wave_fails", 2)  # the second wave's step fails
+    monkeypatch.setitem(faults._REACHED, "processor.wave_fails", 0)
+    handler = make_handler(services[1], counter)
+    session, other = f"w-{uuid.uuid4().hex[:6]}", f"o-{uuid.uuid4().hex[:6]}"
+    # two requests of one conversation: two waves; the other conversation is in the first
+    out = handle(runner, handler, [record(session, "one"), record(other), record(session, "two")])
+    assert [(kind, fields.get("status")) for kind, fields in out] == [
+        ("envelope", None),
+        ("envelope", None),
+        ("reply", "error"),
+    ]
+    assert "injected" in out[2][1]["error"]
+
+
+def test_a_batch_whose_step_fails_in_a_running_processor_is_answered(settings_factory: SettingsFactory) -> None:
+    """The faust agent's own fallback: every caller of the failed batch gets `error`
+    (before: the whole batch was dead-lettered and its callers waited out their deadline)."""
+    settings = settings_factory(model="echo")
+    pipeline = Pipeline(settings, LOG_DIR / f"record-failures-{settings.topic_prefix.rstrip('.')}")
+    pipeline.start(("processor", "worker"), extra_env={faults.FAULTS_ENV: "processor.batch_fails"})
+
+    async def ask_all() -> list[str]:
+        async with Client(settings=settings) as client:
+            replies = await asyncio.gather(
+                *(client.generate([{"role": "user", "content": f"q{i}"}], f"s{i}", deadline_s=30) for i in range(8))
+            )
+            return [r.status for r in replies]
+
+    try:
+        statuses = asyncio.run(ask_all())
+    finally:
+        pipeline.stop()
+    assert "error" in statuses and set(statuses) <= {"ok", "error"}, statuses
