@@ -9,6 +9,13 @@ requests (warn or full: demand past what it drains), and in only after
 the lag stayed under half the target for a whole cooldown; each change waits out
 its cooldown, so a rebalance has settled and the rates show the new group. In
 production the same decision belongs to KEDA or an HPA (deploy/k8s/keda.yaml).
+
+It acts only on a fresh state: one older than PRESSURE_STALE_S (the monitor is gone
+or cut off: its last word says nothing about now) or measured before the last change
+(the old group's) is passed over. The worker count is read from the dev stack's
+state file at each check (`tidegate dev scale` or the supervisor may have changed it).
+A scale that fails (the supervisor gone or slow) is logged and tried again after the
+out-cooldown; the autoscaler itself never exits on it.
 """
 
 from __future__ import annotations
@@ -17,13 +24,20 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaException
 
 from ops.scaling import advise
 from streams.config import Settings
 from streams.lag import WORKERS
 from streams.lifecycle import announce_ready, stop_on_signals
+from streams.outgoing import now_ms
 from streams.pressure_feed import PressureListener
 from tidegate import devstack
+from tidegate.processes import DevStackError
+from tidegate.supervisor import Plan
 
 log = logging.getLogger("tidegate.autoscaler")
 
@@ -36,6 +50,7 @@ class Limits:
     max_workers: int = 8
     out_cooldown_s: float = 10.0
     in_cooldown_s: float = 30.0
+    scale_timeout_s: float = 60.0  # for the supervisor to have started or stopped the workers
 
 
 class Autoscaler:
@@ -47,6 +62,7 @@ class Autoscaler:
         self.listener = PressureListener(settings)
         self.stopping = threading.Event()
         self.changed_at = 0.0
+        self.changed_at_ms = 0  # wall clock of the last change (or try), against states' updated_ms
         self.calm_since: float | None = None
 
     def workers(self) -> int:
@@ -85,18 +101,61 @@ class Autoscaler:
             return target
         return None
 
+    def fresh_state(self) -> dict[str, Any] | None:
+        """The workers' latest state, or None when there is none worth acting on: older
+        than PRESSURE_STALE_S, or measured before the last change."""
+        state = self.listener.board.state(WORKERS)
+        if state is None:
+            return None
+        if now_ms() - state["updated_ms"] > self.settings.pressure_stale_s * 1000:
+            return None
+        return state if state["updated_ms"] > self.changed_at_ms else None
+
+    def refresh_stack(self) -> None:
+        """The stack as the supervisor's state file lists it now; the last known where
+        the file is unreadable."""
+        try:
+            plan = Plan.load(Path(self.stack.log_dir) / "supervisor-plan.json")
+            self.stack = devstack.DevStack.load(Path(plan.state_file))
+        except (OSError, ValueError, TypeError, DevStackError) as exc:
+            log.info("dev stack state not read, the last known stands: %s", exc)
+
+    def check(self, now: float) -> None:
+        """One check: decide on a fresh state, and scale."""
+        self.refresh_stack()
+        state = self.fresh_state()
+        if state is None:
+            return
+        target = self.decide(state, now)
+        if target is None or target == self.workers():
+            return
+        self.changed_at, self.changed_at_ms = now, now_ms()  # a failed try waits out the cooldown too
+        try:
+            self.stack = devstack.scale(self.stack, {"worker": target}, self.limits.scale_timeout_s)
+        except (DevStackError, OSError, ValueError) as exc:
+            log.warning("scale to %d workers failed, trying again after the cooldown: %s", target, exc)
+
+    def start_listener(self) -> None:
+        """Starts reading the pressure topic; a topic just created has no leader for a
+        moment and a broker may be restarting: tried again with backoff, never fatal."""
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                self.listener.start()
+                return
+            except KafkaException as exc:
+                attempt += 1
+                log.warning("attempt=%d pressure topic not read yet: %s", attempt, exc)
+                self.listener.close()
+                self.listener = PressureListener(self.settings)
+                self.stopping.wait(min(5.0, 0.2 * 2**attempt))
+
     def run(self) -> None:
-        self.listener.start()
+        self.start_listener()
         announce_ready()
         try:
             while not self.stopping.wait(CHECK_S):
-                state = self.listener.board.state(WORKERS)
-                if state is None:
-                    continue
-                target = self.decide(state, time.monotonic())
-                if target is not None and target != self.workers():
-                    self.stack = devstack.scale(self.stack, {"worker": target})
-                    self.changed_at = time.monotonic()
+                self.check(time.monotonic())
         finally:
             self.listener.close()
 
