@@ -5,9 +5,9 @@
         request_id = await client.submit(messages=..., session_id="s2")
         reply = await client.reply(request_id)       # or: async for reply in client.replies()
 
-One background thread polls the reply consumer; the producer serves its own
-delivery reports (streams/delivery.py); another thread keeps the latest pressure
-per stage (streams/pressure_feed.py), so `QueueFull` is raised before anything is
+One background thread polls the reply consumer (streams/reply_reader.py); the
+producer serves its own delivery reports (streams/delivery.py); another thread
+keeps the latest pressure per stage (streams/pressure_feed.py), so `QueueFull` is raised before anything is
 sent, without a broker round trip. The reply consumer is assigned (no group
 join), starting at each reply partition's end as listed before the first
 request, so no reply to this client's requests is missed.
@@ -39,18 +39,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-
-from schemas import AVRO, SerializationError, content_type_header, get_codec
-from schemas.codec import JSON_CONTENT_TYPE, content_type
+from schemas import AVRO, content_type_header, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryProducer, RefusedForGood
 from streams.exceptions import QueueFull, ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
 from streams.kafka import (
     check_reachable,
-    consume_ready,
-    consumer_config,
     create_client_reply_topic,
     producer_config,
 )
@@ -58,6 +53,7 @@ from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure_feed import PressureListener
 from streams.reply import Chunk, Reply
+from streams.reply_reader import ReplyReader
 from streams.stitching import StreamStitcher
 from streams.tenants import TENANT_NAME
 
@@ -119,15 +115,13 @@ class Client:
         self.tenant = tenant
         self._own_reply_topic = reply_topic is None
         self.reply_topic = reply_topic or f"{self.settings.topics.replies}.{tenant}.{uuid.uuid4().hex[:16]}"
-        self.replies_read = 0  # records read off the reply topic: this client's reply traffic
         self.codec = get_codec()
         self._pending: dict[str, _Pending] = {}
         self._swept_at = 0.0  # monotonic
         self._arrived: asyncio.Queue[str] | None = None  # ids whose reply came, while replies() runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer = DeliveryProducer(producer_config(self.settings))
-        self._consumer: Consumer | None = None
-        self._thread: threading.Thread | None = None
+        self._reader = ReplyReader(self.settings, self.reply_topic, self._deliver, self._deliver_chunk)
         self._stop = threading.Event()
         self._pressure = PressureListener(self.settings) if self.settings.backpressure else None
 
@@ -156,44 +150,24 @@ class Client:
         await asyncio.to_thread(check_reachable, self.settings.bootstrap)
         self._loop = asyncio.get_running_loop()
         self._producer.start()
-        self._consumer = Consumer(consumer_config(self.settings, f"tidegate-client-{uuid.uuid4().hex}"))
+        self._reader.open()
         if self._own_reply_topic:
             await asyncio.to_thread(create_client_reply_topic, self.settings, self.reply_topic)
-        await asyncio.to_thread(self._assign_reply_partitions)
         if self._pressure is not None:
             await asyncio.to_thread(self._pressure.start)
-        self._thread = threading.Thread(target=self._poll_loop, name="tidegate-client", daemon=True)
-        self._thread.start()
+        await asyncio.to_thread(self._reader.start, self._loop)
 
-    def _assign_reply_partitions(self) -> None:
-        assert self._consumer is not None
-        try:
-            meta = self._consumer.list_topics(self.reply_topic, timeout=10)
-        except KafkaException as exc:
-            raise TidegateError(
-                f"broker {self.settings.bootstrap} unreachable ({exc.args[0].str()}); is the stack up "
-                "(`tidegate dev up`)?"
-            ) from exc
-        topic = meta.topics.get(self.reply_topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise TidegateError(f"reply topic {self.reply_topic!r} not found on {self.settings.bootstrap}")
-        assignment = []
-        for p in topic.partitions:
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(self.reply_topic, p), timeout=10, cached=False
-            )
-            assignment.append(TopicPartition(self.reply_topic, p, high))
-        self._consumer.assign(assignment)
+    @property
+    def replies_read(self) -> int:
+        """Records read off the reply topic: this client's reply traffic."""
+        return self._reader.read
 
     async def close(self) -> None:
         self._stop.set()
         if self._pressure is not None:
             await asyncio.to_thread(self._pressure.close)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
+        await asyncio.to_thread(self._reader.close)
         await asyncio.to_thread(self._producer.close, 5)
-        if self._consumer is not None:
-            await asyncio.to_thread(self._consumer.close)
         for pending in self._pending.values():
             pending.future.cancel()
         self._pending.clear()
@@ -470,49 +444,6 @@ class Client:
             refusal = self._pressure.board.check(PATH, priority)
             if refusal is not None:
                 raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
-
-    def _poll_loop(self) -> None:
-        """Reads replies until the client closes; an error is logged and reading goes
-        on (librdkafka reconnects by itself), so the thread never dies under a caller."""
-        assert self._consumer is not None
-        while not self._stop.is_set():
-            try:
-                for message in consume_ready(self._consumer, 500, 0.05):
-                    if message.error() is not None:
-                        if message.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("reply consumer: %s", message.error())
-                        continue
-                    self.replies_read += 1
-                    self._on_reply(message.value(), message.headers())
-            except Exception:
-                log.exception("reply consumer failed; reading on")
-                self._stop.wait(0.5)
-
-    def _on_reply(self, value: bytes | None, headers: Any) -> None:
-        try:
-            if content_type(headers) == JSON_CONTENT_TYPE:
-                name, record = "InferenceReply", self.codec.decode_json(value, "InferenceReply")
-            else:
-                name, record = self.codec.decode(value)
-            if name == "InferenceChunk":
-                chunk = Chunk(
-                    record["request_id"],
-                    record["index"],
-                    record["text"],
-                    record["tokens_out"],
-                    generation=record.get("generation", ""),
-                )
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver_chunk, chunk)
-                return
-            if name != "InferenceReply":
-                raise SerializationError(f"{name} on a reply topic")
-            reply = Reply.from_record(record)
-        except (SerializationError, TypeError, KeyError) as exc:
-            log.warning("undecodable reply skipped: %s", exc)
-            return
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, reply)
 
     def _deliver_chunk(self, chunk: Chunk) -> None:
         """On the event loop: queues a chunk for its stream (none for other requests)."""
