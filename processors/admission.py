@@ -1,18 +1,18 @@
 """Which of a batch's accepted requests go on, checked in the order that charges a
 tenant's quota only for work that is admitted.
 
-1. Backpressure and fair share (the workers' stage near or past its cap,
-   streams/pressure.py, processors/fairness.py): decided request by request in batch
-   order and counted as each passes, so a batch cannot overshoot the cap.
-2. Quotas (processors/quotas.py), one Redis round trip for those that passed 1.
-   A request refused at 2 is taken back from 1's counts (the pressure board's and
-   the fair shares'): it was never forwarded.
+1. `downstream`: backpressure and fair share (the workers' stage near or past its
+   cap, streams/pressure.py, processors/fairness.py), decided request by request in
+   batch order and counted as each passes, so a batch cannot overshoot the cap.
+2. The handler reads each passed request's history, and with it whether it was
+   claimed before (a redelivered duplicate: nothing to forward, nothing to charge).
+3. `within_quotas` (processors/quotas.py): one Redis round trip for the fresh ones.
+A request not forwarded after 1 (refused at 3, claimed before, failed alone) is
+taken back from 1's counts (`take_back`: the pressure board's and the fair shares').
 
 With quotas first (as before), a caller refused `queue_full` spent its tenant's
-quota on every retry, and a tenant could be `rate_limited` for work the pipeline
-never did. A redelivered request already claimed (processed before) is dropped by
-the handler before this gate (RequestHandler._unclaimed), so it is neither
-refused nor charged again.
+quota on every retry, a redelivered duplicate spent it again, and a tenant could
+be `rate_limited` for work the pipeline never did.
 """
 
 from __future__ import annotations
@@ -63,19 +63,7 @@ class AdmissionGate:
         self.quotas = quotas
         self.on_redis_down = on_redis_down
 
-    @property
-    def refuses(self) -> bool:
-        """Whether anything here can refuse a request (else duplicates need no early check)."""
-        return self.admission is not None or self.quotas is not None
-
-    async def admitted(
-        self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item], cost: Callable[[Item], int]
-    ) -> list[Item]:
-        """The requests that go on; each refused one's reply is appended to `out`."""
-        downstream = self._downstream(items, out, refuse)
-        return await self._within_quotas(downstream, out, refuse, cost)
-
-    def _downstream(self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item]) -> list[Item]:
+    def downstream(self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item]) -> list[Item]:
         """The requests the workers' stage can take: near its cap each tenant is held
         to its fair share, past its cap every request of the priority is refused."""
         if self.admission is None:
@@ -106,15 +94,15 @@ class AdmissionGate:
             passed.append(item)
         return passed
 
-    async def _within_quotas(
+    async def within_quotas(
         self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item], cost: Callable[[Item], int]
     ) -> list[Item]:
         """The requests within their tenants' quotas (one Redis round trip); the others
         are answered `rate_limited` with the exact retry time, or `invalid` when no
-        minute's quota could ever cover them, and taken back from the admissions."""
+        minute's quota could ever cover them, and taken back from the admissions.
+        A request id twice in `items` is charged once."""
         if self.quotas is None or not items:
             return items
-        # a request id twice in one batch (a redelivery beside its original) is charged once
         charged: dict[tuple[str, str], int] = {}
         for i, item in enumerate(items):
             charged.setdefault((item.request["tenant"], item.request["request_id"]), i)
@@ -140,11 +128,15 @@ class AdmissionGate:
         for item in items:
             if (item.request["tenant"], item.request["request_id"]) not in refused:
                 passed.append(item)
-            elif self.admission is not None:
-                self._take_back(item)
+            else:
+                self.take_back(item)
         return passed
 
-    def _take_back(self, item: Admissible) -> None:
+    def take_back(self, item: Admissible) -> None:
+        """Takes `item` back from the admissions counted by `downstream`: it is not
+        forwarded (its quota refused it, it was claimed before, it failed alone)."""
+        if self.admission is None:
+            return
         if self.release is not None:
             self.release(item.request)
         if self.fair_shares is not None:

@@ -1,8 +1,10 @@
 """The processors' work on one batch of raw request records, independent of faust.
 
-decode -> validate -> deadline -> admission -> token counts (one tokenizer call)
--> per request one Redis script, all in one pipeline: dedupe, read the history the
-strategy needs, append the new turns -> compress -> ContextEnvelope.
+decode -> reply_to -> validate -> deadline -> token counts (one tokenizer call)
+-> backpressure and fair share -> per request one Redis script, all in one
+pipeline: dedupe, read the history the strategy needs -> quotas (only what is
+forwarded is charged: processors/admission.py) -> compress -> ContextEnvelope ->
+once acknowledged, claim and append the new turns.
 Every input record yields exactly one output: an envelope, a reply, or a dead letter
 (duplicates of an already forwarded request yield nothing).
 """
@@ -22,7 +24,6 @@ from conversation.history import (
     HistoryWriter,
     content_digest,
     loaded_history,
-    seen_key,
 )
 from conversation.tokens import TokenCounter
 from processors.admission import STAGE, Admission, AdmissionGate, NearFull, Release
@@ -101,8 +102,7 @@ class RequestHandler:
                 accepted.append(result)
         if accepted:
             accepted = self._count_new_turns(accepted, out)
-            accepted = await self._unclaimed(accepted)
-            accepted = await self.gate.admitted(accepted, out, self._refuse_item, self._quota_tokens)
+            accepted = self.gate.downstream(accepted, out, self._refuse_item)
         if fault_armed("processor.batch_fails"):  # a step for the whole batch failing (its test)
             raise RuntimeError("injected fault processor.batch_fails")
         if not accepted:
@@ -252,23 +252,6 @@ class RequestHandler:
         """What a request may cost at most: its own turns and its max_new_tokens."""
         return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
 
-    async def _unclaimed(self, accepted: list[Accepted]) -> list[Accepted]:
-        """The requests not claimed before (one round trip): a redelivered duplicate of
-        a forwarded request is dropped before the gate, so it is neither charged to
-        its tenant's quota nor refused `queue_full` (a refusal that could reach its
-        caller before the real reply). The read script checks the claim again."""
-        if not self.gate.refuses or time.monotonic() < self._redis_down_until:
-            return accepted
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for item in accepted:
-                    pipe.exists(seen_key(item.request["tenant"], item.request["request_id"]))
-                claimed = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._redis_down(exc)
-            return accepted
-        return [item for item, seen in zip(accepted, claimed, strict=True) if not seen]
-
     def _count_new_turns(self, accepted: list[Accepted], out: list[Outgoing]) -> list[Accepted]:
         """Token counts of every new turn in the batch, in one tokenizer call; where
         that call fails, each request is counted alone and one that fails is answered."""
@@ -307,6 +290,10 @@ class RequestHandler:
         fresh, degraded = await self._load(accepted, out)
         # not fresh: claimed before, so forwarded and acknowledged once: no output
         items = [item for item, is_fresh in zip(accepted, fresh, strict=True) if is_fresh]
+        for item, is_fresh in zip(accepted, fresh, strict=True):
+            if not is_fresh:
+                self.gate.take_back(item)
+        items = await self.gate.within_quotas(items, out, self._refuse_item, self._quota_tokens)
         relevant = [item for item in items if item.strategy == "relevance" and item.history]
         if relevant:
             await asyncio.to_thread(self.relevance.score_or_fall_back, relevant)  # type: ignore[arg-type]
@@ -318,6 +305,7 @@ class RequestHandler:
             except Exception as exc:
                 log.exception("envelope of request %r", item.request["request_id"][:80])
                 out.append(self._failed(item, f"its context could not be built: {_why(exc)}"))
+                self.gate.take_back(item)
         scored = [item for item in relevant if item.new_vectors and item in built]
         if scored and not degraded:
             await self._store_embeddings(scored)
