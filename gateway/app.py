@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from conversation.history import CANCEL_TTL_S, cancel_key
+from conversation.history import CANCEL_TTL_S, cancel_key, one_shot_session
 from gateway.keys import ApiKeys
 from gateway.openai_shapes import (
     BadRequest,
@@ -171,6 +171,17 @@ async def disconnected(request: Request) -> None:
         pass
 
 
+async def done_unless_gone(request: Request, work: asyncio.Future[Any]) -> bool:
+    """Waits for `work` or for the HTTP caller to go away, whichever comes first; True
+    when `work` is done (its result is then ready)."""
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    return work.done()
+
+
 def pipeline_error(exc: TidegateError) -> Response:
     """What the client raised, as HTTP: QueueFull 429, no reply in time 504, else 503."""
     if isinstance(exc, QueueFull):
@@ -250,7 +261,7 @@ class Gateway:
             client = await self.client(tenant)
             request_id = await client.submit(
                 asked["messages"],
-                f"http-{new_request_id()}",
+                one_shot_session(f"http-{new_request_id()}"),  # stateless: no history kept
                 max_new_tokens=asked["max_new_tokens"],
                 temperature=asked["temperature"],
                 deadline_s=DEADLINE_S,
@@ -266,12 +277,7 @@ class Gateway:
         """The reply, or None when the HTTP caller went away first: then the request is
         cancelled (queued, it never reaches the model; generating, it leaves the batch)."""
         waiting = asyncio.ensure_future(client.reply(request_id))
-        gone = asyncio.ensure_future(disconnected(request))
-        try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if waiting.done():
+        if await done_unless_gone(request, waiting):
             return waiting.result()
         self._background(waiting)  # its `expired` reply still comes, and is dropped
         self.cancel(tenant, request_id)
@@ -281,12 +287,7 @@ class Gateway:
         """The stream's first chunk, or None when the HTTP caller went away first
         (the stream is closed: its request leaves the client)."""
         first = asyncio.ensure_future(anext(chunks))
-        gone = asyncio.ensure_future(disconnected(request))
-        try:
-            await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if first.done():
+        if await done_unless_gone(request, first):
             return first.result()
         first.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -317,7 +318,7 @@ class Gateway:
             client = await self.client(tenant)
             chunks = client.stream(
                 asked["messages"],
-                f"http-{new_request_id()}",
+                one_shot_session(f"http-{new_request_id()}"),  # stateless: no history kept
                 max_new_tokens=asked["max_new_tokens"],
                 temperature=asked["temperature"],
                 deadline_s=DEADLINE_S,
