@@ -25,8 +25,12 @@ from streams.tenants import TenantPolicy, Tenants
 
 MINUTE_MS = 60_000
 
-# KEYS: requests bucket, tokens bucket. ARGV: per bucket its interval (ms per unit,
-# 0: no limit) and cost. Returns {passed, retry_after_ms, requests_left, tokens_left, reset_ms}.
+# KEYS: QUOTAS_KEY. ARGV: per bucket its interval (ms per unit, 0: no limit) and cost,
+# the burst, then the requests and tokens buckets' members.
+# Returns {passed, retry_after_ms, requests_left, tokens_left, reset_ms}.
+# The buckets are members of one sorted set without a TTL, scored by their TAT, so no
+# volatile-* eviction can pick them (evicted, a bucket started full: quotas stopped);
+# a bucket whose TAT has passed is full, the same as absent, and is pruned.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -35,7 +39,7 @@ local wait, new, left = 0, {}, {}
 for i = 1, 2 do
   local interval, cost = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
   if interval > 0 then
-    local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+    local tat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[5 + i]) or now)
     if tat < now then tat = now end
     new[i] = tat + interval * cost
     local over = new[i] - burst - now
@@ -49,12 +53,15 @@ if wait > 0 then return {0, math.ceil(wait), left[1], left[2], 0} end
 local reset = 0
 for i = 1, 2 do
   if new[i] then
-    redis.call('SET', KEYS[i], new[i], 'PX', math.ceil(new[i] - now) + 1000)
+    redis.call('ZADD', KEYS[1], new[i], ARGV[5 + i])
     if new[i] - now > reset then reset = new[i] - now end
   end
 end
+local full = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 64)
+if #full > 0 then redis.call('ZREM', KEYS[1], unpack(full)) end
 return {1, 0, left[1], left[2], math.ceil(reset)}
 """
+QUOTAS_KEY = f"{KEY_PREFIX}quotas"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ def _interval(per_minute: int) -> float:
 
 
 def quota_keys(tenant: str) -> list[str]:
+    """The tenant's requests and tokens buckets: members of QUOTAS_KEY."""
     part = key_part(tenant)
     return [f"{KEY_PREFIX}quota:req:{part}", f"{KEY_PREFIX}quota:tok:{part}"]
 
@@ -105,8 +113,9 @@ class Quotas:
                     _interval(policy.tokens_per_minute),
                     tokens,
                     MINUTE_MS,
+                    *quota_keys(tenant),
                 ]
-                await self._script(keys=quota_keys(tenant), args=args, client=pipe)
+                await self._script(keys=[QUOTAS_KEY], args=args, client=pipe)
             results = await pipe.execute()
         for i, result in zip(limited, results, strict=True):
             passed, retry, req_left, tok_left, reset = (int(x) for x in result)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from processors.quotas import Quotas, quota_keys
+from processors.quotas import QUOTAS_KEY, Quotas, quota_keys
 from streams import Client, Reply
 from streams.tenants import TenantPolicy, Tenants
 from tests.conftest import Pipeline
@@ -42,7 +42,7 @@ def test_gcra_refuses_past_the_quota_with_the_exact_retry_time(services: tuple[s
             quotas = Quotas(redis, tenants)
             first = await quotas.decide([(tenant, 10)] * 8 + [("unlisted", 5)])
             tokens = await Quotas(redis, tenants).decide([(f"{tenant}", 1)])  # requests bucket still over
-            await redis.delete(*quota_keys(tenant))
+            await redis.zrem(QUOTAS_KEY, *quota_keys(tenant))
             big = await quotas.decide([(tenant, 60), (tenant, 60)])  # tokens: 100 a minute
             return [first, tokens, big]
         finally:
