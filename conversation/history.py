@@ -2,11 +2,27 @@
 
 Keys escape tenant and session ids, so odd characters cannot reach another
 tenant's keys. Every read and write for a batch goes in one pipeline.
+
+What Redis must hold for the guarantees, and what it may lose (docs/design.md,
+"Bounded memory"): Redis runs `volatile-lru`, so under `maxmemory` the least
+recently used keys with a TTL go first (long-idle conversations, old cache
+entries). The request claims are not such keys: they are members of one sorted set
+without a TTL (`CLAIMS_KEY`, scored by when each claim lapses, lapsed ones pruned
+as new ones come), which no `volatile-*` policy can evict, so a redelivered request
+is still recognised however full Redis is. Quota buckets are kept the same way
+(processors/quotas.py).
+
+One-shot sessions: a session id that starts with ONE_SHOT_PREFIX (the HTTP gateway
+gives each OpenAI call one: the call carries its whole conversation) keeps no
+history: its turns are not stored, its claim and answered mark last
+ONE_SHOT_TTL_S. Kept for a day as before, every such call's prompt and answer
+filled Redis until eviction took the quota buckets and cancel keys.
 """
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Sequence
 from typing import Any, overload
 from urllib.parse import quote
@@ -15,6 +31,16 @@ from schemas import get_codec
 
 KEY_PREFIX = "tidegate:"
 Turn = dict[str, Any]  # {"role", "content", "tokens"}
+
+# every tenant's request claims: member `<tenant>:<request id>`, score the Unix ms at
+# which the claim lapses; no TTL of its own, so no volatile-* eviction can pick it
+CLAIMS_KEY = f"{KEY_PREFIX}claims"
+# how long a conversation's request stays claimed: longer than a redelivery takes (a
+# processor that died past its claim and before its commit is replaced in seconds;
+# a request older than its deadline is answered `expired` before any claim is read)
+CLAIM_TTL_S = 3600
+ONE_SHOT_PREFIX = "once:"
+ONE_SHOT_TTL_S = 600  # a one-shot request's claim and answered mark
 
 
 def key_part(part: str) -> str:
@@ -36,9 +62,19 @@ def content_digest(content: str) -> str:
     return hashlib.blake2b(content.encode(), digest_size=12).hexdigest()
 
 
-def seen_key(tenant: str, request_id: str) -> str:
-    """A processed request's claim; per tenant, so one tenant's id never hides another's."""
-    return f"{KEY_PREFIX}seen:{key_part(tenant)}:{key_part(request_id)}"
+def one_shot_session(name: str | None = None) -> str:
+    """A session id whose history is not kept (ONE_SHOT_PREFIX + `name`, or a fresh id)."""
+    return f"{ONE_SHOT_PREFIX}{name or uuid.uuid4().hex}"
+
+
+def is_one_shot(session_id: str) -> bool:
+    return session_id.startswith(ONE_SHOT_PREFIX)
+
+
+def claim_member(tenant: str, request_id: str) -> str:
+    """A processed request's claim in CLAIMS_KEY; per tenant, so one tenant's id never
+    hides another's (both parts escaped: no two pairs share a member)."""
+    return f"{key_part(tenant)}:{key_part(request_id)}"
 
 
 def answered_key(tenant: str, request_id: str) -> str:
@@ -105,13 +141,13 @@ class StoredHistory(Sequence[Turn]):
 
 # Two steps per request, so that a crash between them loses nothing:
 #
-# 1. _LOAD, before the envelope is sent: a request whose claim exists was processed
+# 1. _LOAD, before the envelope is sent: a request whose claim holds was processed
 #    before (an at-least-once redelivery) and gets nil: no envelope. Otherwise the
 #    history is read; nothing is written. With room >= 0 only the newest turns whose
 #    stored counts fit `room` tokens are read, from the tail in chunks: a window of a
 #    long history moves a few turns, not all of them. Returns {turns in the list, kept}.
 # 2. _CLAIM_APPEND, once the broker acknowledged the envelope: claim the request id
-#    (SET NX) and, if the claim is new, append the request's own turns, atomically.
+#    (in CLAIMS_KEY) and, if the claim is new, append the request's own turns, atomically.
 #    A processor that dies between the two leaves no claim: the redelivered request
 #    is read and forwarded again (the worker and the client drop the duplicate).
 # 3. _ANSWER_ONCE, the worker's, once per request id (its `answered` key): the
@@ -120,9 +156,24 @@ class StoredHistory(Sequence[Turn]):
 #    acknowledged); its turn then waits under the request's `early` key, and step 2
 #    appends it right after the question, in the same script: the history never
 #    reads answer, question.
-_LOAD = """
+#
+# Claims: KEYS[1] is CLAIMS_KEY, the request's member an ARGV; a claim holds while
+# its score is in the future. Each new claim prunes up to 64 lapsed ones, as many as
+# come in: the set holds about the claims of the last CLAIM_TTL_S.
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local function claimed(member)
+  local lapses = redis.call('ZSCORE', KEYS[1], member)
+  return lapses and tonumber(lapses) > now
+end
+"""
+
+_LOAD = (
+    _NOW
+    + """
 local room = tonumber(ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+if claimed(ARGV[2]) then return false end
 local total = redis.call('LLEN', KEYS[2])
 local kept = {}
 if room < 0 then
@@ -145,31 +196,42 @@ elseif room > 0 then
 end
 return {total, kept}
 """
+)
 
-_CLAIM_APPEND = """
-local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
+_CLAIM_APPEND = (
+    _NOW
+    + """
+local ttl, max_turns, claim_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]) * 1000
+if claimed(ARGV[3]) then return 0 end
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 64)
+if #lapsed > 0 then redis.call('ZREM', KEYS[1], unpack(lapsed)) end
+redis.call('ZADD', KEYS[1], now + claim_ms, ARGV[3])
 local early = redis.call('LRANGE', KEYS[3], 0, -1)
 if #early > 0 then redis.call('DEL', KEYS[3]) end
-if #ARGV > 2 or #early > 0 then
-  if #ARGV > 2 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 3)) end
+if ARGV[5] == '0' then return 1 end
+if #ARGV > 5 or #early > 0 then
+  if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
   if #early > 0 then redis.call('RPUSH', KEYS[2], unpack(early)) end
   redis.call('LTRIM', KEYS[2], -max_turns, -1)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 return 1
 """
+)
 
 _ANSWER_ONCE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
-if #ARGV < 3 then return 1 end
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 3))
+if #ARGV < 4 then return 1 end
+local lapses = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if not lapses or tonumber(lapses) <= now then
+  redis.call('RPUSH', KEYS[4], unpack(ARGV, 4))
   redis.call('EXPIRE', KEYS[4], ttl)
   return 1
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 3))
+redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
 redis.call('LTRIM', KEYS[2], -max_turns, -1)
 redis.call('EXPIRE', KEYS[2], ttl)
 return 1
@@ -192,7 +254,7 @@ class HistoryWriter:
         self.max_turns = max_turns
 
     def append(self, pipe: Any, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
-        if not turns:
+        if not turns or is_one_shot(session_id):
             return
         key = history_key(tenant, session_id)
         pipe.rpush(key, *(encode_turn(t) for t in turns))
@@ -203,24 +265,31 @@ class HistoryWriter:
         """Queues the read of a request's history (step 1); its reply through
         `loaded_history` is None for a request processed before. `room`: tokens of
         newest history wanted, or None for the whole history."""
-        args = [-1 if room is None else max(0, room)]
-        pipe.eval(_LOAD, 2, seen_key(tenant, request_id), history_key(tenant, session_id), *args)
+        args = [-1 if room is None else max(0, room), claim_member(tenant, request_id)]
+        pipe.eval(_LOAD, 2, CLAIMS_KEY, history_key(tenant, session_id), *args)
 
     def claim_append(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         """Queues the claim + append of a forwarded request (step 2); replies 1 when
-        the claim is new and the turns were appended, 0 for a repeat."""
-        args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
-        keys = seen_key(tenant, request_id), history_key(tenant, session_id), early_answer_key(tenant, request_id)
+        the claim is new and the turns were appended, 0 for a repeat. A one-shot
+        session's request is claimed for ONE_SHOT_TTL_S and its turns are not kept."""
+        once = is_one_shot(session_id)
+        claim_s = ONE_SHOT_TTL_S if once else min(self.ttl_s, CLAIM_TTL_S)
+        args = [self.ttl_s, self.max_turns, claim_member(tenant, request_id), claim_s, "0" if once else "1"]
+        args += [] if once else [encode_turn(t) for t in turns]
+        keys = CLAIMS_KEY, history_key(tenant, session_id), early_answer_key(tenant, request_id)
         pipe.eval(_CLAIM_APPEND, 3, *keys, *args)
 
     def append_once(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         """Queues the worker's assistant turns, appended once per request id and always
-        after the request's own turns (step 3); replies 0 for a repeat."""
-        args = [self.ttl_s, self.max_turns, *(encode_turn(t) for t in turns)]
+        after the request's own turns (step 3); replies 0 for a repeat. A one-shot
+        session's turns are not kept: only the answered mark, for ONE_SHOT_TTL_S."""
+        once = is_one_shot(session_id)
+        args = [ONE_SHOT_TTL_S if once else self.ttl_s, self.max_turns, claim_member(tenant, request_id)]
+        args += [] if once else [encode_turn(t) for t in turns]
         keys = (
             answered_key(tenant, request_id),
             history_key(tenant, session_id),
-            seen_key(tenant, request_id),
+            CLAIMS_KEY,
             early_answer_key(tenant, request_id),
         )
         pipe.eval(_ANSWER_ONCE, 4, *keys, *args)
@@ -233,6 +302,8 @@ class HistoryWriter:
     ) -> None:
         """Stores new turn embeddings and drops `stale` ones (turns the history no
         longer holds): the hash stays as long as the history, never longer."""
+        if is_one_shot(session_id):
+            return
         key = embeddings_key(tenant, session_id)
         if stale:
             pipe.hdel(key, *stale)

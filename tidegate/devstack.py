@@ -97,15 +97,18 @@ def redis_server_bin() -> str:
     return found
 
 
-# Redis memory is bounded; every tidegate key has a TTL, and the keys closest to
-# expiring go first (volatile-ttl): response-cache entries (an hour) before
-# conversations, and of conversations the longest idle (each write renews a
-# history's day). What eviction costs is in docs/design.md ("Bounded memory").
+# Redis memory is bounded. Under maxmemory the least recently used key with a TTL
+# goes (volatile-lru): long-idle conversations and old response-cache entries. What
+# the guarantees need has no TTL, so no volatile-* policy can pick it: the request
+# claims and the quota buckets are members of sorted sets pruned by their own
+# scripts (conversation/history.py, processors/quotas.py). volatile-ttl took the
+# shortest-lived keys first, the quota buckets and cancel keys: quotas stopped once
+# Redis was full. What eviction costs is in docs/design.md ("Bounded memory").
 REDIS_MAXMEMORY = "256mb"
-REDIS_EVICTION_POLICY = "volatile-ttl"
+REDIS_EVICTION_POLICY = "volatile-lru"
 
 
-def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[bytes]:
+def start_redis(port: int, log_dir: Path, nice: int = 0, maxmemory: str = REDIS_MAXMEMORY) -> subprocess.Popen[bytes]:
     log_path = log_dir / "redis.log"
     proc = spawn(
         [
@@ -121,7 +124,7 @@ def start_redis(port: int, log_dir: Path, nice: int = 0) -> subprocess.Popen[byt
             "--protected-mode",
             "yes",
             "--maxmemory",
-            REDIS_MAXMEMORY,
+            maxmemory,
             "--maxmemory-policy",
             REDIS_EVICTION_POLICY,
         ],
