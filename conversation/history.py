@@ -58,6 +58,12 @@ def embeddings_key(tenant: str, session_id: str) -> str:
     return f"{KEY_PREFIX}emb:{key_part(tenant)}:{key_part(session_id)}"
 
 
+def sessions_key(tenant: str) -> str:
+    """A tenant's sessions with history, scored by their last answer (Unix ms): the
+    oldest past the tenant's bound lose their history (HistoryWriter max_sessions)."""
+    return f"{KEY_PREFIX}sessions:{key_part(tenant)}"
+
+
 def content_digest(content: str) -> str:
     return hashlib.blake2b(content.encode(), digest_size=12).hexdigest()
 
@@ -237,6 +243,25 @@ redis.call('EXPIRE', KEYS[2], ttl)
 return 1
 """
 
+# A tenant's share: KEYS[1] its sessions (sessions_key), ARGV: the bound, the TTL, the
+# session's key part, the prefixes of its history and embeddings keys. The sessions
+# past the bound, least recently answered first, are dropped with their history (keys
+# named here, not in KEYS: one Redis, not a cluster).
+_BOUND_SESSIONS = """
+local bound, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000), ARGV[3])
+redis.call('EXPIRE', KEYS[1], ttl)
+local over = redis.call('ZCARD', KEYS[1]) - bound
+if over <= 0 then return 0 end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, over - 1)
+for _, session in ipairs(oldest) do
+  redis.call('DEL', ARGV[4] .. session, ARGV[5] .. session)
+end
+redis.call('ZREM', KEYS[1], unpack(oldest))
+return #oldest
+"""
+
 
 def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
     """The script's reply as a history; None for a request id claimed before."""
@@ -247,11 +272,18 @@ def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
 
 
 class HistoryWriter:
-    """Queues history commands on a pipeline (sync or async redis alike)."""
+    """Queues history commands on a pipeline (sync or async redis alike).
 
-    def __init__(self, ttl_s: int, max_turns: int) -> None:
+    `max_sessions` bounds a tenant's share of Redis (0: no bound): after its answers
+    the worker queues `bound_sessions`, which records each session among its
+    tenant's, and the tenant's least recently answered sessions past the bound lose
+    their history and embeddings, as eviction would take them, but within the
+    tenant: one tenant's many sessions cannot push out another's conversations."""
+
+    def __init__(self, ttl_s: int, max_turns: int, max_sessions: int = 0) -> None:
         self.ttl_s = ttl_s
         self.max_turns = max_turns
+        self.max_sessions = max_sessions
 
     def append(self, pipe: Any, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         if not turns or is_one_shot(session_id):
@@ -293,6 +325,16 @@ class HistoryWriter:
             early_answer_key(tenant, request_id),
         )
         pipe.eval(_ANSWER_ONCE, 4, *keys, *args)
+
+    def bound_sessions(self, pipe: Any, tenant: str, session_id: str) -> None:
+        """Queues the session's place among its tenant's (max_sessions), after its
+        answer; replies how many older sessions were dropped. Queues nothing where
+        there is no bound, or for a one-shot session (it keeps no history)."""
+        if not self.max_sessions or is_one_shot(session_id):
+            return
+        prefixes = history_key(tenant, ""), embeddings_key(tenant, "")
+        args = [self.max_sessions, self.ttl_s, key_part(session_id), *prefixes]
+        pipe.eval(_BOUND_SESSIONS, 1, sessions_key(tenant), *args)
 
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))

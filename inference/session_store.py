@@ -34,7 +34,7 @@ class SessionStore:
     def __init__(self, settings: Settings, runner: ModelRunner) -> None:
         self.settings = settings
         self.runner = runner
-        self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
+        self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns, settings.tenant_max_sessions)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.repeats = 0  # requests generated again after a redelivery (their reply goes out again)
         self._down_until = 0.0
@@ -102,7 +102,9 @@ class SessionStore:
     def append_turns(self, jobs: Sequence[Job], generations: Sequence[Generation]) -> None:
         """The assistant turns, appended to each conversation's history in one pipeline,
         once per request id: a request generated again (a redelivery after a worker
-        crashed past its reply) is counted in `repeats`, and its turn not appended."""
+        crashed past its reply) is counted in `repeats`, and its turn not appended.
+        Then each answered session takes its place among its tenant's, the oldest
+        past TENANT_MAX_SESSIONS losing their history."""
         if not self._available():
             return
         try:
@@ -112,7 +114,10 @@ class SessionStore:
                     assert e is not None
                     turn = {"role": "assistant", "content": g.text, "tokens": self.runner.count_turn_tokens(g)}
                     self.history.append_once(pipe, e["request_id"], e["tenant"], e["session_id"], [turn])
-                appended = pipe.execute()
+                for j in jobs:  # each tenant's share (TENANT_MAX_SESSIONS), after the answers
+                    assert j.envelope is not None
+                    self.history.bound_sessions(pipe, j.envelope["tenant"], j.envelope["session_id"])
+                appended = pipe.execute()[: len(jobs)]
         except (redis.RedisError, OSError) as exc:
             self._down(exc, "assistant turns")
             return

@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     system_prompt: str = "You are a helpful assistant."
     history_ttl_s: int = Field(86_400, ge=1)
     history_max_turns: int = Field(400, ge=2)
+    # a tenant's share of Redis: the sessions it most recently got answers in keep
+    # their history; an older one's is dropped (conversation/history.py); 0: no bound
+    tenant_max_sessions: int = Field(10_000, ge=0)
     default_strategy: str = "window"
     processor_batch: int = Field(64, ge=1)
     processor_batch_wait_ms: int = Field(5, ge=0)

@@ -128,3 +128,29 @@ def test_past_maxmemory_quotas_refuse_exactly_and_claims_dedupe(small_redis: red
     assert serve(r, writer, first) == [False] * BATCH
     # and a one-shot call kept no history
     assert not list(r.scan_iter(match="tidegate:history:v2:*once%3A*", count=1000))
+
+
+def test_a_tenant_past_its_sessions_bound_loses_its_oldest_not_another_tenants(small_redis: redis.Redis) -> None:
+    """TENANT_MAX_SESSIONS 10: a tenant answered in 50 sessions keeps the history of
+    10, and another tenant's 3 conversations are untouched."""
+    r = small_redis
+    writer = HistoryWriter(86_400, 400, max_sessions=10)
+
+    def converse(tenant: str, session: str) -> None:
+        rid = uuid.uuid4().hex
+        with r.pipeline(transaction=False) as pipe:
+            writer.claim_append(pipe, rid, tenant, session, [{"role": "user", "content": "hi", "tokens": 1}])
+            writer.append_once(pipe, rid, tenant, session, [{"role": "assistant", "content": "hello", "tokens": 1}])
+            writer.bound_sessions(pipe, tenant, session)
+            pipe.execute()
+
+    for i in range(3):
+        converse("small", f"s{i}")
+    for i in range(50):
+        converse("big", f"s{i}")
+
+    def histories(tenant: str) -> int:
+        return len(list(r.scan_iter(match=f"tidegate:history:v2:{tenant}:*", count=1000)))
+
+    assert histories("big") == 10
+    assert histories("small") == 3
