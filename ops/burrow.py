@@ -86,7 +86,10 @@ class GroupHealth:
         self, at: float, committed: dict[str, int], lags: dict[str, int], commit_times: dict[str, float] | None = None
     ) -> None:
         """One sample of every partition: committed offsets, lags, and (when the commit
-        log is read) the wall-clock time of each partition's last commit."""
+        log is read) the wall-clock time of each partition's last commit. A partition
+        not in the sample is no longer the stage's (a tenant's topic deleted): forgotten."""
+        for gone in set(self.partitions) - set(lags):
+            del self.partitions[gone]
         for partition, lag in lags.items():
             window = self.partitions.setdefault(partition, PartitionWindow(self.window_s))
             window.add(Sample(at, committed.get(partition, -1), lag, (commit_times or {}).get(partition)))

@@ -21,6 +21,7 @@ seconds-cap fell to its floor and a burst of `queue_full` followed every restart
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -273,9 +274,19 @@ class GroupMembers:
         return self._counts[stage.name]
 
 
+_EXPORTED: dict[str, set[str]] = {}  # per stage: the partition labels with gauges
+
+
 def export(state: dict[str, Any], lag: StageLag, statuses: dict[str, str]) -> None:
-    """One stage's state into the process's Prometheus gauges."""
+    """One stage's state into the process's Prometheus gauges; the series of a
+    partition the stage no longer reads (a tenant's topic deleted) are removed."""
     stage = state["stage"]
+    for gone in _EXPORTED.get(stage, set()) - set(lag.partitions):
+        with contextlib.suppress(KeyError):  # a series never set
+            metrics.LAG_MESSAGES.remove(stage, gone)
+            for name in (OK, WARN, STALL, STOP, REWIND):
+                metrics.PARTITION_STATUS.remove(stage, gone, name)
+    _EXPORTED[stage] = set(lag.partitions)
     for partition, pl in lag.partitions.items():
         metrics.LAG_MESSAGES.labels(stage, partition).set(pl.lag)
     metrics.LAG_SECONDS.labels(stage).set(state["lag_seconds"])

@@ -6,6 +6,7 @@ and `tidegate lag`, which read the shared request topic alone."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from confluent_kafka import Producer
@@ -62,5 +63,18 @@ def test_a_tenants_backlog_raises_the_processors_pressure(pipeline_factory: Call
             assert topic in rows[PROCESSORS]["topics"]
         finally:
             reader.close()
+
+        # the tenant leaves (its topic deleted): its backlog leaves the lag and the health
+        admin = admin_client(pipeline.settings)
+        for future in admin.delete_topics([topic], operation_timeout=10).values():
+            future.result(timeout=30)
+
+        def forgotten() -> dict | None:
+            state = listener.board.state(PROCESSORS) or {}
+            labels = state.get("partition_health", {})
+            return state if state.get("lag") == 0 and not any(k.startswith("acme/") for k in labels) else None
+
+        wait_for(forgotten, 30, "the deleted tenant topic to leave the processors' lag and health")
+        assert os.waitpid(pipeline.pids["monitor"], os.WNOHANG) == (0, 0), "the monitor exited"
     finally:
         listener.close()
