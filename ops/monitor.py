@@ -305,12 +305,31 @@ def export(state: dict[str, Any], lag: StageLag, statuses: dict[str, str]) -> No
     metrics.GROUP_PARTITIONS.labels(stage).set(state["partitions"])
 
 
+def start(settings: Settings, stopping: threading.Event) -> LagMonitor | None:
+    """The monitor, once the broker answers and the stages' topics exist: a monitor
+    started before them (a broker restarting, topics created after the stages) waits
+    with backoff, one line per attempt, instead of exiting; None if stopped first."""
+    attempt = 0
+    while not stopping.is_set():
+        try:
+            monitor = LagMonitor(settings)
+        except (KafkaException, TidegateError) as exc:
+            attempt += 1
+            log.warning("attempt=%d lag monitor not started, retrying: %s", attempt, exc)
+            stopping.wait(min(RETRY_MAX_S, 0.2 * 2**attempt))
+            continue
+        monitor.stopping = stopping
+        return monitor
+    return None
+
+
 def main() -> None:
     """Runs the monitor until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
-    monitor = LagMonitor(settings)
-
-    stop_on_signals(monitor.stopping)
-    monitor.run()
+    stopping = threading.Event()
+    stop_on_signals(stopping)
+    monitor = start(settings, stopping)
+    if monitor is not None:
+        monitor.run()

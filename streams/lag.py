@@ -143,12 +143,16 @@ class LagReader:
         self._listed_at = 0.0
         self._error_logged_at = 0.0
         self.clock = LagClock()
-        listed = self._tail.list_topics(timeout=10).topics
-        for stage in stages:
-            meta = listed.get(stage.topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                raise TidegateError(f"topic {stage.topic!r} not found: create the topics first")
-        self._track(listed, watermark_timeout_s=15.0, strict=True)
+        try:
+            listed = self._tail.list_topics(timeout=10).topics
+            for stage in stages:
+                meta = listed.get(stage.topic)
+                if meta is None or meta.error is not None or not meta.partitions:
+                    raise TidegateError(f"topic {stage.topic!r} not found: create the topics first")
+            self._track(listed, watermark_timeout_s=15.0, strict=True)
+        except BaseException:  # a caller that tries again must not leak these consumers
+            self.close()
+            raise
         self._listed_at = time.monotonic()
 
     def _track(self, listed: dict, watermark_timeout_s: float, strict: bool = False) -> None:

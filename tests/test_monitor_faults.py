@@ -2,6 +2,8 @@
 
 - A transient error of its tail's consumer (injected: `lag-tail-error@2`, the
   point's second reach, in the tail between two samples) used to end the process.
+- A monitor started before its topics existed exited (the supervisor restarted it,
+  from nothing).
 - A restarted monitor measured the drain rates afresh: every seconds-cap fell to its
   floor and a burst of `queue_full` followed. It resumes from the last state on the
   compacted pressure topic."""
@@ -10,16 +12,21 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Callable
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from streams.kafka import connection_config
+from streams.config import Settings
+from streams.kafka import connection_config, create_topics
 from streams.lag import PROCESSORS
+from streams.lifecycle import READY_MARKER
 from streams.outgoing import now_ms
 from streams.pressure_feed import PressureListener
-from tests.conftest import Pipeline
+from tests.conftest import BROKER, LOG_DIR, Pipeline, settings_env
 from tests.helpers import wait_for
+from tidegate import devstack
+from tidegate.processes import stop_pid
 
 BACKLOG = 4000
 COMMIT_STEP = 40  # records per 0.1 s: a drain rate of ~400/s
@@ -108,3 +115,35 @@ def test_a_restarted_monitor_resumes_the_drain_rate_and_cap(pipeline_factory: Ca
         done.set()
         listener.close()
         committer.close()
+
+
+def test_a_monitor_started_before_its_topics_waits_for_them(services: tuple[str, str]) -> None:
+    """Started before the topics exist (topics created after the stages, a broker
+    between lives), the monitor used to exit; it tries again and becomes ready once
+    they are there."""
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(
+        bootstrap=services[0],
+        redis_url=services[1],
+        broker=BROKER,
+        topic_prefix=f"t{tag}.",
+        processor_group=f"processors-{tag}",
+        worker_group=f"workers-{tag}",
+    )
+    log_dir = LOG_DIR / f"monitor-early-{tag}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    proc = devstack.start_stage("ops", settings_env(settings), log_dir)
+    log_path = log_dir / "ops.log"
+    try:
+        wait_for(
+            lambda: (
+                proc.poll() is not None or "attempt=1 lag monitor not started" in log_path.read_text(errors="replace")
+            ),
+            30,
+            "the monitor's first try",
+        )
+        assert proc.poll() is None, log_path.read_text(errors="replace")[-2000:]
+        create_topics(settings)
+        devstack.wait_for_ready(log_path, READY_MARKER, proc, 60)
+    finally:
+        stop_pid(proc.pid)
