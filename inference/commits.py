@@ -6,7 +6,8 @@ that marks its record answered in the `OffsetLedger` (inference/offsets.py);
 pooled, in flight or unacknowledged. A reply the broker refused for good (its
 topic gone or not writable, say) is replaced by its fallback, the record's dead
 letter (streams/delivery.py); any other refusal stops the worker before anything
-past it is committed: its record is read again.
+past it is committed: its record is read again. A reply not acknowledged yet is no
+failure: its record stays open and the worker waits on.
 """
 
 from __future__ import annotations
@@ -74,13 +75,24 @@ class ReplyCommitter:
         self._send_fallbacks()
         self.raise_on_failures()
 
-    def flush(self, timeout_s: float) -> None:
+    def flush(self, timeout_s: float) -> int:
+        """Waits up to `timeout_s` for the broker to acknowledge the replies sent (and
+        the fallbacks of those refused for good); returns how many are still waiting.
+        A broker slow to answer (a leader election, a broker stopped for seconds) is
+        not a failure: an unacknowledged reply's record stays open in the ledger, so
+        no commit passes it, and librdkafka goes on delivering it. Only a delivery that
+        failed (its report says so, at the latest after librdkafka's message timeout)
+        raises DeliveryError. Raising as soon as a flush ran out made an idle worker
+        exit on a leader election."""
         remaining = self.producer.flush(timeout_s)
         while self._send_fallbacks():  # a fallback has none of its own: this ends
             remaining = self.producer.flush(timeout_s)
         if remaining:
-            self._failures.append(f"{remaining} replies unacknowledged after {timeout_s:.0f}s")
+            log.warning(
+                "%d replies not acknowledged after %.0fs; waiting on, committing only what is", remaining, timeout_s
+            )
         self.raise_on_failures()
+        return remaining
 
     def raise_on_failures(self) -> None:
         if self._failures:

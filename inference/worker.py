@@ -197,7 +197,9 @@ class InferenceWorker:
                     log.warning("consume error: %s", error)
                 continue
             key = (record.topic(), record.partition(), record.offset())
-            job = self.jobs.pop(key, None) or decode_job(record, self.runner, self.settings, self.reply_topics)
+            job = self.jobs.pop(key, None)
+            if job is None or job.record is not record:  # the ledger answers the very record it took
+                job = decode_job(record, self.runner, self.settings, self.reply_topics)
             job.started_ms = started
             self.replies.take([record])
             metrics.QUEUE_WAIT.observe(max(0, started - record.timestamp()[1]) / 1000)
@@ -232,7 +234,7 @@ class InferenceWorker:
         if jobs:
             answered.extend(self._generate_static(jobs))
         self.replies.send(answered)
-        self._await_acknowledgements(30)
+        self.replies.flush(30)
         self._commit(asynchronous=False)
 
     def _generate_static(self, jobs: list[Job]) -> list[tuple[Message, Outgoing]]:
@@ -271,7 +273,7 @@ class InferenceWorker:
             # pool holds work: a flush and a synchronous commit per cohort of rows that
             # ended together would keep the worker waiting on the broker; the periodic
             # commit below covers a busy worker.
-            self._await_acknowledgements(10)
+            self.replies.flush(10)
             self._commit(asynchronous=False)
         room = self.settings.join_room(len(self.engine.active), busy)
         # room 0: keeps fetching; an idle engine starts at once (no batching window)
@@ -413,22 +415,6 @@ class InferenceWorker:
         return out
 
     # -- commits and stats ----------------------------------------------------
-
-    def _await_acknowledgements(self, timeout_s: float) -> None:
-        """Waits up to `timeout_s` for the broker to acknowledge the replies sent. A
-        broker slow to answer (a leader election; a broker stopped for seconds) is not
-        a failure: an unacknowledged reply's record stays open in the ledger, so no
-        commit passes it, and librdkafka goes on delivering it; the next idle round
-        waits again. Only a delivery that failed (its report says so, at the latest
-        after librdkafka's message timeout) stops the worker (DeliveryError). This
-        flush raised as soon as it ran out, and an idle worker exited on a leader
-        election."""
-        remaining = self.replies.producer.flush(timeout_s)
-        if remaining:
-            log.warning(
-                "%d replies not acknowledged after %.0fs; waiting on, committing only what is", remaining, timeout_s
-            )
-        self.replies.poll()  # fallbacks of replies refused for good; DeliveryError on a failure
 
     def _commit(self, asynchronous: bool) -> None:
         """Commits what is answered. A refused commit (this member was fenced: stopped
