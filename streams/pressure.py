@@ -25,12 +25,14 @@ before it have had their turn: successive refusals are given times one drain
 interval (1 / drain rate) apart. Told the same drain time, every refused caller
 came back at once, most were refused again, with a 50 ms hint each time while
 the state was not yet `full` (6,300-8,200 429s for ~2,300 calls in the HTTP
-overload test, and the CPU they took delayed the answers). The line is let go
-when a published state is a level lower than the one before it (full -> warn,
-warn -> ok): the backlog drained past a line, so the callers refused above it get
-in when they come back and need no place in it. Kept for good, a storm of refusals
-from callers who never came back pushed every later hint to MAX_RETRY_AFTER_MS,
-even once the backlog had drained.
+overload test, and the CPU they took delayed the answers). The line starts again
+when a published state is back to `ok`: the backlog drained, every priority gets
+in, and a caller refused later is told the drain time, not a place behind callers
+refused before who may never come back. Kept for good, a storm of refusals from
+callers who never came back pushed every later hint to MAX_RETRY_AFTER_MS even
+once the backlog had drained. (Started again at every drop of a level, full ->
+warn, the line was lost many times a second under a 3x overload and the returning
+callers met in herds again: 10,674 429s instead of 2,249 in the HTTP overload test.)
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from streams.config import Settings
 from streams.outgoing import now_ms
 
 OK, WARN, FULL = "ok", "warn", "full"
-LEVELS = {OK: 0, WARN: 1, FULL: 2}
 HIGH_PRIORITY_FACTOR = 1.25
 # hysteresis: a state is left only when lag falls this far below the line that set it
 EXIT_FACTOR = 0.9
@@ -231,8 +232,8 @@ class PressureBoard:
             current = self._states.get(stage)
             if current is not None and current["updated_ms"] > state["updated_ms"]:
                 return
-            if current is not None and LEVELS.get(state["state"], 0) < LEVELS.get(current["state"], 0):
-                self._last_retry_ms.pop(stage, None)  # drained past a line: nobody queued before matters
+            if state["state"] == OK and current is not None and current["state"] != OK:
+                self._last_retry_ms.pop(stage, None)  # drained: the line of retry times starts again
             self._states[stage] = state
             self._received_at[stage] = time.monotonic()
             _forget_before(self._admitted[stage], state["updated_ms"] - self.transit_ms)

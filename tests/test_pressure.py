@@ -198,3 +198,14 @@ def test_retry_hints_come_back_to_the_drain_time_once_a_storm_drained() -> None:
     # within one spell of pressure the line holds: the next caller comes after it
     following = board.admit(["workers"], "normal")
     assert following is not None and 618 <= following.retry_after_ms <= 620
+
+
+def test_the_line_of_retry_times_holds_while_the_stage_only_dips_below_full() -> None:
+    board = PressureBoard(stale_s=5, warn_ratio=0.8)
+    board.publish({**state(120, 100, FULL), "drain_rate": 50.0})
+    handed = [board.admit(["workers"], "normal") for _ in range(50)]  # 50 callers, 20 ms apart
+    assert handed[-1] is not None and handed[-1].retry_after_ms >= 599 + 49 * 19
+    board.publish({**state(85, 100, WARN), "drain_rate": 50.0})  # a dip: the 50 are still coming back
+    board.publish({**state(120, 100, FULL), "drain_rate": 50.0})
+    after = board.admit(["workers"], "normal")
+    assert after is not None and after.retry_after_ms > handed[-1].retry_after_ms - 50  # behind them, not among them
