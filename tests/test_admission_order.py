@@ -21,6 +21,7 @@ from streams.config import Settings
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL, OK, PressureBoard
 from streams.tenants import TenantPolicy, Tenants
+from tests.handler_support import delivered, request_record
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
 
@@ -36,22 +37,8 @@ def runner() -> Iterator[asyncio.Runner]:
         yield runner
 
 
-def record(tenant: str, request_id: str | None = None) -> Incoming:
-    request = {
-        "request_id": request_id or uuid.uuid4().hex,
-        "session_id": uuid.uuid4().hex[:8],
-        "tenant": tenant,
-        "messages": [{"role": "user", "content": "hello"}],
-        "priority": "normal",
-        "max_new_tokens": 8,
-        "temperature": 0.0,
-        "created_ms": 0,
-        "deadline_ms": 0,
-        "reply_to": "tidegate.replies",
-        "strategy": None,
-        "metadata": {},
-    }
-    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "tidegate.requests", 0, 0)
+def record(tenant: str) -> Incoming:
+    return request_record(uuid.uuid4().hex[:8], tenant=tenant)
 
 
 def outcomes(out: list[Outgoing]) -> list[str]:
@@ -64,13 +51,7 @@ def outcomes(out: list[Outgoing]) -> list[str]:
 
 
 def handle(runner: asyncio.Runner, handler: RequestHandler, records: list[Incoming]) -> list[str]:
-    delivered: list[Outgoing] = []
-
-    async def deliver(outgoing: list[Outgoing]) -> None:
-        delivered.extend(outgoing)
-
-    runner.run(handler.handle(records, deliver))
-    return outcomes(delivered)
+    return outcomes(delivered(runner, handler, records))
 
 
 def pressure(lag: int, cap: int, level: str) -> dict:

@@ -8,7 +8,6 @@ lands on `other`)."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from prometheus_client import REGISTRY
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
-from processors.handler import Incoming, RequestHandler
+from processors.handler import RequestHandler
 from schemas import get_codec
 from streams import metrics
 from streams.client import Client
@@ -24,6 +23,7 @@ from streams.config import Settings
 from streams.exceptions import QueueFull
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL
+from tests.handler_support import request_record
 
 CRAFTED = 10_000
 
@@ -34,24 +34,6 @@ def series_count() -> int:
 
 def crafted_priority(i: int) -> str:
     return f"crafted-{i}-" + "x" * (i % 300)
-
-
-def request_record(priority: str) -> Incoming:
-    request = {
-        "request_id": uuid.uuid4().hex,
-        "session_id": "s",
-        "tenant": "acme",
-        "messages": [{"role": "user", "content": "hi"}],
-        "priority": priority,
-        "max_new_tokens": 8,
-        "temperature": 0.0,
-        "created_ms": 0,
-        "deadline_ms": 0,
-        "reply_to": "tidegate.replies",
-        "strategy": None,
-        "metadata": {},
-    }
-    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "tidegate.requests", 0, 0)
 
 
 def test_every_label_of_every_metric_has_a_closed_set() -> None:
@@ -78,7 +60,7 @@ def test_ten_thousand_crafted_priorities_on_the_processors_invalid_path_add_no_s
 
     async def run(priorities: list[str]) -> None:
         for start in range(0, len(priorities), 64):
-            await handler.handle([request_record(p) for p in priorities[start : start + 64]], deliver)
+            await handler.handle([request_record(priority=p) for p in priorities[start : start + 64]], deliver)
 
     asyncio.run(run([crafted_priority(-1)]))  # the `other` series exists from here on
     before = series_count()

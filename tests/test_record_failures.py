@@ -24,6 +24,7 @@ from streams.client import Client
 from streams.config import Settings
 from streams.outgoing import Outgoing
 from tests.conftest import LOG_DIR, Pipeline, SettingsFactory
+from tests.handler_support import delivered, request_record
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
 
@@ -39,26 +40,6 @@ def runner() -> Iterator[asyncio.Runner]:
         yield runner
 
 
-def record(
-    session: str, text: str = "hello", strategy: str | None = None, reply_to: str = "tidegate.replies"
-) -> Incoming:
-    request = {
-        "request_id": uuid.uuid4().hex,
-        "session_id": session,
-        "tenant": "acme",
-        "messages": [{"role": "user", "content": text}],
-        "priority": "normal",
-        "max_new_tokens": 8,
-        "temperature": 0.0,
-        "created_ms": 0,
-        "deadline_ms": 0,
-        "reply_to": reply_to,
-        "strategy": strategy,
-        "metadata": {},
-    }
-    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "tidegate.requests", 0, 0)
-
-
 def decoded(out: Outgoing) -> tuple[str, dict]:
     """(kind, fields): `envelope`, `reply` or `dead_letter`."""
     codec = get_codec()
@@ -70,13 +51,7 @@ def decoded(out: Outgoing) -> tuple[str, dict]:
 
 
 def handle(runner: asyncio.Runner, handler: RequestHandler, records: list[Incoming]) -> list[tuple[str, dict]]:
-    delivered: list[Outgoing] = []
-
-    async def deliver(outgoing: list[Outgoing]) -> None:
-        delivered.extend(outgoing)
-
-    runner.run(handler.handle(records, deliver))
-    return [decoded(o) for o in delivered]
+    return [decoded(o) for o in delivered(runner, handler, records)]
 
 
 def make_handler(redis_url: str, counter: TokenCounter) -> RequestHandler:
@@ -95,8 +70,10 @@ def test_relevance_without_its_model_falls_back_to_window_and_the_batch_goes_on(
     monkeypatch.setattr(embeddings, "PACKAGE", "gt_embedding_wheel_not_installed")
     handler = make_handler(services[1], counter)
     ranked, plain = f"r-{uuid.uuid4().hex[:6]}", f"p-{uuid.uuid4().hex[:6]}"
-    handle(runner, handler, [record(ranked, "my locker code is 4812")])  # history to rank
-    out = by_session(handle(runner, handler, [record(ranked, "my code?", "relevance"), record(plain, "hi")]))
+    handle(runner, handler, [request_record(ranked, "my locker code is 4812")])  # history to rank
+    out = by_session(
+        handle(runner, handler, [request_record(ranked, "my code?", strategy="relevance"), request_record(plain, "hi")])
+    )
     kind, fell_back = out[ranked]
     assert kind == "envelope" and fell_back["strategy"] == "window" and fell_back["degraded"]
     assert [t["content"] for t in fell_back["turns"]] == ["my locker code is 4812", "my code?"]
@@ -112,7 +89,7 @@ def test_a_session_whose_stored_history_is_corrupt_fails_alone(
     store = redis.Redis.from_url(services[1])
     store.rpush(history_key("acme", broken), encode_turn({"role": "user", "content": "ok", "tokens": 1}))
     store.rpush(history_key("acme", broken), b"written by something else")  # no `<tokens>\t`
-    out = by_session(handle(runner, handler, [record(first), record(broken), record(second)]))
+    out = by_session(handle(runner, handler, [request_record(first), request_record(broken), request_record(second)]))
     kind, reply = out[broken]
     assert kind == "reply" and reply["status"] == "error" and "history" in reply["error"]
     assert out[first][0] == out[second][0] == "envelope"
@@ -125,7 +102,7 @@ def test_a_session_key_of_the_wrong_type_fails_only_its_request(
     handler = make_handler(services[1], counter)
     broken, first = f"wrongtype-{uuid.uuid4().hex[:6]}", f"a-{uuid.uuid4().hex[:6]}"
     redis.Redis.from_url(services[1]).set(history_key("acme", broken), "a string, not a list")
-    out = by_session(handle(runner, handler, [record(first), record(broken)]))
+    out = by_session(handle(runner, handler, [request_record(first), request_record(broken)]))
     kind, reply = out[broken]
     assert kind == "reply" and reply["status"] == "error" and "WRONGTYPE" in reply["error"]
     kind, envelope = out[first]
@@ -135,7 +112,7 @@ def test_a_session_key_of_the_wrong_type_fails_only_its_request(
 def test_a_batch_that_failed_as_a_whole_is_answered_record_by_record(counter: TokenCounter) -> None:
     handler = make_handler("redis://127.0.0.1:1/0", counter)
     undecodable = Incoming(b"\x00not a request", b"k", [], "tidegate.requests", 0, 7)
-    batch = [record("s1"), undecodable, record("s2", reply_to="tidegate.contexts")]
+    batch = [request_record("s1"), undecodable, request_record("s2", reply_to="tidegate.contexts")]
     out = [decoded(o) for o in handler.failed_batch(batch, RuntimeError("boom"))]
     assert [kind for kind, _ in out] == ["reply", "dead_letter", "dead_letter"]
     assert out[0][1]["status"] == "error" and "boom" in out[0][1]["error"]
@@ -149,7 +126,9 @@ def test_a_wave_whose_step_fails_answers_each_of_its_requests(
     handler = make_handler(services[1], counter)
     session, other = f"w-{uuid.uuid4().hex[:6]}", f"o-{uuid.uuid4().hex[:6]}"
     # two requests of one conversation: two waves; the other conversation is in the first
-    out = handle(runner, handler, [record(session, "one"), record(other), record(session, "two")])
+    out = handle(
+        runner, handler, [request_record(session, "one"), request_record(other), request_record(session, "two")]
+    )
     assert [(kind, fields.get("status")) for kind, fields in out] == [
         ("envelope", None),
         ("envelope", None),

@@ -15,31 +15,17 @@ from redis.asyncio import Redis
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.handler import Incoming, RequestHandler
-from schemas import get_codec
 from streams.config import Settings
 from streams.delivery import DeliveryProducer
 from streams.kafka import producer_config
 from streams.outgoing import Outgoing
 from streams.reply_topics import KEPT, LIST_WAIT_S, ReplyTopics
+from tests.handler_support import request_record
 from tidegate.processes import free_port
 
 
 def record(reply_to: str) -> Incoming:
-    request = {
-        "request_id": uuid.uuid4().hex,
-        "session_id": "s",
-        "tenant": "acme",
-        "messages": [{"role": "user", "content": "hi"}],
-        "priority": "normal",
-        "max_new_tokens": 8,
-        "temperature": 0.0,
-        "created_ms": 0,
-        "deadline_ms": 0,
-        "reply_to": reply_to,
-        "strategy": None,
-        "metadata": {},
-    }
-    return Incoming(get_codec().encode("InferenceRequest", request), b"k", [], "tidegate.requests", 0, 0)
+    return request_record(reply_to=reply_to)
 
 
 class Listing:
