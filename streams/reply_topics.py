@@ -14,7 +14,7 @@ auto-creates topics).
 
 Bounded in time and memory: the processors (an asyncio loop) ask once per batch,
 for all its unseen names together, in a thread (`prepare`), and wait at most
-`LIST_WAIT_S` for it; the loop goes on meanwhile. Before, each unseen name made a
+`LIST_WAIT_S` in all; the loop goes on meanwhile. Before, each unseen name made a
 listing on the loop itself (up to 5 s each, every record again while the broker
 did not answer): a batch of made-up names stopped the loop, its heartbeats and
 commits, for minutes. The names kept (trusted and missing) are each at most
@@ -49,15 +49,24 @@ class MetadataSource(Protocol):
 
 
 class ReplyTopics:
-    def __init__(self, settings: Settings, source: MetadataSource, refresh_s: float = 0.25, kept: int = KEPT) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        source: MetadataSource,
+        refresh_s: float = 0.25,
+        kept: int = KEPT,
+        wait_s: float = LIST_WAIT_S,
+    ) -> None:
         self.settings = settings
         self.source = source
         self.refresh_s = refresh_s
         self.kept = kept
+        self.wait_s = wait_s
         # names found existing / missing -> when (monotonic), least recently asked first
         self._known: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._missing: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._listing: asyncio.Future[set[str] | None] | None = None  # the one in flight, if any
+        self._listing_began = 0.0  # monotonic
 
     def reason(self, reply_to: str, tenant: str | None = None, ask: bool = True) -> str | None:
         """None when replies may go to `reply_to`, else why not. A request from a
@@ -82,27 +91,33 @@ class ReplyTopics:
 
     async def prepare(self, names: Iterable[str]) -> None:
         """Decides the batch's unseen names with one listing, in a thread, waiting at
-        most LIST_WAIT_S: the caller's loop is never blocked on the broker. A listing
-        still running from an earlier batch is waited for rather than doubled."""
+        most `wait_s` in all: the caller's loop is never blocked on the broker. A
+        listing still running from an earlier batch is waited for rather than doubled;
+        as it began before these names were seen, it can say which exist, not which
+        are missing (their topics may be a moment younger): for those a new one."""
         now = time.monotonic()
+        deadline = now + self.wait_s
         shared = self.settings.topics.replies
         unseen = {
             n for n in names if n != shared and reply_to_reason(n, self.settings) is None and self._undecided(n, now)
         }
-        if not unseen:
-            return
-        if self._listing is None or self._listing.done():
-            self._listing = asyncio.ensure_future(asyncio.to_thread(self._list))
-        listing = self._listing
-        try:
-            listed = await asyncio.wait_for(asyncio.shield(listing), LIST_WAIT_S)
-        except TimeoutError:
-            log.warning(
-                "no topic listing within %.1fs; %d reply_to names left to the delivery", LIST_WAIT_S, len(unseen)
-            )
-            return
-        if listed is not None:
-            self._learn(listed, unseen, now)
+        while unseen:
+            if self._listing is None or self._listing.done():
+                self._listing_began = time.monotonic()
+                self._listing = asyncio.ensure_future(asyncio.to_thread(self._list))
+            listing, began = self._listing, self._listing_began
+            try:
+                listed = await asyncio.wait_for(asyncio.shield(listing), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                log.warning("no listing in %.1fs; %d reply_to names left to the delivery", self.wait_s, len(unseen))
+                return
+            if listed is None:
+                return  # the broker did not answer: the delivery decides
+            if began >= now:
+                self._learn(listed, unseen, now)
+                return
+            self._learn(listed, unseen & listed, now)
+            unseen -= listed
 
     def _undecided(self, name: str, now: float) -> bool:
         if name in self._known:

@@ -7,6 +7,7 @@ and a flood of distinct names keeps at most `KEPT` of each kind."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 
@@ -104,3 +105,34 @@ def test_a_flood_of_distinct_reply_to_names_keeps_a_bounded_number_of_them() -> 
     asked = broker.asked
     recent = sorted(existing)[-1]
     assert topics.reason(recent) is None and broker.asked == asked  # the most recent are still known
+
+
+def test_a_listing_begun_before_a_name_was_seen_does_not_call_its_topic_missing() -> None:
+    """A client creates its reply topic just before its first request: a listing
+    still running from an earlier batch may not have it, and must not condemn it."""
+    settings = Settings()
+    replies = settings.topics.replies
+    first, young = f"{replies}.a.first", f"{replies}.a.young"
+    release = threading.Event()
+
+    class SlowBroker(Listing):
+        def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+            snapshot = set(self.topics)  # what the broker has when the request reaches it
+            if self.asked == 0:
+                release.wait(10)
+            self.asked += 1
+            return type("Metadata", (), {"topics": dict.fromkeys(snapshot)})()
+
+    broker = SlowBroker({replies, first})
+    topics = ReplyTopics(settings, broker, wait_s=0.3)
+
+    async def batches() -> None:
+        await topics.prepare([first])  # its listing hangs past the wait
+        assert topics.reason(first, ask=False) is None  # not decided: the delivery's
+        broker.topics.add(young)  # created after that listing began
+        threading.Timer(0.05, release.set).start()
+        await topics.prepare([young])  # waits on the old listing, then asks again
+
+    asyncio.run(batches())
+    assert broker.asked == 2
+    assert topics.reason(young, ask=False) is None and young in topics._known
