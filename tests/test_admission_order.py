@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.app import downstream_admission
+from processors.fairness import FairShares
 from processors.handler import Incoming, RequestHandler
 from schemas import get_codec
 from streams.config import Settings
@@ -111,3 +112,12 @@ def test_a_request_its_quota_refuses_is_not_counted_as_admitted(
     handler = make_handler(services[1], counter, tenant, per_minute=1, board=board)
     assert sorted(handle(runner, handler, [record(tenant) for _ in range(5)])) == ["envelope"] + ["rate_limited"] * 4
     assert board.check(["workers"], "normal") is None  # 96 counted, not 100
+
+
+def test_a_withdrawn_admission_no_longer_counts_against_the_tenants_share() -> None:
+    shares = FairShares(Tenants(), window_s=60)
+    shares.admitted("b", now=0)
+    shares.admitted("a", now=0)
+    assert shares.standing("a", now=1) == "over"  # a second one would be 2 of 3, its share is half
+    shares.withdraw("a")  # its quota refused it: never forwarded
+    assert shares.standing("a", now=1) == "under"  # 1 of 2
