@@ -70,6 +70,7 @@ def test_ten_thousand_crafted_priorities_on_the_processors_invalid_path_add_no_s
     assert series_count() == before
 
 
+@pytest.mark.same_on_any_broker  # the client's own refusal: nothing a broker does
 def test_ten_thousand_crafted_priorities_on_the_clients_refusal_path_add_no_series(
     settings_factory: object,
 ) -> None:
