@@ -64,7 +64,7 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
     )
     if settings.worker_group_protocol == "consumer":
         # KIP-848: the broker assigns partitions and times sessions out
-        # (group.consumer.* in deploy/kafka/broker.properties); these are refused here
+        # (group.consumer.* in tidegate/broker_files/broker.properties); these are refused here
         for key in ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"):
             config.pop(key, None)
         config["group.protocol"] = "consumer"
