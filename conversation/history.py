@@ -225,6 +225,17 @@ return 1
 """
 )
 
+# Which of ARGV's members hold a claim (1) or not (0): the processors ask it, in one
+# call per batch, for the requests they would refuse before reading their history.
+_CLAIMED = (
+    _NOW
+    + """
+local held = {}
+for i = 1, #ARGV do held[i] = claimed(ARGV[i]) and 1 or 0 end
+return held
+"""
+)
+
 _ANSWER_ONCE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -271,6 +282,11 @@ def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
     return StoredHistory(kept, skipped=int(total) - len(kept))
 
 
+def held_claims(reply: Sequence[int]) -> list[bool]:
+    """`lookup_claims`'s reply: per pair, whether its claim holds."""
+    return [bool(held) for held in reply]
+
+
 class HistoryWriter:
     """Queues history commands on a pipeline (sync or async redis alike).
 
@@ -310,6 +326,11 @@ class HistoryWriter:
         args += [] if once else [encode_turn(t) for t in turns]
         keys = CLAIMS_KEY, history_key(tenant, session_id), early_answer_key(tenant, request_id)
         pipe.eval(_CLAIM_APPEND, 3, *keys, *args)
+
+    def lookup_claims(self, pipe: Any, requests: Sequence[tuple[str, str]]) -> None:
+        """Queues one lookup of the claims of (tenant, request id) pairs; its reply
+        through `held_claims` says, per pair, whether it was forwarded before."""
+        pipe.eval(_CLAIMED, 1, CLAIMS_KEY, *(claim_member(tenant, rid) for tenant, rid in requests))
 
     def append_once(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         """Queues the worker's assistant turns, appended once per request id and always
