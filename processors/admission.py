@@ -9,6 +9,9 @@ tenant's quota only for work that is admitted.
 3. `within_quotas` (processors/quotas.py): one Redis round trip for the fresh ones.
 A request not forwarded after 1 (refused at 3, claimed before, failed alone) is
 taken back from 1's counts (`take_back`: the pressure board's and the fair shares').
+A request refused at 1 is refused before its claim is read: the handler sends that
+refusal only if the request was never claimed (processors/refusals.py), so a
+redelivered duplicate is never told `queue_full` beside its worker's reply.
 
 With quotas first (as before), a caller refused `queue_full` spent its tenant's
 quota on every retry, a redelivered duplicate spent it again, and a tenant could
@@ -42,8 +45,10 @@ class Admissible(Protocol):
 
 
 Item = TypeVar("Item", bound=Admissible)
-# (item, status, error, retry_after_ms, stage) -> the reply that refuses it
-Refuse = Callable[[Item, str, str, int | None, str], Outgoing]
+Answer = TypeVar("Answer")
+# (item, status, error, retry_after_ms, stage) -> the reply that refuses it (or what
+# builds it once its claim was looked up: processors/refusals.py)
+Refuse = Callable[[Item, str, str, int | None, str], Answer]
 
 
 class AdmissionGate:
@@ -63,7 +68,7 @@ class AdmissionGate:
         self.quotas = quotas
         self.on_redis_down = on_redis_down
 
-    def downstream(self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item]) -> list[Item]:
+    def downstream(self, items: list[Item], out: list[Answer], refuse: Refuse[Item, Answer]) -> list[Item]:
         """The requests the workers' stage can take: near its cap each tenant is held
         to its fair share, past its cap every request of the priority is refused."""
         if self.admission is None:
@@ -95,7 +100,7 @@ class AdmissionGate:
         return passed
 
     async def within_quotas(
-        self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item], cost: Callable[[Item], int]
+        self, items: list[Item], out: list[Outgoing], refuse: Refuse[Item, Outgoing], cost: Callable[[Item], int]
     ) -> list[Item]:
         """The requests within their tenants' quotas (one Redis round trip); the others
         are answered `rate_limited` with the exact retry time, or `invalid` when no

@@ -3,8 +3,9 @@
 The work itself is `RequestHandler` (processors/handler.py); this module wires it
 to faust: one agent, batches from `take_batches`, every output awaited before the
 batch's offsets can be committed. A failure is its record's (the handler answers
-it `error`); should handling still fail for a whole batch, each record is answered
-`error` where a reply can be built and dead-lettered where not, never skipped.
+it `error`); should handling still fail for a whole batch, each record not answered
+yet is answered `error` where a reply can be built and dead-lettered where not,
+never skipped and never answered twice (`RequestHandler.answer`).
 faust consumes and commits; the outputs go through a confluent-kafka producer
 (streams/delivery.py), idempotent, whose per-record cost is librdkafka's C code
 rather than aiokafka's Python send path.
@@ -182,14 +183,8 @@ def create_app(settings: Settings) -> faust.App:
         # or its envelopes reach the log after the pressure board forgot its admissions
         await asyncio.to_thread(delivery.start)
         async for events in take_batches(stream, settings.processor_batch, wait_s):
-            batch = [_incoming(e) for e in events]
-            try:
-                await handler.handle(batch, deliver)
-                continue
-            except Exception as exc:  # never commit past a failure silently; never fail a batch's callers
-                log.exception("batch of %d failed; answering each record `error` or dead-lettering it", len(batch))
-                outgoing = handler.failed_batch(batch, exc)
-            await deliver(outgoing)
+            # a batch failing as a whole: each record not answered yet answered `error`
+            await handler.answer([_incoming(e) for e in events], deliver)
 
     @app.on_before_shutdown.connect
     async def on_shutdown(app: faust.App, **kwargs: Any) -> None:

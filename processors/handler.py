@@ -6,7 +6,9 @@ pipeline: dedupe, read the history the strategy needs -> quotas (only what is
 forwarded is charged: processors/admission.py) -> compress -> ContextEnvelope ->
 once acknowledged, claim and append the new turns.
 Every input record yields exactly one output: an envelope, a reply, or a dead letter
-(duplicates of an already forwarded request yield nothing).
+(duplicates of an already forwarded request yield nothing). A refusal decided before
+the claim was read is sent only for a request never claimed (processors/refusals.py);
+a batch that fails as a whole answers only its records not answered yet (`answer`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from processors.admission import STAGE, Admission, AdmissionGate, NearFull, Rele
 from processors.envelopes import Accepted, EnvelopeBuilder, Incoming
 from processors.fairness import FairShares
 from processors.quotas import Quotas
+from processors.refusals import Refusal, Refusals
 from processors.relevance import RelevanceScorer
 from processors.validation import invalid_reason
 from schemas import SerializationError, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.faults import fault_armed, fault_point
-from streams.outgoing import Outgoing, build_reply, dead_letter, now_ms, reply_message
+from streams.outgoing import Outgoing, now_ms
 from streams.reply_topics import ReplyTopics
 from streams.tenants import Tenants
 from streams.validation import reply_to_reason
@@ -81,6 +84,21 @@ class RequestHandler:
         self._system_tokens = counter.count(settings.system_prompt)
         self.relevance = RelevanceScorer()
         self.envelopes = EnvelopeBuilder(settings, counter, self.codec)
+        self.refusals = Refusals(settings, redis, self.history, self._redis_unreachable, self._redis_down)
+        # id -> record: the records of the batch in hand whose outputs were delivered
+        # (or that yield none); the failure path answers only the others
+        self._answered: dict[int, Incoming] = {}
+
+    async def answer(self, batch: Sequence[Incoming], deliver: Deliver) -> None:
+        """`handle`, and should it fail as a whole, the failure path: each record
+        it had not answered yet is answered `error` or dead-lettered, never skipped,
+        and never answered twice (a wave delivered before the failure keeps its
+        envelopes and replies alone)."""
+        try:
+            await self.handle(batch, deliver)
+        except Exception as exc:  # never commit past a failure silently; never fail a batch's callers
+            log.exception("batch of %d failed; answering each record not yet answered", len(batch))
+            await deliver(await self.failed_batch(batch, exc))
 
     async def handle(self, batch: Sequence[Incoming], deliver: Deliver) -> None:
         """Handles a batch: every output goes through `deliver`, which returns once the
@@ -88,7 +106,9 @@ class RequestHandler:
         after its envelope was acknowledged (conversation/history.py). Requests of one
         conversation go in waves, one per wave, so each sees the turns of the one
         before it in the batch."""
+        self._answered = {}
         out: list[Outgoing] = []
+        refusals: list[Refusal] = []  # decided before their claims were read
         accepted: list[Accepted] = []
         decoded = [self._guarded(record, self._decode, record) for record in batch]
         if self.reply_topics is not None:  # the batch's unseen reply topics in one listing, off the loop
@@ -98,50 +118,59 @@ class RequestHandler:
                 result = self._guarded(result[0], self._admit_checked, *result)
             if isinstance(result, Outgoing):
                 out.append(result)
+            elif isinstance(result, Refusal):
+                refusals.append(result)
             elif result is not None:
                 accepted.append(result)
         if accepted:
-            accepted = self._count_new_turns(accepted, out)
-            accepted = self.gate.downstream(accepted, out, self._refuse_item)
+            accepted = self._count_new_turns(accepted, refusals)
+            accepted = self.gate.downstream(accepted, refusals, self._refusal)
         if fault_armed("processor.batch_fails"):  # a step for the whole batch failing (its test)
             raise RuntimeError("injected fault processor.batch_fails")
-        if not accepted:
-            await deliver(out)
-            return
-        for wave in _waves(accepted):
+        out += await self.refusals.unless_claimed(refusals)
+        waves = _waves(accepted)
+        for index, wave in enumerate(waves):
             try:
                 envelopes, forwarded, degraded = await self._build_envelopes(wave, out)
             except Exception as exc:  # a step for the whole wave failed: each of its requests answered
                 log.exception("building %d envelopes failed; answering each `error`", len(wave))
-                out += [self._failed(item, f"processor error: {_why(exc)}") for item in wave]
+                why = f"processor error: {_why(exc)}"
+                out += await self.refusals.unless_claimed([self._refusal(item, "error", why) for item in wave])
                 envelopes, forwarded, degraded = [], [], True
             fault_point("processor.before_forward")  # history read, nothing forwarded or claimed
             await deliver(out + envelopes)
             out = []
+            later = {id(item.record) for next_wave in waves[index + 1 :] for item in next_wave}
+            self._answered = {id(record): record for record in batch if id(record) not in later}
             fault_point("processor.after_forward")  # forwarded, not yet claimed
             if not degraded:
                 await self._claim_and_append(forwarded)
+        if not waves:
+            await deliver(out)
 
-    def failed_batch(self, batch: Sequence[Incoming], exc: Exception) -> list[Outgoing]:
-        """Outputs for a batch whose handling failed in a step not expected to: each
-        record is answered `error` where a reply can be built, else dead-lettered."""
+    async def failed_batch(self, batch: Sequence[Incoming], exc: Exception) -> list[Outgoing]:
+        """Outputs for the records of a batch whose handling failed in a step not
+        expected to, that `handle` had not answered yet: each is answered `error`
+        where a reply can be built and it was never claimed, else dead-lettered."""
         why = f"processor error: {_why(exc)}"
-        out = []
+        out, refusals = [], []
         for record in batch:
+            if self._answered.get(id(record)) is record:  # its output was delivered
+                continue
             try:
                 request, encoding = self.codec.decode_message(record.value, record.headers, "InferenceRequest")
                 tenant = self.settings.topics.tenant_of(record.topic)
                 request["tenant"] = tenant or request["tenant"]
                 if reply_to_reason(request["reply_to"], self.settings, tenant) is None:
-                    out.append(self._refuse(record, request, encoding, now_ms(), "error", why))
+                    refusals.append(Refusal(record, request, encoding, now_ms(), "error", why))
                     continue
             except Exception:  # undecodable, or a field the reply needs is broken: no reply
                 log.debug("no reply for a record of a failed batch", exc_info=True)
-            out.append(self._dead_letter(record, why, "processor_error"))
-        return out
+            out.append(self.refusals.dead_letter(record, why, "processor_error"))
+        return await self.refusals.unless_claimed(refusals) + out
 
     def _failed(self, item: Accepted, reason: str) -> Outgoing:
-        """The `error` reply of an admitted request that failed alone."""
+        """The `error` reply of an admitted request that failed alone, its claim read."""
         log.warning("request %r failed alone: %s", item.request["request_id"][:80], reason)
         return self._refuse_item(item, "error", reason, None, STAGE)
 
@@ -152,24 +181,7 @@ class RequestHandler:
             return step(*args)
         except Exception as exc:
             log.exception("topic=%s partition=%d offset=%d failed alone", record.topic, record.partition, record.offset)
-            return self._dead_letter(record, f"processor error on this record: {exc!r}", "processor_error")
-
-    def _dead_letter(self, record: Incoming, reason: str, label: str) -> Outgoing:
-        metrics.DEAD_LETTERS.labels(STAGE, label).inc()
-        return self._dead_letter_later(record, reason)
-
-    def _dead_letter_later(self, record: Incoming, reason: str) -> Outgoing:
-        """The record's dead letter, for a fallback: counted only if it is sent."""
-        return dead_letter(
-            self.settings.topics.dead_letter,
-            record.value,
-            record.key,
-            reason=reason,
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            stage=STAGE,
-        )
+            return self.refusals.dead_letter(record, f"processor error on this record: {exc!r}", "processor_error")
 
     def _decode(self, record: Incoming) -> Outgoing | tuple[Incoming, dict[str, Any], str, int]:
         """(record, request, encoding, started_ms), or the dead letter of a record that
@@ -181,13 +193,13 @@ class RequestHandler:
             log.warning(
                 "topic=%s partition=%d offset=%d dead-letter: %s", record.topic, record.partition, record.offset, exc
             )
-            return self._dead_letter(record, str(exc), "undecodable")
+            return self.refusals.dead_letter(record, str(exc), "undecodable")
         return record, request, encoding, started
 
     def _admit_checked(
         self, record: Incoming, request: dict[str, Any], encoding: str, started: int
-    ) -> Outgoing | Accepted | None:
-        """The record's reply or dead letter, or the accepted request."""
+    ) -> Outgoing | Refusal | Accepted | None:
+        """The record's dead letter, its refusal, or the accepted request."""
         tenant = self.settings.topics.tenant_of(record.topic)
         if tenant is not None:  # its principal may write only there: the topic says who sent it
             request["tenant"] = tenant
@@ -196,15 +208,15 @@ class RequestHandler:
         else:
             unanswerable = reply_to_reason(request["reply_to"], self.settings, tenant)
         if unanswerable is not None:
-            return self._dead_letter(record, unanswerable, "unanswerable")
+            return self.refusals.dead_letter(record, unanswerable, "unanswerable")
         if not request["created_ms"]:
             request["created_ms"] = started
         reason = invalid_reason(request, self.settings)
         if reason is not None:
-            return self._refuse(record, request, encoding, started, "invalid", reason)
+            return Refusal(record, request, encoding, started, "invalid", reason)
         if request["deadline_ms"] and started > request["deadline_ms"]:
             late = started - request["deadline_ms"]
-            return self._refuse(
+            return Refusal(
                 record, request, encoding, started, "expired", f"deadline passed {late} ms before processing"
             )
         system = [m["content"] for m in request["messages"] if m["role"] == "system"]
@@ -221,38 +233,23 @@ class RequestHandler:
         )
         return Accepted(record, request, encoding, started, system_prompt, system_tokens, strategy, new_turns)
 
-    def _refuse(
-        self,
-        record: Incoming,
-        request: dict[str, Any],
-        encoding: str,
-        started_ms: int,
-        status: str,
-        error: str,
-        retry_after_ms: int | None = None,
-        stage: str = STAGE,
-    ) -> Outgoing:
-        """The reply that refuses `request`; its fallback is the record's dead letter."""
-        metrics.REFUSALS.labels(stage, request["priority"], status).inc()
-        if retry_after_ms is not None:
-            metrics.RETRY_AFTER.labels(stage).observe(retry_after_ms / 1000)
-        timings = {"queued_ms": max(0, started_ms - request["created_ms"])}
-        reply = build_reply(request, status, error=error, retry_after_ms=retry_after_ms, timings=timings)
-        out = reply_message(reply, request["reply_to"], encoding)
-        out.fallback = self._dead_letter_later(record, f"{status} reply to {request['reply_to']!r} refused")
-        return out
+    @staticmethod
+    def _refusal(
+        item: Accepted, status: str, error: str, retry_after_ms: int | None = None, stage: str = STAGE
+    ) -> Refusal:
+        """A refusal of `item` decided before its claim was read."""
+        return Refusal(item.record, item.request, item.encoding, item.started_ms, status, error, retry_after_ms, stage)
 
     def _refuse_item(self, item: Accepted, status: str, error: str, retry_after_ms: int | None, stage: str) -> Outgoing:
-        return self._refuse(
-            item.record, item.request, item.encoding, item.started_ms, status, error, retry_after_ms, stage
-        )
+        """The reply that refuses `item`, its claim read (it was never claimed)."""
+        return self.refusals.reply(self._refusal(item, status, error, retry_after_ms, stage))
 
     @staticmethod
     def _quota_tokens(item: Accepted) -> int:
         """What a request may cost at most: its own turns and its max_new_tokens."""
         return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
 
-    def _count_new_turns(self, accepted: list[Accepted], out: list[Outgoing]) -> list[Accepted]:
+    def _count_new_turns(self, accepted: list[Accepted], refusals: list[Refusal]) -> list[Accepted]:
         """Token counts of every new turn in the batch, in one tokenizer call; where
         that call fails, each request is counted alone and one that fails is answered."""
         try:
@@ -265,7 +262,8 @@ class RequestHandler:
                     self._count_new_turns_of(item, self.counter.count_many([t["content"] for t in item.new_turns]))
                     counted.append(item)
                 except Exception as exc:
-                    out.append(self._failed(item, f"its tokens could not be counted: {_why(exc)}"))
+                    log.warning("request %r: its tokens could not be counted", item.request["request_id"][:80])
+                    refusals.append(self._refusal(item, "error", f"its tokens could not be counted: {_why(exc)}"))
             return counted
         position = 0
         for item in accepted:
@@ -316,7 +314,7 @@ class RequestHandler:
         `relevance`). Fills each item's history; a request id claimed before is not
         fresh, nor is one whose history cannot be read (answered `error` in `out`).
         Redis down: every request fresh, degraded."""
-        if time.monotonic() < self._redis_down_until:
+        if self._redis_unreachable():
             return [True] * len(accepted), True
         rooms: list[int | Exception | None] = []
         for item in accepted:
@@ -369,6 +367,8 @@ class RequestHandler:
         would be forwarded again (the worker and the client drop the duplicate)."""
         if not items:
             return
+        if fault_armed("processor.claim_fails"):  # a step after a delivered wave failing (its test)
+            raise RuntimeError("injected fault processor.claim_fails")
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item in items:
@@ -399,6 +399,10 @@ class RequestHandler:
                 await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
+
+    def _redis_unreachable(self) -> bool:
+        """True while the handler goes on without Redis (REDIS_RETRY_S after a failure)."""
+        return time.monotonic() < self._redis_down_until
 
     def _redis_down(self, exc: Exception) -> None:
         log.warning("redis unreachable, going on degraded for %.0fs: %s", REDIS_RETRY_S, exc)

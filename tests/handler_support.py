@@ -21,6 +21,7 @@ def request_record(
     strategy: str | None = None,
     reply_to: str = "tidegate.replies",
     request_id: str | None = None,
+    deadline_ms: int = 0,
 ) -> Incoming:
     """An Avro InferenceRequest record read from the shared request topic."""
     request = {
@@ -32,7 +33,7 @@ def request_record(
         "max_new_tokens": 8,
         "temperature": 0.0,
         "created_ms": 0,
-        "deadline_ms": 0,
+        "deadline_ms": deadline_ms,
         "reply_to": reply_to,
         "strategy": strategy,
         "metadata": {},
@@ -48,4 +49,16 @@ def delivered(runner: asyncio.Runner, handler: RequestHandler, records: list[Inc
         out.extend(outgoing)
 
     runner.run(handler.handle(records, deliver))
+    return out
+
+
+def answered(runner: asyncio.Runner, handler: RequestHandler, records: list[Incoming]) -> list[Outgoing]:
+    """What the processors' agent delivers for one batch (processors/app.py): the
+    handler's outputs and, should the batch fail as a whole, the failure path's."""
+    out: list[Outgoing] = []
+
+    async def deliver(outgoing: list[Outgoing]) -> None:
+        out.extend(outgoing)
+
+    runner.run(handler.answer(records, deliver))
     return out

@@ -109,11 +109,13 @@ def test_a_session_key_of_the_wrong_type_fails_only_its_request(
     assert kind == "envelope" and not envelope["degraded"]  # Redis is fine for everyone else
 
 
-def test_a_batch_that_failed_as_a_whole_is_answered_record_by_record(counter: TokenCounter) -> None:
-    handler = make_handler("redis://127.0.0.1:1/0", counter)
+def test_a_batch_that_failed_as_a_whole_is_answered_record_by_record(
+    counter: TokenCounter, runner: asyncio.Runner
+) -> None:
+    handler = make_handler("redis://127.0.0.1:1/0", counter)  # no claim to look up: answered as before
     undecodable = Incoming(b"\x00not a request", b"k", [], "tidegate.requests", 0, 7)
     batch = [request_record("s1"), undecodable, request_record("s2", reply_to="tidegate.contexts")]
-    out = [decoded(o) for o in handler.failed_batch(batch, RuntimeError("boom"))]
+    out = [decoded(o) for o in runner.run(handler.failed_batch(batch, RuntimeError("boom")))]
     assert [kind for kind, _ in out] == ["reply", "dead_letter", "dead_letter"]
     assert out[0][1]["status"] == "error" and "boom" in out[0][1]["error"]
 
