@@ -82,11 +82,15 @@ class Batcher:
         idle_poll_s: float = 0.5,
         token_budget: int | None = None,
         cost: Callable[[Any], int] | None = None,
+        on_fetch: Callable[[list[Any]], None] | None = None,
     ):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.token_budget = token_budget or 1 << 62
         self.cost = cost or (lambda _record: 1)
+        # sees each fetch's records before they are pooled (and costed): the worker
+        # decodes them together, one reply_to listing per fetch (inference/jobs.py)
+        self.on_fetch = on_fetch
         self.pool_limit = max(max_batch, pool_limit or 4 * max_batch)
         self.idle_poll_s = idle_poll_s
         self.pool: list[Any] = []
@@ -123,10 +127,16 @@ class Batcher:
         return self._take(room)
 
     def _top_up(self, source: Source) -> None:
-        """Fetches what librdkafka already holds, without waiting: more to choose from."""
+        """Fetches what librdkafka already holds, without waiting: more to choose from.
+        `on_fetch` sees all of it at once (nothing is costed before the batch is taken)."""
+        fetched: list[Any] = []
         while len(self.pool) < self.pool_limit:
-            if not self._add(source, source.consume(self._room(), 0)):
+            records = source.consume(self._room(), 0)
+            if not self._add(source, records, notify=False):
                 break
+            fetched.extend(records)
+        if fetched and self.on_fetch is not None:
+            self.on_fetch(fetched)
 
     def _take(self, room: int) -> list[Any]:
         self.pool.sort(key=_age_key)
@@ -154,7 +164,9 @@ class Batcher:
         may return a single partition's records only."""
         return max(1, min(self.pool_limit - len(self.pool), self._share))
 
-    def _add(self, source: Source, records: list[Any]) -> int:
+    def _add(self, source: Source, records: list[Any], notify: bool = True) -> int:
+        if records and notify and self.on_fetch is not None:
+            self.on_fetch(records)
         self.pool.extend(records)
         full = {key for key, n in self._counts().items() if n >= self._share} - self._paused
         if full:

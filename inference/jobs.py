@@ -10,6 +10,7 @@ contexts topic can craft an envelope) carries the reason for an `invalid` reply.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,24 +62,62 @@ def prompt_of(envelope: dict[str, Any]) -> Prompt:
 
 
 def decode_job(record: Message, runner: ModelRunner, settings: Settings, reply_topics: ReplyTopics) -> Job:
-    """The record's envelope and prompt ids; its dead letter when it does not decode
+    """One record's Job (`decode_jobs` of it alone)."""
+    return decode_jobs([record], runner, settings, reply_topics)[0]
+
+
+def decode_fetched(
+    records: Sequence[Message],
+    jobs: dict[tuple[str, int, int], Job],
+    runner: ModelRunner,
+    settings: Settings,
+    reply_topics: ReplyTopics,
+) -> None:
+    """Decodes the records a fetch just returned, those not in `jobs` yet, into `jobs`
+    (by topic, partition, offset): together, so that their unseen reply_to names cost
+    one bounded listing for the fetch (the batcher calls it before they are pooled)."""
+    fresh = [r for r in records if (r.topic(), r.partition(), r.offset()) not in jobs]
+    for job in decode_jobs(fresh, runner, settings, reply_topics):
+        jobs[(job.record.topic(), job.record.partition(), job.record.offset())] = job
+
+
+def decode_jobs(
+    records: Sequence[Message], runner: ModelRunner, settings: Settings, reply_topics: ReplyTopics
+) -> list[Job]:
+    """Each record's envelope and prompt ids; its dead letter when it does not decode
     or names a reply topic it cannot have; the reason when a field is out of bounds.
-    Whatever goes wrong with one record stays with that record."""
+    Whatever goes wrong with one record stays with that record. The reply_to names
+    none has asked about yet are decided in one listing, waiting at most the bounded
+    `prepare_blocking` wait: before, each such name made a listing of its own (up to
+    5 s each) while the running batch's rows waited for their next decode step."""
+    jobs = [_decoded(record, settings) for record in records]
+    reply_topics.prepare_blocking(j.envelope["reply_to"] for j in jobs if j.envelope is not None)
+    for job in jobs:
+        if job.envelope is not None:
+            _checked(job, runner, settings, reply_topics)
+    return jobs
+
+
+def _decoded(record: Message, settings: Settings) -> Job:
+    """The record's Job with its envelope, or with its dead letter when it does not decode."""
     job = Job(record)
-
-    def refuse(reason: str) -> Job:
-        job.envelope, job.prompt, job.ids = None, None, []
-        job.dead_letter = record_dead_letter(record, settings, reason)
-        return job
-
     try:
-        job.envelope = envelope = get_codec().decode(record.value(), "ContextEnvelope")[1]
+        job.envelope = get_codec().decode(record.value(), "ContextEnvelope")[1]
     except SerializationError as exc:
-        return refuse(str(exc))
+        job.dead_letter = record_dead_letter(record, settings, str(exc))
+    return job
+
+
+def _checked(job: Job, runner: ModelRunner, settings: Settings, reply_topics: ReplyTopics) -> None:
+    """A decoded job's reply topic and fields checked, its prompt encoded."""
+    assert job.envelope is not None
+    envelope = job.envelope
     try:
-        unanswerable = reply_topics.reason(envelope["reply_to"])
+        unanswerable = reply_topics.reason(envelope["reply_to"], ask=False)  # decided by decode_jobs' listing
         if unanswerable is not None:
-            return refuse(unanswerable)
+            job.envelope, job.prompt, job.ids = None, None, []
+            job.dead_letter = record_dead_letter(job.record, settings, unanswerable)
+            return
         job.invalid = field_reason(envelope, settings)
         if job.invalid is None:
             job.prompt = prompt_of(envelope)
@@ -86,7 +125,6 @@ def decode_job(record: Message, runner: ModelRunner, settings: Settings, reply_t
     except Exception as exc:  # a crafted envelope the model's chat template refuses, say
         job.prompt, job.ids = None, []
         job.invalid = f"the model cannot take this prompt: {exc}"
-    return job
 
 
 def record_dead_letter(record: Message, settings: Settings, reason: str) -> Outgoing:

@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from inference.batcher import Batcher
 from inference.commits import ReplyCommitter
 from inference.engine import EngineStats, Request
-from inference.jobs import STAGE, Job, decode_job, record_dead_letter
+from inference.jobs import STAGE, Job, decode_fetched, decode_job, record_dead_letter
 from inference.runners import Generation, ModelRunner, Prompt
 from inference.session_store import STATS_KEY, SessionStore
 from streams import metrics
@@ -81,6 +81,7 @@ class InferenceWorker:
             settings.prefetch_limit,
             token_budget=settings.batch_tokens,
             cost=self._cost,
+            on_fetch=lambda records: decode_fetched(records, self.jobs, runner, settings, self.reply_topics),
         )
         self.store = SessionStore(settings, runner)
         self.consumer = Consumer(consumer_settings(settings))

@@ -14,10 +14,13 @@ auto-creates topics).
 
 Bounded in time and memory: the processors (an asyncio loop) ask once per batch,
 for all its unseen names together, in a thread (`prepare`), and wait at most
-`LIST_WAIT_S` in all; the loop goes on meanwhile. Before, each unseen name made a
-listing on the loop itself (up to 5 s each, every record again while the broker
-did not answer): a batch of made-up names stopped the loop, its heartbeats and
-commits, for minutes. The names kept (trusted and missing) are each at most
+`LIST_WAIT_S` in all; the loop goes on meanwhile. The worker (synchronous) asks the
+same way for each fetch of records from its consumer, before they are decoded
+(`prepare_blocking`, inference/jobs.py): one listing per fetch, never one per
+record. Before, each unseen name made a listing on the loop itself (up to 5 s each,
+every record again while the broker did not answer): a batch of made-up names
+stopped the loop, its heartbeats and commits (the worker: its running batch's
+decode steps), for minutes. The names kept (trusted and missing) are each at most
 `KEPT` (least recently asked dropped first), not every name ever seen.
 """
 
@@ -25,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -65,7 +70,7 @@ class ReplyTopics:
         # names found existing / missing -> when (monotonic), least recently asked first
         self._known: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._missing: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._listing: asyncio.Future[set[str] | None] | None = None  # the one in flight, if any
+        self._listing: concurrent.futures.Future[set[str] | None] | None = None  # the one in flight, if any
         self._listing_began = 0.0  # monotonic
 
     def reason(self, reply_to: str, tenant: str | None = None, ask: bool = True) -> str | None:
@@ -95,29 +100,67 @@ class ReplyTopics:
         listing still running from an earlier batch is waited for rather than doubled;
         as it began before these names were seen, it can say which exist, not which
         are missing (their topics may be a moment younger): for those a new one."""
+        unseen, now, deadline = self._unseen(names)
+        while unseen:
+            listing, began = self._listing_in_flight()
+            try:
+                waited = asyncio.shield(asyncio.wrap_future(listing))
+                listed = await asyncio.wait_for(waited, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self._gave_up(unseen)
+                return
+            unseen = self._settle(listed, began, now, unseen)
+
+    def prepare_blocking(self, names: Iterable[str]) -> None:
+        """`prepare` for a synchronous caller (the worker, between two decode steps):
+        the same one listing for all of a fetched batch's unseen names, the same
+        bounded wait (`wait_s` in all), blocking the caller for at most that long."""
+        unseen, now, deadline = self._unseen(names)
+        while unseen:
+            listing, began = self._listing_in_flight()
+            try:
+                listed = listing.result(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                self._gave_up(unseen)
+                return
+            unseen = self._settle(listed, began, now, unseen)
+
+    def _unseen(self, names: Iterable[str]) -> tuple[set[str], float, float]:
+        """The names a listing must decide; when they were seen; when the wait ends."""
         now = time.monotonic()
-        deadline = now + self.wait_s
         shared = self.settings.topics.replies
         unseen = {
             n for n in names if n != shared and reply_to_reason(n, self.settings) is None and self._undecided(n, now)
         }
-        while unseen:
-            if self._listing is None or self._listing.done():
-                self._listing_began = time.monotonic()
-                self._listing = asyncio.ensure_future(asyncio.to_thread(self._list))
-            listing, began = self._listing, self._listing_began
-            try:
-                listed = await asyncio.wait_for(asyncio.shield(listing), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                log.warning("no listing in %.1fs; %d reply_to names left to the delivery", self.wait_s, len(unseen))
-                return
-            if listed is None:
-                return  # the broker did not answer: the delivery decides
-            if began >= now:
-                self._learn(listed, unseen, now)
-                return
-            self._learn(listed, unseen & listed, now)
-            unseen -= listed
+        return unseen, now, now + self.wait_s
+
+    def _listing_in_flight(self) -> tuple[concurrent.futures.Future[set[str] | None], float]:
+        """The listing running now (one at a time), started in a thread if none is; when it began."""
+        if self._listing is None or self._listing.done():
+            listing: concurrent.futures.Future[set[str] | None] = concurrent.futures.Future()
+
+            def run() -> None:
+                try:
+                    listing.set_result(self._list())
+                except BaseException as exc:  # the waiter sees it, the thread ends
+                    listing.set_exception(exc)
+
+            self._listing, self._listing_began = listing, time.monotonic()
+            threading.Thread(target=run, name="tidegate-reply-topics", daemon=True).start()
+        return self._listing, self._listing_began
+
+    def _settle(self, listed: set[str] | None, began: float, now: float, unseen: set[str]) -> set[str]:
+        """Learns what `listed` says of `unseen` (seen at `now`); the names still undecided."""
+        if listed is None:
+            return set()  # the broker did not answer: the delivery decides
+        if began >= now:
+            self._learn(listed, unseen, now)
+            return set()
+        self._learn(listed, unseen & listed, now)
+        return unseen - listed
+
+    def _gave_up(self, unseen: set[str]) -> None:
+        log.warning("no listing in %.1fs; %d reply_to names left to the delivery", self.wait_s, len(unseen))
 
     def _undecided(self, name: str, now: float) -> bool:
         if name in self._known:

@@ -1,0 +1,116 @@
+"""A worker decides a fetched batch's unseen reply_to names once, bounded (issue 25, item 8).
+
+The worker checks each envelope's `reply_to` against the broker's topic listing
+(streams/reply_topics.py). It asked once per unseen name, on its own loop, as each
+record entered its pool: a flood of envelopes naming distinct made-up reply topics
+(anyone allowed to write the contexts topic can send one) made one listing per
+record, and every row of the running batch waited for its next decode step
+meanwhile. Now each fetch's records are decoded together (inference/jobs.py
+`decode_fetched`), their unseen names in one listing with a bounded wait.
+
+The measures: the listings the worker asked its real producer for (counted on the
+way through, the broker answers them), and the time the running batch stood still.
+One streamed request generates while the flood arrives; its chunks carry the time
+each was built (`sent_ms`, one chunk per decode step with `stream_interval_ms=0`),
+so the longest gap between two chunks is the longest the batch waited. On a
+loopback broker a listing takes about a millisecond, so the gap barely differs
+(0.25 s either way, figures in the run's output); the listings do: 600 before (one
+per name; each up to 5 s on a slow broker), a few after (one per fetch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+from confluent_kafka import Producer
+
+from inference.runners import load_runner
+from inference.worker import InferenceWorker
+from schemas import get_codec
+from streams.config import Settings
+from streams.kafka import producer_config
+from tests.helpers import TopicReader, wait_for
+from tests.hostile import envelope
+
+FLOOD = 600  # envelopes, each naming a reply topic of its own that does not exist
+STALL_LIMIT_S = 1.0  # the longest the running batch may stand still while the flood is decoded
+LISTINGS_LIMIT = FLOOD // 10  # one per fetch: a fetch returns tens of records
+
+
+class CountedListings:
+    """The worker's real producer, its topic listings counted on the way through."""
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.asked = 0
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> object:
+        self.asked += 1
+        return self.producer.list_topics(topic, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_a_flood_of_unseen_reply_to_names_does_not_stall_the_decode_steps(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(model="tiny", torch_threads=1, stream_interval_ms=0, prefetch_limit=256)
+    worker = InferenceWorker(settings, load_runner("tiny", torch_threads=1))
+    worker.warm_up()
+    listings = worker.reply_topics.source = CountedListings(worker.replies.producer)
+    thread = threading.Thread(target=worker.run, name="worker", daemon=True)
+    producer = Producer(producer_config(settings))
+    codec = get_codec()
+    replies = TopicReader(settings, settings.topics.replies)
+    dead = TopicReader(settings, settings.topics.dead_letter)
+    tag = uuid.uuid4().hex[:8]
+    long_id = f"{tag}-long"
+
+    def chunks() -> list[dict]:
+        found = []
+        for message in replies.poll():
+            name, record = codec.decode(message.value())
+            if name == "InferenceChunk" and record["request_id"] == long_id:
+                found.append(record)
+        return found
+
+    def replied() -> bool:
+        return any(codec.decode(m.value())[0] == "InferenceReply" for m in replies.messages)
+
+    thread.start()
+    try:
+        streamed = envelope(settings, long_id, stream=True, max_new_tokens=settings.max_new_tokens_limit)
+        producer.produce(settings.topics.contexts, codec.encode("ContextEnvelope", streamed), key=long_id.encode())
+        producer.flush(10)
+        wait_for(lambda: len(chunks()) >= 5, 60, "the streamed request generating")
+
+        flood_at, asked_before = time.time(), listings.asked
+        names = [f"{settings.topics.replies}.acme.{uuid.uuid4().hex}" for _ in range(FLOOD)]
+        for i, name in enumerate(names):
+            record = envelope(settings, f"{tag}-{i}", reply_to=name)
+            producer.produce(settings.topics.contexts, codec.encode("ContextEnvelope", record), key=f"{i}".encode())
+        producer.flush(30)
+        dead.wait(lambda found: len(found) >= FLOOD, 120, "every flooded envelope dead-lettered")
+        flood_done, asked = time.time(), listings.asked - asked_before
+        assert thread.is_alive()
+        assert not replied(), "the streamed request ended before the flood was decoded: nothing measured"
+        steps = [c["sent_ms"] / 1000 for c in chunks() if flood_at <= c["sent_ms"] / 1000 <= flood_done]
+    finally:
+        worker.stopping.set()
+        thread.join(30)
+        replies.close()
+        dead.close()
+    reasons = {dict(m.headers() or []).get("error", b"").decode() for m in dead.messages}
+    assert all("does not exist" in r for r in reasons), reasons  # each refused alone, with its reason
+    points = [flood_at, *steps, flood_done]
+    longest = max(b - a for a, b in itertools.pairwise(points))
+    print(
+        f"REPLY_TO worker: {FLOOD} unseen names decoded in {flood_done - flood_at:.2f}s with {asked} listings,"
+        f" longest step gap {longest:.3f}s"
+    )
+    assert asked <= LISTINGS_LIMIT, f"{asked} listings for {FLOOD} names: one per record"
+    assert longest < STALL_LIMIT_S, f"the running batch stood still for {longest:.2f}s"
