@@ -21,13 +21,12 @@ out-cooldown; the autoscaler itself never exits on it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from confluent_kafka import KafkaException
 
 from ops.scaling import advise
 from streams.config import Settings
@@ -137,18 +136,9 @@ class Autoscaler:
 
     def start_listener(self) -> None:
         """Starts reading the pressure topic; a topic just created has no leader for a
-        moment and a broker may be restarting: tried again with backoff, never fatal."""
-        attempt = 0
-        while not self.stopping.is_set():
-            try:
-                self.listener.start()
-                return
-            except KafkaException as exc:
-                attempt += 1
-                log.warning("attempt=%d pressure topic not read yet: %s", attempt, exc)
-                self.listener.close()
-                self.listener = PressureListener(self.settings)
-                self.stopping.wait(min(5.0, 0.2 * 2**attempt))
+        moment and a broker may be restarting: the listener tries again with backoff
+        (streams/pressure_feed.py), here for as long as it takes, never fatal."""
+        self.listener.start(give_up_s=math.inf, stopping=self.stopping)
 
     def run(self) -> None:
         self.start_listener()
