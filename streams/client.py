@@ -7,8 +7,11 @@
 
 One background thread polls the reply consumer (streams/reply_reader.py); the
 producer serves its own delivery reports (streams/delivery.py); another thread
-keeps the latest pressure per stage (streams/pressure_feed.py), so `QueueFull` is raised before anything is
-sent, without a broker round trip. The reply consumer is assigned (no group
+keeps the latest pressure per stage (streams/pressure_feed.py), so `QueueFull` is
+raised before anything is sent, without a broker round trip (streams/client_admission.py).
+The client ties together what lives beside it, one job each: building a request
+(streams/client_requests.py), the table of pending requests and its sweep
+(streams/pending.py), a streamed request's chunks (streams/streaming.py). The reply consumer is assigned (no group
 join), starting at each reply partition's end as listed before the first
 request, so no reply to this client's requests is missed.
 
@@ -29,60 +32,41 @@ redelivery after a crash) is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from schemas import AVRO, content_type_header, get_codec
-from streams import metrics
+from schemas import get_codec
+from streams import client_admission
+from streams.client_admission import PATH
+from streams.client_requests import MIN_RETRY_MS, Messages, build_request, request_record, retry_delay_ms
 from streams.config import Settings
 from streams.delivery import DeliveryProducer, RefusedForGood
-from streams.exceptions import QueueFull, ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
+from streams.exceptions import ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
 from streams.kafka import (
     check_reachable,
     create_client_reply_topic,
     producer_config,
 )
-from streams.lag import PROCESSORS, WORKERS
-from streams.outgoing import Outgoing, now_ms
+from streams.outgoing import now_ms
+from streams.pending import SWEEP_INTERVAL_S, UNCLAIMED_REPLY_S, PendingRequest, PendingRequests, give_up_at
 from streams.pressure_feed import PressureListener
 from streams.reply import Chunk, Reply
 from streams.reply_reader import ReplyReader
-from streams.stitching import StreamStitcher
+from streams.streaming import stream_chunks
 from streams.tenants import TENANT_NAME
 
 log = logging.getLogger(__name__)
 
-Messages = list[dict[str, str]]
 REPLY_GRACE_S = 5.0
-# a reply nobody took with reply() or replies() is dropped this long after it arrived
-UNCLAIMED_REPLY_S = 300.0
-PATH = [PROCESSORS, WORKERS]  # the stages every request passes
-MIN_RETRY_MS = 10
-# abandoned requests are swept at most this often: a sweep scans every pending request,
-# and one per reply under a flood (thousands pending, hundreds of replies a second)
-# held the event loop long enough to hand acknowledgements back past their deadline
-SWEEP_INTERVAL_S = 1.0
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A request this client sent, until its reply is handed over."""
-
-    future: asyncio.Future[Reply]
-    give_up_at: float  # monotonic: deadline + grace, or arrival + UNCLAIMED_REPLY_S
-    claimed: bool = False  # someone awaits it through reply() / generate()
-    # not acknowledged by the broker yet: `submit` still holds it, so the sweep of
-    # abandoned requests must not drop it (an acknowledgement that came after the
-    # deadline left `generate` with no request to claim: a KeyError, not a reply)
-    sending: bool = True
-    chunks: asyncio.Queue[Chunk] | None = None  # a streamed request's chunks, as they arrive
+# names that moved with their jobs stay importable from here; SWEEP_INTERVAL_S is read
+# here at each delivery (a test sets it to 0: a sweep on every delivery)
+__all__ = ["MIN_RETRY_MS", "PATH", "REPLY_GRACE_S", "SWEEP_INTERVAL_S", "UNCLAIMED_REPLY_S", "Client", "Messages"]
 
 
 class Client:
@@ -116,8 +100,7 @@ class Client:
         self._own_reply_topic = reply_topic is None
         self.reply_topic = reply_topic or f"{self.settings.topics.replies}.{tenant}.{uuid.uuid4().hex[:16]}"
         self.codec = get_codec()
-        self._pending: dict[str, _Pending] = {}
-        self._swept_at = 0.0  # monotonic
+        self._pending = PendingRequests()
         self._arrived: asyncio.Queue[str] | None = None  # ids whose reply came, while replies() runs
         self._loop: asyncio.AbstractEventLoop | None = None
         self._producer = DeliveryProducer(producer_config(self.settings))
@@ -211,7 +194,7 @@ class Client:
             (a ReplyTimeout).
         """
         assert self._loop is not None, "use `async with Client(...)`"
-        request = self._build_request(
+        request = build_request(
             messages,
             session_id,
             tenant=tenant or self.tenant,
@@ -222,12 +205,15 @@ class Client:
             strategy=strategy,
             request_id=request_id,
             metadata=metadata,
+            reply_to=self.reply_topic,
         )
         request["stream"] = stream
         await self._admit(request, wait)
         request_id = str(request["request_id"])
         chunks: asyncio.Queue[Chunk] | None = asyncio.Queue() if stream else None
-        self._pending[request_id] = _Pending(self._loop.create_future(), self._give_up_at(request), chunks=chunks)
+        self._pending[request_id] = PendingRequest(
+            self._loop.create_future(), give_up_at(request, self.reply_grace_s), chunks=chunks
+        )
         try:
             if request["deadline_ms"]:
                 # a broker that does not acknowledge by the deadline: nobody waits any more
@@ -298,7 +284,7 @@ class Client:
             if reply.status == "rate_limited":  # the quota's retry time is exact: no backoff
                 delay_s = (reply.retry_after_ms or MIN_RETRY_MS) / 1000
             else:
-                delay_s = _retry_delay_ms(reply.retry_after_ms or 0) / 1000
+                delay_s = retry_delay_ms(reply.retry_after_ms or 0) / 1000
             if time.monotonic() + delay_s >= deadline:
                 return reply
             await asyncio.sleep(delay_s)
@@ -349,36 +335,12 @@ class Client:
         )
         pending = self._pending[request_id]
         pending.claimed = True
-        assert pending.chunks is not None
-        stitcher = StreamStitcher(request_id)
         try:
-            while True:
-                chunk = None if pending.chunks.empty() else pending.chunks.get_nowait()
-                if chunk is None and not pending.future.done():
-                    chunk = await self._next_chunk(pending)
-                if chunk is not None:
-                    handed = stitcher.add(chunk)
-                    if handed is not None:
-                        yield handed
-                    continue
-                # the reply came after every chunk its own generation sent before it
-                yield stitcher.end(pending.future.result())
-                return
+            async with contextlib.aclosing(stream_chunks(request_id, pending)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self._pending.pop(request_id, None)
-
-    async def _next_chunk(self, pending: _Pending) -> Chunk | None:
-        """The next chunk, or None once the reply came; ReplyTimeout past the deadline."""
-        assert pending.chunks is not None
-        queued = asyncio.ensure_future(pending.chunks.get())
-        wait_s = max(0.0, pending.give_up_at - time.monotonic())
-        done, _ = await asyncio.wait({queued, pending.future}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-        if queued in done:
-            return queued.result()
-        queued.cancel()
-        if not done:
-            raise ReplyTimeout("no reply in time to a streamed request")
-        return None
 
     async def reply(self, request_id: str, timeout_s: float | None = None) -> Reply:
         """The reply to a request this client submitted, once it arrives (at once if it
@@ -441,119 +403,39 @@ class Client:
     def check_pressure(self, priority: str = "normal") -> None:
         """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
         if self._pressure is not None:
-            refusal = self._pressure.board.check(PATH, priority)
-            if refusal is not None:
-                raise QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
+            client_admission.check(self._pressure.board, priority)
 
     def _deliver_chunk(self, chunk: Chunk) -> None:
         """On the event loop: queues a chunk for its stream (none for other requests)."""
-        pending = self._pending.get(chunk.request_id)
-        if pending is not None and pending.chunks is not None and not pending.future.done():
-            pending.chunks.put_nowait(chunk)
+        self._pending.queue_chunk(chunk)
 
     def _deliver(self, reply: Reply) -> None:
         """On the event loop: resolves the request's future (the first copy only)."""
-        pending = self._pending.get(reply.request_id)
-        if pending is not None and not pending.future.done():
+        pending = self._pending.resolve(reply)
+        if pending is not None:
             self._settle(reply.request_id)
-            pending.future.set_result(reply)
-            pending.give_up_at = time.monotonic() + UNCLAIMED_REPLY_S
             if self._arrived is not None and not pending.claimed:
                 self._arrived.put_nowait(reply.request_id)
-        self._forget_abandoned()
+        self._pending.forget_abandoned(SWEEP_INTERVAL_S)
 
     def _settle(self, request_id: str) -> None:
         """The request no longer counts against the path's caps on this client's board."""
         if self._pressure is not None:
             self._pressure.board.settle(request_id)
 
-    def _forget_abandoned(self) -> None:
-        """Drops unclaimed requests whose reply never came by their deadline plus grace,
-        or came and was not taken within UNCLAIMED_REPLY_S: memory stays bounded for
-        callers that submit and never read."""
-        now = time.monotonic()
-        if len(self._pending) < 1024 or now - self._swept_at < SWEEP_INTERVAL_S:
-            return
-        self._swept_at = now
-        abandoned = [k for k, p in self._pending.items() if not (p.claimed or p.sending) and p.give_up_at < now]
-        for request_id in abandoned:
-            self._pending.pop(request_id).future.cancel()
-
-    def _give_up_at(self, request: dict[str, Any]) -> float:
-        if not request["deadline_ms"]:
-            return float("inf")
-        return time.monotonic() + (request["deadline_ms"] - now_ms()) / 1000 + self.reply_grace_s
-
-    # -- building and producing -----------------------------------------------
-
-    def _build_request(
-        self,
-        messages: Messages,
-        session_id: str,
-        *,
-        tenant: str,
-        priority: str,
-        max_new_tokens: int,
-        deadline_s: float,
-        temperature: float,
-        strategy: str | None,
-        request_id: str | None,
-        metadata: dict[str, str] | None,
-    ) -> dict[str, Any]:
-        created = now_ms()
-        return {
-            "request_id": request_id or uuid.uuid4().hex,
-            "session_id": session_id,
-            "tenant": tenant,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "priority": priority,
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "created_ms": created,
-            "deadline_ms": created + max(1, int(deadline_s * 1000)) if deadline_s else 0,
-            "reply_to": self.reply_topic,
-            "strategy": strategy,
-            "metadata": metadata or {},
-        }
+    # -- admitting and producing ----------------------------------------------
 
     async def _admit(self, request: dict[str, Any], wait: bool) -> None:
         """Raises QueueFull at once when the path is full for the request's priority;
         with `wait`, retries at each refusal's retry time until the deadline."""
-        if self._pressure is None:
-            return
-        while True:
-            refusal = self._pressure.board.admit(PATH, request["priority"], str(request["request_id"]))
-            if refusal is None:
-                return
-            error = QueueFull(refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
-            metrics.REFUSALS.labels(refusal.stage, request["priority"], "queue_full").inc()
-            metrics.RETRY_AFTER.labels(refusal.stage).observe(refusal.retry_after_ms / 1000)
-            if not wait:
-                raise error
-            delay_ms = _retry_delay_ms(refusal.retry_after_ms)
-            if request["deadline_ms"] and now_ms() + delay_ms >= request["deadline_ms"]:
-                raise error
-            await asyncio.sleep(delay_ms / 1000)
+        if self._pressure is not None:
+            await client_admission.admit(self._pressure.board, request, wait)
 
     async def _produce(self, request: dict[str, Any]) -> None:
-        value = self.codec.encode("InferenceRequest", request)
-        record = Outgoing(
-            self.request_topic(request["tenant"]),
-            request["session_id"].encode(),
-            value,
-            [content_type_header(AVRO)],
-        )
+        record = request_record(request, self.request_topic(request["tenant"]))
         try:
             await self._producer.send_all([record])
         except RefusedForGood as exc:
             if exc.too_large:
-                raise RequestTooLarge(f"request of {len(value)} bytes refused by the broker: {exc}") from exc
+                raise RequestTooLarge(f"request of {len(record.value)} bytes refused by the broker: {exc}") from exc
             raise
-
-
-def _retry_delay_ms(retry_after_ms: int) -> float:
-    """The refusal's own retry time (each refusal gets its own, one drain interval after
-    the one before: streams/pressure.py), plus up to a quarter: callers told the same
-    time (no drain rate measured yet) do not come back together. Doubling it per attempt
-    as well made a caller wait up to 16x what it had been told."""
-    return max(MIN_RETRY_MS, retry_after_ms) * random.uniform(1.0, 1.25)
