@@ -29,7 +29,7 @@ from conversation.tokens import TokenCounter
 from processors.admission import STAGE, Admission, NearFull, Release
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
-from processors.handler import Incoming, RequestHandler
+from processors.handler import Deliver, Incoming, RequestHandler
 from processors.tenant_topics import TenantTopics, listed_request_topics
 from streams import metrics
 from streams.config import Settings
@@ -45,6 +45,28 @@ from streams.tenants import Tenants
 
 log = logging.getLogger(__name__)
 DELIVERY_RETRY_MAX_S = 5.0
+
+
+def acknowledged_delivery(delivery: DeliveryProducer) -> Deliver:
+    """The handler's `deliver`: every output acknowledged before the batch is acked.
+    librdkafka retries a record itself until its message timeout; past that (the
+    broker gone for minutes) the whole batch is sent again rather than committed
+    past: consumers dedupe by request_id. A record the broker refuses for good is
+    replaced by its fallback (an envelope's: its `error` reply; a reply's: the
+    record's dead letter), so no batch is sent again forever."""
+
+    async def deliver(outgoing: list[Outgoing]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await delivery.send_all(outgoing)
+                return
+            except DeliveryFailed as exc:
+                attempt += 1
+                log.warning("attempt=%d %s; sending the batch again", attempt, exc)
+                await asyncio.sleep(min(DELIVERY_RETRY_MAX_S, 0.1 * 2**attempt))
+
+    return deliver
 
 
 def _incoming(event: Any) -> Incoming:
@@ -162,20 +184,7 @@ def create_app(settings: Settings) -> faust.App:
     )
     wait_s = settings.processor_batch_wait_ms / 1000
 
-    async def deliver(outgoing: list[Outgoing]) -> None:
-        """Every output acknowledged before the batch is acked. librdkafka retries a
-        record itself until its message timeout; past that (the broker gone for
-        minutes) the whole batch is sent again rather than committed past:
-        consumers dedupe by request_id."""
-        attempt = 0
-        while True:
-            try:
-                await delivery.send_all(outgoing)
-                return
-            except DeliveryFailed as exc:
-                attempt += 1
-                log.warning("attempt=%d %s; sending the batch again", attempt, exc)
-                await asyncio.sleep(min(DELIVERY_RETRY_MAX_S, 0.1 * 2**attempt))
+    deliver = acknowledged_delivery(delivery)
 
     @app.agent(requests)
     async def process(stream: Any) -> None:

@@ -298,7 +298,12 @@ class RequestHandler:
         envelopes, built = [], []
         for item in items:
             try:
-                envelopes.append(self.envelopes.build(item, degraded))
+                envelope = self.envelopes.build(item, degraded)
+                # refused for good by the broker (too large for the contexts topic, the topic
+                # gone): its caller is answered instead of the batch being sent again forever
+                refused = self._refusal(item, "error", "its context envelope was refused by the broker")
+                envelope.fallback = self.refusals.reply(refused, counted=False)
+                envelopes.append(envelope)
                 built.append(item)
             except Exception as exc:
                 log.exception("envelope of request %r", item.request["request_id"][:80])

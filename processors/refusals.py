@@ -62,11 +62,13 @@ class Refusals:
         self.redis_down = redis_down  # True while the handler goes on without Redis
         self.on_redis_down = on_redis_down
 
-    def reply(self, refusal: Refusal) -> Outgoing:
-        """The reply that refuses the request; its fallback is the record's dead letter."""
+    def reply(self, refusal: Refusal, counted: bool = True) -> Outgoing:
+        """The reply that refuses the request; its fallback is the record's dead letter.
+        `counted`: False for a fallback (an envelope's), counted nowhere as it may not be sent."""
         request, status = refusal.request, refusal.status
-        metrics.REFUSALS.labels(refusal.stage, request["priority"], status).inc()
-        if refusal.retry_after_ms is not None:
+        if counted:
+            metrics.REFUSALS.labels(refusal.stage, request["priority"], status).inc()
+        if counted and refusal.retry_after_ms is not None:
             metrics.RETRY_AFTER.labels(refusal.stage).observe(refusal.retry_after_ms / 1000)
         timings = {"queued_ms": max(0, refusal.started_ms - request["created_ms"])}
         reply = build_reply(

@@ -21,19 +21,23 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from confluent_kafka.admin import ConfigResource
 from redis.asyncio import Redis
 
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
-from processors.app import downstream_admission
+from processors.app import acknowledged_delivery, downstream_admission
 from processors.handler import Incoming, RequestHandler
 from schemas import get_codec
 from streams import faults
 from streams.config import Settings
+from streams.delivery import DeliveryProducer
+from streams.kafka import admin_client, producer_config
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL, OK, PressureBoard
-from tests.conftest import LOG_DIR
+from tests.conftest import LOG_DIR, SettingsFactory
 from tests.handler_support import answered, request_record
+from tests.helpers import TopicReader
 from tidegate import devstack
 from tidegate.processes import free_port, stop_pid, wait_until
 
@@ -205,3 +209,38 @@ def _round_trips(store: redis.Redis) -> int:
     commands a script runs are counted apart, under their own names)."""
     stats = store.info("commandstats")
     return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_eval", "cmdstat_evalsha"))
+
+
+def test_an_envelope_the_broker_refuses_for_good_is_answered_error_and_the_stage_goes_on(
+    settings_factory: SettingsFactory, counter: TokenCounter, runner: asyncio.Runner
+) -> None:
+    """Before, an envelope had no fallback: the broker's refusal (too large for the
+    contexts topic, say) sent the whole batch again forever, its caller got nothing
+    and neither did any later request of the partition."""
+    settings = settings_factory()
+    contexts = ConfigResource(ConfigResource.Type.TOPIC, settings.topics.contexts, {"max.message.bytes": "1500"})
+    admin = admin_client(settings)  # kept until its answer: a dropped client cancels it
+    for future in admin.alter_configs([contexts]).values():
+        future.result(timeout=10)
+    store = Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1)
+    handler = RequestHandler(settings, store, counter)
+    delivery = DeliveryProducer(producer_config(settings))
+    deliver = acknowledged_delivery(delivery)
+    words = " ".join(f"word{i}" for i in range(600))  # an envelope of about 4 KB
+    to = settings.topics.replies
+    large = request_record(f"big-{uuid.uuid4().hex[:6]}", words, reply_to=to)
+    small = request_record(f"s-{uuid.uuid4().hex[:6]}", reply_to=to)
+    replies, envelopes = TopicReader(settings, settings.topics.replies), TopicReader(settings, settings.topics.contexts)
+    try:
+        for batch in ([large], [small]):
+            runner.run(asyncio.wait_for(handler.answer(batch, deliver), 30))
+        reply = replies.wait(lambda got: len(got) >= 1, 10, "the large request's reply")[0]
+        fields = get_codec().decode(reply.value(), "InferenceReply")[1]
+        assert (fields["request_id"], fields["status"]) == (rid(large), "error")
+        assert "refused" in fields["error"]
+        forwarded = envelopes.wait(lambda got: len(got) >= 1, 10, "the small request's envelope")
+        assert [get_codec().decode(m.value(), "ContextEnvelope")[1]["request_id"] for m in forwarded] == [rid(small)]
+    finally:
+        replies.close()
+        envelopes.close()
+        delivery.close()
