@@ -27,15 +27,18 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
+from inference.jobs import Job, decode_fetched
 from inference.runners import load_runner
 from inference.worker import InferenceWorker
 from schemas import get_codec
 from streams.config import Settings
 from streams.kafka import producer_config
+from streams.reply_topics import LIST_TIMEOUT_S, LIST_WAIT_S, ReplyTopics
 from tests.helpers import TopicReader, wait_for
 from tests.hostile import envelope
+from tidegate.processes import free_port
 
 FLOOD = 600  # envelopes, each naming a reply topic of its own that does not exist
 STALL_LIMIT_S = 1.0  # the longest the running batch may stand still while the flood is decoded
@@ -114,3 +117,37 @@ def test_a_flood_of_unseen_reply_to_names_does_not_stall_the_decode_steps(
     )
     assert asked <= LISTINGS_LIMIT, f"{asked} listings for {FLOOD} names: one per record"
     assert longest < STALL_LIMIT_S, f"the running batch stood still for {longest:.2f}s"
+
+
+def test_a_fetch_of_unseen_names_while_the_broker_is_silent_waits_once_and_bounded() -> None:
+    """The fault: a real producer whose broker is gone, so a listing waits out its own
+    timeout (5 s). A fetch of three records naming unseen reply topics waited that per
+    record (15 s, the running batch standing still); now once, at most LIST_WAIT_S,
+    and the names are left to the delivery (its fallback dead-letters a missing one)."""
+    settings = Settings(bootstrap=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    producer = Producer(producer_config(settings))
+    reply_topics = ReplyTopics(settings, producer)
+    codec = get_codec()
+    records = [
+        Message(
+            topic=settings.topics.contexts,
+            partition=0,
+            offset=i,
+            key=f"{i}".encode(),
+            value=codec.encode(
+                "ContextEnvelope", envelope(settings, f"r{i}", reply_to=f"{settings.topics.replies}.acme.{i}")
+            ),
+        )
+        for i in range(3)
+    ]
+    jobs: dict[tuple[str, int, int], Job] = {}
+    runner = load_runner("echo")
+    started = time.monotonic()
+    try:
+        decode_fetched(records, jobs, runner, settings, reply_topics)
+    finally:
+        producer.flush(0)
+    took = time.monotonic() - started
+    print(f"REPLY_TO worker, broker silent: 3 unseen names decoded in {took:.2f}s")
+    assert took < LIST_WAIT_S + 1 < LIST_TIMEOUT_S, f"decoding waited {took:.1f}s on the broker"
+    assert len(jobs) == 3 and all(j.dead_letter is None and j.prompt is not None for j in jobs.values())
