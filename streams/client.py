@@ -137,7 +137,7 @@ class Client:
         if self._own_reply_topic:
             await asyncio.to_thread(create_client_reply_topic, self.settings, self.reply_topic)
         if self._pressure is not None:
-            await asyncio.to_thread(self._pressure.start)
+            await asyncio.to_thread(self._pressure.start, stopping=self._stop)  # close() ends its retries
         await asyncio.to_thread(self._reader.start, self._loop)
 
     @property

@@ -11,6 +11,7 @@ in a processor's environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from confluent_kafka import KafkaException
 
-from streams import faults
+from streams import Client, faults
 from streams.config import Settings
 from streams.lag import WORKERS
 from streams.outgoing import now_ms
@@ -77,3 +78,18 @@ def test_a_processor_started_before_the_pressure_topic_has_a_leader_starts(
     pipeline.start(("processor",), extra_env={"TIDEGATE_FAULTS": FAULT})  # died before: never ready
     log_text = (pipeline.log_dir / "processors.log").read_text(errors="replace")
     assert "attempt=1 pressure topic not read yet" in log_text
+
+
+def test_a_client_started_before_the_pressure_topic_has_a_leader_starts(
+    settings_factory: Callable[..., Settings], no_leader_at_first: None
+) -> None:
+    """The gateway's way in: its Client starts a listener (it raised, the gateway died)."""
+    settings = settings_factory()
+
+    async def start() -> None:
+        async with Client(settings=settings) as client:
+            workers_full(settings, now_ms())
+            while client.pressure(WORKERS) is None:
+                await asyncio.sleep(0.05)
+
+    asyncio.run(asyncio.wait_for(start(), 30))
