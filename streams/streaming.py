@@ -46,10 +46,16 @@ async def next_chunk(pending: PendingRequest) -> Chunk | None:
     assert pending.chunks is not None
     queued = asyncio.ensure_future(pending.chunks.get())
     wait_s = max(0.0, pending.give_up_at - time.monotonic())
-    done, _ = await asyncio.wait({queued, pending.future}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({queued, pending.future}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # cancelled from outside too (the gateway, on every hang-up before the first
+        # chunk): `asyncio.wait` leaves its tasks running, and a pending Queue.get was
+        # left behind each time ("Task was destroyed but it is pending")
+        if not queued.done():
+            queued.cancel()
     if queued in done:
         return queued.result()
-    queued.cancel()
     if not done:
         raise ReplyTimeout("no reply in time to a streamed request")
     return None
