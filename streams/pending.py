@@ -48,6 +48,7 @@ class PendingRequests(dict[str, PendingRequest]):
     def __init__(self) -> None:
         super().__init__()
         self._swept_at = 0.0  # monotonic
+        self.sweeps = 0  # sweeps run: a test waits for one between two steps
 
     def queue_chunk(self, chunk: Chunk) -> None:
         """Queues a chunk for its stream (none for other requests, or after the reply)."""
@@ -74,6 +75,7 @@ class PendingRequests(dict[str, PendingRequest]):
         if len(self) < SWEEP_AT or now - self._swept_at < sweep_interval_s:
             return
         self._swept_at = now
+        self.sweeps += 1
         abandoned = [k for k, p in self.items() if not (p.claimed or p.sending) and p.give_up_at < now]
         for request_id in abandoned:
             self.pop(request_id).future.cancel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -60,6 +61,16 @@ class LateAckClient(Client):
         assert producer.flush(10) == 0
 
 
+async def until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Returns once `check()` holds, on the event loop (its callbacks run meanwhile);
+    TimeoutError naming `what` after `timeout_s`."""
+    give_up_at = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > give_up_at:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def _fill(client: Client) -> list[str]:
     """SWEEP_AT requests pending, far from their deadlines: the sweep runs on each delivery."""
     messages = [{"role": "user", "content": "x"}]
@@ -102,12 +113,16 @@ def test_a_request_acknowledged_late_can_still_be_claimed_after_submit_returns(
             client.late_id = uuid.uuid4().hex
             client.during_stall = ((fillers[0], "ok"),)
             messages = [{"role": "user", "content": "late"}]
+            submitted_at = time.time()
             request_id = await client.submit(messages, "late", request_id=client.late_id, deadline_s=0.3)
-            read = client.replies_read
+            sweeps = client._pending.sweeps
             await asyncio.to_thread(client.send_replies, ((fillers[1], "ok"),))
-            while client.replies_read == read:  # the reply thread reads it; its delivery sweeps
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
+            # the reply thread reads it; its delivery on the loop sweeps
+            await until(lambda: client._pending.sweeps > sweeps, 10, "a sweep after submit returned")
+            # the window was reached: a sweep ran between submit and reply, past the
+            # request's own deadline and grace, and left the request to its caller
+            assert time.time() > submitted_at + 0.3 + client.reply_grace_s
+            assert request_id in client._pending and not client._pending[request_id].claimed
             await asyncio.to_thread(client.send_replies, ((request_id, "expired"),))
             return await client.reply(request_id, timeout_s=10)
 
