@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from schemas import get_codec
@@ -222,6 +223,7 @@ def test_identical_greedy_requests_are_answered_from_the_response_cache(echo_pip
     assert not longer.cache_hit  # other generation parameters: another entry
 
 
+@pytest.mark.same_on_any_broker  # the cache is Redis's
 def test_the_response_cache_is_per_tenant_unless_shared(
     echo_pipeline: Pipeline, pipeline_factory: Callable[..., Pipeline]
 ) -> None:

@@ -61,6 +61,7 @@ def test_gcra_refuses_past_the_quota_with_the_exact_retry_time(services: tuple[s
     assert big[0].tokens_left == 40
 
 
+@pytest.mark.same_on_any_broker  # quotas are Redis's
 def test_a_tenant_past_its_quota_is_answered_rate_limited_and_a_waiting_caller_gets_through(
     pipeline_factory: Callable[..., Pipeline], tmp_path: Path
 ) -> None:
