@@ -6,11 +6,12 @@ tenant's keys. Every read and write for a batch goes in one pipeline.
 What Redis must hold for the guarantees, and what it may lose (docs/design.md,
 "Bounded memory"): Redis runs `volatile-lru`, so under `maxmemory` the least
 recently used keys with a TTL go first (long-idle conversations, old cache
-entries). The request claims are not such keys: they are members of one sorted set
-without a TTL (`CLAIMS_KEY`, scored by when each claim lapses, lapsed ones pruned
-as new ones come), which no `volatile-*` policy can evict, so a redelivered request
-is still recognised however full Redis is. Quota buckets are kept the same way
-(processors/quotas.py).
+entries). The request claims and answered marks are not such keys: they are members
+of two sorted sets without a TTL (`CLAIMS_KEY`, `ANSWERED_KEY`, scored by when each
+lapses, lapsed ones pruned as new ones come), which no `volatile-*` policy can
+evict, so a redelivered request is still recognised, and its answer appended once,
+however full Redis is. Quota buckets are kept the same way (processors/quotas.py).
+The scripts, and how they order a request's turns, are in history_scripts.py.
 
 One-shot sessions: a session id that starts with ONE_SHOT_PREFIX (the HTTP gateway
 gives each OpenAI call one: the call carries its whole conversation) keeps no
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, overload
 from urllib.parse import quote
 
+from conversation import history_scripts as scripts
 from schemas import get_codec
 
 KEY_PREFIX = "tidegate:"
@@ -39,6 +41,10 @@ CLAIMS_KEY = f"{KEY_PREFIX}claims"
 # processor that died past its claim and before its commit is replaced in seconds;
 # a request older than its deadline is answered `expired` before any claim is read)
 CLAIM_TTL_S = 3600
+# every tenant's answered marks (a request's assistant turn is in its history: a
+# redelivered generation never appends it twice), the same members, kept the same
+# way as the claims and for as long; a mark lapses CLAIM_TTL_S after the answer
+ANSWERED_KEY = f"{KEY_PREFIX}answered"
 ONE_SHOT_PREFIX = "once:"
 ONE_SHOT_TTL_S = 600  # a one-shot request's claim and answered mark
 
@@ -83,9 +89,14 @@ def claim_member(tenant: str, request_id: str) -> str:
     return f"{key_part(tenant)}:{key_part(request_id)}"
 
 
-def answered_key(tenant: str, request_id: str) -> str:
-    """Set when a request's assistant turn is in the history: a redelivered generation
-    (a worker crashed after the reply) never appends it twice."""
+def legacy_claim_key(tenant: str, request_id: str) -> str:
+    """A claim as the release before wrote it (SET NX EX): read, never written, for one
+    release, so that a rolling upgrade neither parks answers nor forwards twice."""
+    return f"{KEY_PREFIX}seen:{key_part(tenant)}:{key_part(request_id)}"
+
+
+def legacy_answered_key(tenant: str, request_id: str) -> str:
+    """An answered mark as the release before wrote it: read, never written, for one release."""
     return f"{KEY_PREFIX}answered:{key_part(tenant)}:{key_part(request_id)}"
 
 
@@ -145,135 +156,6 @@ class StoredHistory(Sequence[Turn]):
         return self._turns[index]
 
 
-# Two steps per request, so that a crash between them loses nothing:
-#
-# 1. _LOAD, before the envelope is sent: a request whose claim holds was processed
-#    before (an at-least-once redelivery) and gets nil: no envelope. Otherwise the
-#    history is read; nothing is written. With room >= 0 only the newest turns whose
-#    stored counts fit `room` tokens are read, from the tail in chunks: a window of a
-#    long history moves a few turns, not all of them. Returns {turns in the list, kept}.
-# 2. _CLAIM_APPEND, once the broker acknowledged the envelope: claim the request id
-#    (in CLAIMS_KEY) and, if the claim is new, append the request's own turns, atomically.
-#    A processor that dies between the two leaves no claim: the redelivered request
-#    is read and forwarded again (the worker and the client drop the duplicate).
-# 3. _ANSWER_ONCE, the worker's, once per request id (its `answered` key): the
-#    assistant turn follows the request's claimed turns. A worker can answer before
-#    step 2 ran (the envelope is on the contexts topic as soon as it is
-#    acknowledged); its turn then waits under the request's `early` key, and step 2
-#    appends it right after the question, in the same script: the history never
-#    reads answer, question.
-#
-# Claims: KEYS[1] is CLAIMS_KEY, the request's member an ARGV; a claim holds while
-# its score is in the future. Each new claim prunes up to 64 lapsed ones, as many as
-# come in: the set holds about the claims of the last CLAIM_TTL_S.
-_NOW = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local function claimed(member)
-  local lapses = redis.call('ZSCORE', KEYS[1], member)
-  return lapses and tonumber(lapses) > now
-end
-"""
-
-_LOAD = (
-    _NOW
-    + """
-local room = tonumber(ARGV[1])
-if claimed(ARGV[2]) then return false end
-local total = redis.call('LLEN', KEYS[2])
-local kept = {}
-if room < 0 then
-  kept = redis.call('LRANGE', KEYS[2], 0, -1)
-elseif room > 0 then
-  local newest, used, stop = {}, 0, -1
-  while -stop <= total do
-    local part = redis.call('LRANGE', KEYS[2], stop - 31, stop)
-    local full = false
-    for i = #part, 1, -1 do
-      local n = tonumber(string.match(part[i], '^(%d+)\t')) or 0
-      if used + n > room then full = true break end
-      used = used + n
-      newest[#newest + 1] = part[i]
-    end
-    if full then break end
-    stop = stop - 32
-  end
-  for i = #newest, 1, -1 do kept[#kept + 1] = newest[i] end
-end
-return {total, kept}
-"""
-)
-
-_CLAIM_APPEND = (
-    _NOW
-    + """
-local ttl, max_turns, claim_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]) * 1000
-if claimed(ARGV[3]) then return 0 end
-local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 64)
-if #lapsed > 0 then redis.call('ZREM', KEYS[1], unpack(lapsed)) end
-redis.call('ZADD', KEYS[1], now + claim_ms, ARGV[3])
-local early = redis.call('LRANGE', KEYS[3], 0, -1)
-if #early > 0 then redis.call('DEL', KEYS[3]) end
-if ARGV[5] == '0' then return 1 end
-if #ARGV > 5 or #early > 0 then
-  if #ARGV > 5 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 6)) end
-  if #early > 0 then redis.call('RPUSH', KEYS[2], unpack(early)) end
-  redis.call('LTRIM', KEYS[2], -max_turns, -1)
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
-return 1
-"""
-)
-
-# Which of ARGV's members hold a claim (1) or not (0): the processors ask it, in one
-# call per batch, for the requests they would refuse before reading their history.
-_CLAIMED = (
-    _NOW
-    + """
-local held = {}
-for i = 1, #ARGV do held[i] = claimed(ARGV[i]) and 1 or 0 end
-return held
-"""
-)
-
-_ANSWER_ONCE = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then return 0 end
-if #ARGV < 4 then return 1 end
-local lapses = redis.call('ZSCORE', KEYS[3], ARGV[3])
-if not lapses or tonumber(lapses) <= now then
-  redis.call('RPUSH', KEYS[4], unpack(ARGV, 4))
-  redis.call('EXPIRE', KEYS[4], ttl)
-  return 1
-end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
-redis.call('LTRIM', KEYS[2], -max_turns, -1)
-redis.call('EXPIRE', KEYS[2], ttl)
-return 1
-"""
-
-# A tenant's share: KEYS[1] its sessions (sessions_key), ARGV: the bound, the TTL, the
-# session's key part, the prefixes of its history and embeddings keys. The sessions
-# past the bound, least recently answered first, are dropped with their history (keys
-# named here, not in KEYS: one Redis, not a cluster).
-_BOUND_SESSIONS = """
-local bound, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local clock = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000), ARGV[3])
-redis.call('EXPIRE', KEYS[1], ttl)
-local over = redis.call('ZCARD', KEYS[1]) - bound
-if over <= 0 then return 0 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, over - 1)
-for _, session in ipairs(oldest) do
-  redis.call('DEL', ARGV[4] .. session, ARGV[5] .. session)
-end
-redis.call('ZREM', KEYS[1], unpack(oldest))
-return #oldest
-"""
-
-
 def loaded_history(reply: list[Any] | None) -> StoredHistory | None:
     """The script's reply as a history; None for a request id claimed before."""
     if reply is None:
@@ -290,16 +172,23 @@ def held_claims(reply: Sequence[int]) -> list[bool]:
 class HistoryWriter:
     """Queues history commands on a pipeline (sync or async redis alike).
 
-    `max_sessions` bounds a tenant's share of Redis (0: no bound): after its answers
-    the worker queues `bound_sessions`, which records each session among its
-    tenant's, and the tenant's least recently answered sessions past the bound lose
-    their history and embeddings, as eviction would take them, but within the
-    tenant: one tenant's many sessions cannot push out another's conversations."""
+    `max_sessions` bounds a tenant's share of Redis (0: no bound). Every session whose
+    history is written enters its tenant's index (sessions_key) where its first turns
+    are written, in the processors' claim, so that a request that ends expired,
+    cancelled or in error counts too; the worker's `bound_sessions` moves it up after
+    each answer. Past the bound the tenant's least recently used sessions lose their
+    history and embeddings, as eviction would take them, but within the tenant: one
+    tenant's many sessions cannot push out another's conversations. A writer built
+    without the bound only records (the worker's next answer for the tenant applies it)."""
 
     def __init__(self, ttl_s: int, max_turns: int, max_sessions: int = 0) -> None:
         self.ttl_s = ttl_s
         self.max_turns = max_turns
         self.max_sessions = max_sessions
+
+    def claim_lasts_s(self, session_id: str) -> int:
+        """How long a request's claim and answered mark hold (CLAIM_TTL_S, ONE_SHOT_TTL_S)."""
+        return ONE_SHOT_TTL_S if is_one_shot(session_id) else min(self.ttl_s, CLAIM_TTL_S)
 
     def append(self, pipe: Any, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         if not turns or is_one_shot(session_id):
@@ -314,48 +203,71 @@ class HistoryWriter:
         `loaded_history` is None for a request processed before. `room`: tokens of
         newest history wanted, or None for the whole history."""
         args = [-1 if room is None else max(0, room), claim_member(tenant, request_id)]
-        pipe.eval(_LOAD, 2, CLAIMS_KEY, history_key(tenant, session_id), *args)
+        keys = CLAIMS_KEY, history_key(tenant, session_id), legacy_claim_key(tenant, request_id)
+        pipe.eval(scripts.LOAD, 3, *keys, *args)
 
     def claim_append(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
         """Queues the claim + append of a forwarded request (step 2); replies 1 when
         the claim is new and the turns were appended, 0 for a repeat. A one-shot
         session's request is claimed for ONE_SHOT_TTL_S and its turns are not kept."""
         once = is_one_shot(session_id)
-        claim_s = ONE_SHOT_TTL_S if once else min(self.ttl_s, CLAIM_TTL_S)
-        args = [self.ttl_s, self.max_turns, claim_member(tenant, request_id), claim_s, "0" if once else "1"]
+        args: list[Any] = [self.ttl_s, self.max_turns, claim_member(tenant, request_id)]
+        args += [self.claim_lasts_s(session_id), "0" if once else "1", self.max_sessions, key_part(session_id)]
+        args += [history_key(tenant, ""), embeddings_key(tenant, "")]
         args += [] if once else [encode_turn(t) for t in turns]
-        keys = CLAIMS_KEY, history_key(tenant, session_id), early_answer_key(tenant, request_id)
-        pipe.eval(_CLAIM_APPEND, 3, *keys, *args)
+        keys = (
+            CLAIMS_KEY,
+            history_key(tenant, session_id),
+            early_answer_key(tenant, request_id),
+            legacy_claim_key(tenant, request_id),
+            sessions_key(tenant),
+        )
+        pipe.eval(scripts.CLAIM_APPEND, len(keys), *keys, *args)
 
     def lookup_claims(self, pipe: Any, requests: Sequence[tuple[str, str]]) -> None:
         """Queues one lookup of the claims of (tenant, request id) pairs; its reply
         through `held_claims` says, per pair, whether it was forwarded before."""
-        pipe.eval(_CLAIMED, 1, CLAIMS_KEY, *(claim_member(tenant, rid) for tenant, rid in requests))
+        legacy = [legacy_claim_key(tenant, rid) for tenant, rid in requests]
+        members = [claim_member(tenant, rid) for tenant, rid in requests]
+        pipe.eval(scripts.CLAIMED, 1 + len(legacy), CLAIMS_KEY, *legacy, *members)
 
-    def append_once(self, pipe: Any, request_id: str, tenant: str, session_id: str, turns: Sequence[Turn]) -> None:
+    def append_once(
+        self,
+        pipe: Any,
+        request_id: str,
+        tenant: str,
+        session_id: str,
+        turns: Sequence[Turn],
+        forwarded_ms: int = 0,
+    ) -> None:
         """Queues the worker's assistant turns, appended once per request id and always
-        after the request's own turns (step 3); replies 0 for a repeat. A one-shot
-        session's turns are not kept: only the answered mark, for ONE_SHOT_TTL_S."""
-        once = is_one_shot(session_id)
-        args = [ONE_SHOT_TTL_S if once else self.ttl_s, self.max_turns, claim_member(tenant, request_id)]
-        args += [] if once else [encode_turn(t) for t in turns]
+        after the request's own turns (step 3); replies 0 for a repeat. `forwarded_ms`
+        (the envelope's; 0: unknown) tells an answer whose claim already ran and
+        lapsed from one that came before its claim. A one-shot session's turns are
+        not kept: only the answered mark, for ONE_SHOT_TTL_S."""
+        lasts = self.claim_lasts_s(session_id)
+        args: list[Any] = [lasts, self.ttl_s, self.max_turns, claim_member(tenant, request_id), forwarded_ms, lasts]
+        args += [] if is_one_shot(session_id) else [encode_turn(t) for t in turns]
         keys = (
-            answered_key(tenant, request_id),
+            ANSWERED_KEY,
             history_key(tenant, session_id),
             CLAIMS_KEY,
             early_answer_key(tenant, request_id),
+            legacy_answered_key(tenant, request_id),
+            legacy_claim_key(tenant, request_id),
         )
-        pipe.eval(_ANSWER_ONCE, 4, *keys, *args)
+        pipe.eval(scripts.ANSWER_ONCE, len(keys), *keys, *args)
 
     def bound_sessions(self, pipe: Any, tenant: str, session_id: str) -> None:
         """Queues the session's place among its tenant's (max_sessions), after its
-        answer; replies how many older sessions were dropped. Queues nothing where
-        there is no bound, or for a one-shot session (it keeps no history)."""
+        answer; replies how many older sessions were dropped (at most PRUNE_LIMIT a
+        call). Queues nothing where there is no bound, or for a one-shot session (it
+        keeps no history)."""
         if not self.max_sessions or is_one_shot(session_id):
             return
         prefixes = history_key(tenant, ""), embeddings_key(tenant, "")
         args = [self.max_sessions, self.ttl_s, key_part(session_id), *prefixes]
-        pipe.eval(_BOUND_SESSIONS, 1, sessions_key(tenant), *args)
+        pipe.eval(scripts.BOUND_SESSIONS, 1, sessions_key(tenant), *args)
 
     def load_embeddings(self, pipe: Any, tenant: str, session_id: str) -> None:
         pipe.hgetall(embeddings_key(tenant, session_id))

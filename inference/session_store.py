@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from conversation.history import KEY_PREFIX, HistoryWriter, cancel_key
+from conversation.refused_writes import RefusedWrites
 from conversation.response_cache import CachedReply, cache_key, cacheable, lookup, store
 from inference.jobs import STAGE, Job
 from inference.runners import Generation, ModelRunner
@@ -37,6 +38,7 @@ class SessionStore:
         self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns, settings.tenant_max_sessions)
         self.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self.repeats = 0  # requests generated again after a redelivery (their reply goes out again)
+        self.refused = RefusedWrites(STAGE, log)
         self._down_until = 0.0
 
     def _available(self) -> bool:
@@ -104,7 +106,11 @@ class SessionStore:
         once per request id: a request generated again (a redelivery after a worker
         crashed past its reply) is counted in `repeats`, and its turn not appended.
         Then each answered session takes its place among its tenant's, the oldest
-        past TENANT_MAX_SESSIONS losing their history."""
+        past TENANT_MAX_SESSIONS losing their history.
+
+        A command's own error (OOM past maxmemory, a key of the wrong type) costs that
+        command only: counted and logged as a refused write (RefusedWrites), while
+        Redis stays in use for every other tenant's turns, cancellations and cache."""
         if not self._available():
             return
         try:
@@ -113,15 +119,21 @@ class SessionStore:
                     e = j.envelope
                     assert e is not None
                     turn = {"role": "assistant", "content": g.text, "tokens": self.runner.count_turn_tokens(g)}
-                    self.history.append_once(pipe, e["request_id"], e["tenant"], e["session_id"], [turn])
+                    forwarded = int(e.get("forwarded_ms") or 0)
+                    self.history.append_once(pipe, e["request_id"], e["tenant"], e["session_id"], [turn], forwarded)
                 for j in jobs:  # each tenant's share (TENANT_MAX_SESSIONS), after the answers
                     assert j.envelope is not None
                     self.history.bound_sessions(pipe, j.envelope["tenant"], j.envelope["session_id"])
-                appended = pipe.execute()[: len(jobs)]
+                results = pipe.execute(raise_on_error=False)
         except (redis.RedisError, OSError) as exc:
             self._down(exc, "assistant turns")
             return
-        repeated = sum(1 for a in appended if not a)
+        appended, bounds = results[: len(jobs)], results[len(jobs) :]
+        for what, part in (("assistant turns", appended), ("sessions bound", bounds)):
+            errors = [r for r in part if isinstance(r, Exception)]
+            if errors:
+                self.refused.note(what, errors[-1], len(errors))
+        repeated = sum(1 for a in appended if not isinstance(a, Exception) and not a)
         self.repeats += repeated
         metrics.REPEATED_REQUESTS.inc(repeated)
 

@@ -143,6 +143,9 @@ RETRY_AFTER = Histogram(
 # -- every stage --------------------------------------------------------------
 DEAD_LETTERS = Counter("tidegate_dead_letters", "Records sent to the dead-letter topic", ["stage", "reason"])
 REDIS_DEGRADED = Gauge("tidegate_redis_degraded", "1 while the stage goes on without Redis", ["stage"])
+REDIS_WRITE_REFUSALS = Counter(
+    "tidegate_redis_write_refusals", "Writes Redis refused (OOM past maxmemory, a wrong key type)", ["stage"]
+)
 REBALANCES = Counter("tidegate_rebalances", "Partition assignments received by this member", ["stage"])
 ASSIGNED_PARTITIONS = Gauge("tidegate_assigned_partitions", "Partitions this member owns", ["stage"])
 

@@ -126,6 +126,12 @@ def test_past_maxmemory_quotas_refuse_exactly_and_claims_dedupe(small_redis: red
 
     # the first batch's claims still hold: redelivered, each is recognised, nothing appended
     assert serve(r, writer, first) == [False] * BATCH
+    # the first batch's answered marks still hold: a redelivered generation (a worker
+    # that died past its reply) appends nothing (before: marks with a TTL, evicted first)
+    with r.pipeline(transaction=False) as pipe:
+        for tenant, session, rid in first:
+            writer.append_once(pipe, rid, tenant, session, [{"role": "assistant", "content": "again", "tokens": 1}])
+        assert pipe.execute() == [0] * BATCH
     # and a one-shot call kept no history
     assert not list(r.scan_iter(match="tidegate:history:v2:*once%3A*", count=1000))
 
