@@ -25,8 +25,11 @@ from streams.tenants import TenantPolicy, Tenants
 
 MINUTE_MS = 60_000
 
-# KEYS: QUOTAS_KEY. ARGV: per bucket its interval (ms per unit, 0: no limit) and cost,
-# the burst, then the requests and tokens buckets' members.
+# KEYS: QUOTAS_KEY, then the requests and tokens buckets as the release before kept
+# them (string keys, the members' names): read, never written, for one release, so
+# that the processors of the new release honour what the old ones spent.
+# ARGV: per bucket its interval (ms per unit, 0: no limit) and cost, the burst, then
+# the requests and tokens buckets' members.
 # Returns {passed, retry_after_ms, requests_left, tokens_left, reset_ms}.
 # The buckets are members of one sorted set without a TTL, scored by their TAT, so no
 # volatile-* eviction can pick them (evicted, a bucket started full: quotas stopped);
@@ -40,6 +43,8 @@ for i = 1, 2 do
   local interval, cost = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
   if interval > 0 then
     local tat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[5 + i]) or now)
+    local legacy = tonumber(redis.call('GET', KEYS[1 + i]) or now)
+    if legacy > tat then tat = legacy end
     if tat < now then tat = now end
     new[i] = tat + interval * cost
     local over = new[i] - burst - now
@@ -115,7 +120,7 @@ class Quotas:
                     MINUTE_MS,
                     *quota_keys(tenant),
                 ]
-                await self._script(keys=[QUOTAS_KEY], args=args, client=pipe)
+                await self._script(keys=[QUOTAS_KEY, *quota_keys(tenant)], args=args, client=pipe)
             results = await pipe.execute()
         for i, result in zip(limited, results, strict=True):
             passed, retry, req_left, tok_left, reset = (int(x) for x in result)
