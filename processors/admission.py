@@ -42,6 +42,7 @@ NearFull = Callable[[], tuple[str, int] | None]
 
 class Admissible(Protocol):
     request: dict[str, Any]
+    taken_back: bool
 
 
 Item = TypeVar("Item", bound=Admissible)
@@ -139,9 +140,12 @@ class AdmissionGate:
 
     def take_back(self, item: Admissible) -> None:
         """Takes `item` back from the admissions counted by `downstream`: it is not
-        forwarded (its quota refused it, it was claimed before, it failed alone)."""
-        if self.admission is None:
+        forwarded (its quota refused it, it was claimed before, it failed alone).
+        Once per item: a wave that fails after some of its items were taken back takes
+        back only the rest."""
+        if self.admission is None or item.taken_back:
             return
+        item.taken_back = True
         if self.release is not None:
             self.release(item.request)
         if self.fair_shares is not None:

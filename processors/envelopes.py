@@ -51,6 +51,7 @@ class Accepted:
     new_vectors: dict[str, bytes] = field(default_factory=dict)  # to store
     similarity: list[float] | None = None
     degraded: bool = False  # built with less than it asked for (relevance without its model)
+    taken_back: bool = False  # no longer counted as admitted (processors/admission.py take_back)
 
 
 class EnvelopeBuilder:

@@ -130,13 +130,19 @@ class RequestHandler:
         out += await self.refusals.unless_claimed(refusals)
         waves = _waves(accepted)
         for index, wave in enumerate(waves):
+            wave_out: list[Outgoing] = []  # the wave's own answers (failed alone, over quota)
             try:
-                envelopes, forwarded, degraded = await self._build_envelopes(wave, out)
-            except Exception as exc:  # a step for the whole wave failed: each of its requests answered
+                envelopes, forwarded, degraded = await self._build_envelopes(wave, wave_out)
+            except Exception as exc:  # a step for the whole wave failed: each request not answered yet
                 log.exception("building %d envelopes failed; answering each `error`", len(wave))
                 why = f"processor error: {_why(exc)}"
-                out += await self.refusals.unless_claimed([self._refusal(item, "error", why) for item in wave])
+                replied = {o.key for o in wave_out}  # a reply's key is its request id
+                rest = [i for i in wave if not i.taken_back and i.request["request_id"].encode() not in replied]
+                for item in rest:
+                    self.gate.take_back(item)
+                wave_out += await self.refusals.unless_claimed([self._refusal(item, "error", why) for item in rest])
                 envelopes, forwarded, degraded = [], [], True
+            out += wave_out
             fault_point("processor.before_forward")  # history read, nothing forwarded or claimed
             await deliver(out + envelopes)
             out = []
@@ -292,6 +298,8 @@ class RequestHandler:
             if not is_fresh:
                 self.gate.take_back(item)
         items = await self.gate.within_quotas(items, out, self._refuse_item, self._quota_tokens)
+        if fault_armed("processor.wave_fails_late"):  # a wave failing once some of it was answered (its test)
+            raise RuntimeError("injected fault processor.wave_fails_late")
         relevant = [item for item in items if item.strategy == "relevance" and item.history]
         if relevant:
             await asyncio.to_thread(self.relevance.score_or_fall_back, relevant)  # type: ignore[arg-type]

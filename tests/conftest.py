@@ -10,6 +10,7 @@ model, codecs, HTTP) and run on Apache Kafka alone, to keep the Tansu rerun shor
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import uuid
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from conversation.model_files import load_counting_tokenizer
+from conversation.tokens import TokenCounter
 from streams.config import Settings
 from streams.kafka import create_topics
 from streams.lifecycle import READY_MARKER
@@ -60,6 +63,19 @@ def services() -> Iterator[tuple[str, str]]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(scope="session")
+def counter() -> TokenCounter:
+    """The processors' token counter for the default model (the handler's tests)."""
+    return TokenCounter(load_counting_tokenizer("default"))
+
+
+@pytest.fixture
+def runner() -> Iterator[asyncio.Runner]:
+    """One event loop a test drives the async handler with."""
+    with asyncio.Runner() as runner:
+        yield runner
 
 
 @pytest.fixture(scope="session")

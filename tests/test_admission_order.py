@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
 
-from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.app import downstream_admission
 from processors.fairness import FairShares
@@ -25,17 +23,6 @@ from streams.tenants import TenantPolicy, Tenants
 from tests.handler_support import delivered, request_record
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
-
-
-@pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter(load_counting_tokenizer("default"))
-
-
-@pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
 
 
 def record(tenant: str) -> Incoming:

@@ -24,7 +24,6 @@ import redis
 from confluent_kafka.admin import ConfigResource
 from redis.asyncio import Redis
 
-from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.app import acknowledged_delivery, downstream_admission
 from processors.handler import Incoming, RequestHandler
@@ -35,6 +34,7 @@ from streams.delivery import DeliveryProducer
 from streams.kafka import admin_client, producer_config
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL, OK, PressureBoard
+from streams.tenants import TenantPolicy, Tenants
 from tests.conftest import LOG_DIR, SettingsFactory
 from tests.handler_support import answered, request_record
 from tests.helpers import TopicReader
@@ -55,17 +55,6 @@ def redis_url() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop_pid(server.pid)
-
-
-@pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter(load_counting_tokenizer("default"))
-
-
-@pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
 
 
 def arm(monkeypatch: pytest.MonkeyPatch, name: str, nth: int = 1) -> None:
@@ -121,6 +110,26 @@ def test_a_batch_failing_after_a_delivered_wave_answers_only_the_requests_not_ye
     got = replies_by_request(answered(runner, handler, [first, beside, second]))
     # the first wave (first, beside) was delivered before the failure: its envelopes only
     assert got == {rid(first): ["envelope"], rid(beside): ["envelope"], rid(second): ["error"]}
+
+
+def test_a_wave_failing_after_some_of_its_requests_were_answered_answers_only_the_rest(
+    redis_url: str, counter: TokenCounter, runner: asyncio.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's quota refuses one request of a wave, then a step for the whole wave
+    fails: the refused request keeps its one `rate_limited` reply (before: it was
+    answered `error` too, in the same delivery), the other is answered `error`."""
+    tenant = f"q{uuid.uuid4().hex[:6]}"
+    settings = Settings(redis_url=redis_url, fair_shares=False)
+    tenants = Tenants(tenants={tenant: TenantPolicy(requests_per_minute=1)})
+    store = Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    handler = RequestHandler(settings, store, counter, None, None, None, tenants, None)
+    spent = request_record(f"a-{uuid.uuid4().hex[:6]}", tenant=tenant)
+    assert replies_by_request(answered(runner, handler, [spent])) == {rid(spent): ["envelope"]}
+    arm(monkeypatch, "processor.wave_fails_late")
+    over = request_record(f"b-{uuid.uuid4().hex[:6]}", tenant=tenant)
+    within = request_record(f"c-{uuid.uuid4().hex[:6]}")
+    got = replies_by_request(answered(runner, handler, [over, within]))
+    assert got == {rid(over): ["rate_limited"], rid(within): ["error"]}
 
 
 def test_a_redelivered_duplicate_is_not_refused_queue_full(

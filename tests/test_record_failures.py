@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.asyncio import Redis
 
 from conversation.history import encode_turn, history_key
-from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors import embeddings
 from processors.handler import Incoming, RequestHandler
@@ -27,17 +25,6 @@ from tests.conftest import LOG_DIR, Pipeline, SettingsFactory
 from tests.handler_support import delivered, request_record
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
-
-
-@pytest.fixture(scope="module")
-def counter() -> TokenCounter:
-    return TokenCounter(load_counting_tokenizer("default"))
-
-
-@pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
 
 
 def decoded(out: Outgoing) -> tuple[str, dict]:
