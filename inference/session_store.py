@@ -88,7 +88,8 @@ class SessionStore:
         return misses
 
     def remember(self, jobs: Sequence[Job], generated: Sequence[Generation]) -> None:
-        """Stores greedy generations in the response cache."""
+        """Stores greedy generations in the response cache. Entries Redis refuses (OOM)
+        are counted as refused writes: Redis is not marked unreachable for them."""
         entries = [
             (j.cache_key, CachedReply(g.text, g.tokens_in, g.tokens_out))
             for j, g in zip(jobs, generated, strict=True)
@@ -98,6 +99,8 @@ class SessionStore:
             return
         try:
             store(self.redis, entries, self.settings.response_cache_ttl_s)
+        except redis.ResponseError as exc:  # refused (OOM past maxmemory), not unreachable
+            self.refused.note("response cache entries", exc, len(entries))
         except (redis.RedisError, OSError) as exc:
             self._down(exc, "response cache")
 

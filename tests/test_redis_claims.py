@@ -287,3 +287,9 @@ def test_writes_refused_past_maxmemory_are_counted_and_logged_once(
     cancelled = job("acme", "conv")
     assert store.cancelled([cancelled]) == [False]
     assert store._available()
+    # a refused response-cache entry is the same: counted, and Redis stays in use
+    cached = job("acme", "conv")
+    cached.cache_key = "tidegate:cache:test"
+    store.remember([cached], [Generation("text", 1, 1)])
+    assert refused_writes() - before == 7
+    assert store._available()
