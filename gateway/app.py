@@ -41,6 +41,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from conversation.history import CANCEL_TTL_S, cancel_key, one_shot_session
+from gateway.clients import ClientNotStarted, TenantClients
 from gateway.keys import ApiKeys
 from gateway.openai_shapes import (
     BadRequest,
@@ -48,6 +49,7 @@ from gateway.openai_shapes import (
     error,
     new_request_id,
     parse_chat_request,
+    retry_headers,
     timing_headers,
     too_many,
     unauthorized,
@@ -97,11 +99,6 @@ async def read_body(request: Request, limit: int) -> bytes | None:
             return None
         parts.append(part)
     return b"".join(parts)
-
-
-class ClientNotStarted(TidegateError):
-    """A tenant's Kafka client did not start (the broker unreachable, say); what it
-    had opened is closed again (Client.start), and the next request tries again."""
 
 
 def _event(payload: dict[str, Any] | str) -> bytes:
@@ -190,10 +187,9 @@ def pipeline_error(exc: TidegateError) -> Response:
         return error(504, "no reply in time", "timeout", "timeout")
     if isinstance(exc, RequestTooLarge):
         return error(413, str(exc), "invalid_request_error", "request_too_large")
-    if isinstance(exc, ClientNotStarted):
-        log.warning("client not started: %s", exc)
+    if isinstance(exc, ClientNotStarted):  # logged where it failed (gateway/clients.py)
         why = "the inference pipeline cannot be reached: the gateway's Kafka client did not start; retry later"
-        return error(503, why, "server_error", "unavailable")
+        return error(503, why, "server_error", "unavailable", retry_headers(exc.retry_after_ms))
     log.warning("pipeline unreachable: %s", exc)
     return error(503, "the inference pipeline cannot be reached", "server_error", "unavailable")
 
@@ -205,32 +201,17 @@ class Gateway:
         self.settings = settings
         self.keys = keys
         self.tenants = tenants or Tenants.load(settings)
-        self._clients: dict[str, Client] = {}
-        self._lock = asyncio.Lock()
+        self.clients = TenantClients(settings)
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._tasks: set[asyncio.Future[Any]] = set()
         self.body_limit = body_limit(settings)
 
     async def client(self, tenant: str) -> Client:
-        """The tenant's client, started on its first request."""
-        client = self._clients.get(tenant)
-        if client is not None:
-            return client
-        async with self._lock:
-            if tenant not in self._clients:
-                client = Client(settings=self.settings, tenant=tenant, reply_grace_s=5)
-                try:
-                    await client.start()  # closes what it opened when it fails
-                except Exception as exc:
-                    raise ClientNotStarted(f"tenant {tenant}'s client: {exc}") from exc
-                self._clients[tenant] = client
-            return self._clients[tenant]
+        """The tenant's client, started on its first request (gateway/clients.py)."""
+        return await self.clients.get(tenant)
 
     async def close(self) -> None:
-        for client in self._clients.values():
-            with contextlib.suppress(Exception):
-                await client.close()
-        self._clients.clear()
+        await self.clients.close()
         await self.redis.aclose()
 
     def tenant_of(self, request: Request) -> str | None:

@@ -44,6 +44,7 @@ from typing import Any
 from schemas import get_codec
 from streams import client_admission
 from streams.client_admission import PATH
+from streams.client_reply_topic import delete_reply_topic
 from streams.client_requests import MIN_RETRY_MS, Messages, build_request, request_record, retry_delay_ms
 from streams.config import Settings
 from streams.delivery import DeliveryProducer, RefusedForGood
@@ -98,6 +99,7 @@ class Client:
         self.settings = base.model_copy(update={"bootstrap": bootstrap}) if bootstrap else base
         self.tenant = tenant
         self._own_reply_topic = reply_topic is None
+        self._created_reply_topic = False  # by start(): deleted again if the start fails
         self.reply_topic = reply_topic or f"{self.settings.topics.replies}.{tenant}.{uuid.uuid4().hex[:16]}"
         self.codec = get_codec()
         self._pending = PendingRequests()
@@ -119,12 +121,15 @@ class Client:
 
     async def start(self) -> None:
         """Connects, creates the reply topic and starts reading it. On any failure what
-        was opened is closed again (a producer, a consumer, the pressure listener) and
-        the error is raised as a TidegateError naming the broker."""
+        was opened is closed again (a producer, a consumer, the pressure listener), the
+        reply topic it created is deleted (streams/client_reply_topic.py) and the error
+        is raised as a TidegateError naming the broker."""
         try:
             await self._start()
         except BaseException as exc:
             await self.close()
+            if self._created_reply_topic:
+                await asyncio.to_thread(delete_reply_topic, self.settings, self.reply_topic)
             if isinstance(exc, TidegateError) or not isinstance(exc, Exception):
                 raise
             raise TidegateError(f"client not started on {self.settings.bootstrap}: {exc}") from exc
@@ -134,7 +139,8 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._producer.start()
         self._reader.open()
-        if self._own_reply_topic:
+        if self._own_reply_topic:  # first: a broker that cannot create it fails the start in seconds
+            self._created_reply_topic = True  # a create that timed out may still have created it
             await asyncio.to_thread(create_client_reply_topic, self.settings, self.reply_topic)
         if self._pressure is not None:
             await asyncio.to_thread(self._pressure.start, stopping=self._stop)  # close() ends its retries

@@ -22,6 +22,7 @@ from schemas import SerializationError, get_codec
 from schemas.codec import JSON_CONTENT_TYPE, content_type
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.faults import fault_armed
 from streams.kafka import consume_ready, consumer_config
 from streams.reply import Chunk, Reply
 
@@ -66,6 +67,8 @@ class ReplyReader:
             raise TidegateError(f"reply topic {self.topic!r} not found on {self.settings.bootstrap}")
         assignment = []
         for p in topic.partitions:
+            if fault_armed("reply.no_leader"):  # a topic created a moment ago (tests/test_gateway_start_backoff.py)
+                raise KafkaException(KafkaError(KafkaError.NOT_LEADER_FOR_PARTITION, "injected by TIDEGATE_FAULTS"))
             _, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10, cached=False)
             assignment.append(TopicPartition(self.topic, p, high))
         self._consumer.assign(assignment)
