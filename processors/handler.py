@@ -27,6 +27,7 @@ from conversation.history import (
     content_digest,
     loaded_history,
 )
+from conversation.refused_writes import RefusedWrites
 from conversation.tokens import TokenCounter
 from processors.admission import STAGE, Admission, AdmissionGate, NearFull, Release
 from processors.envelopes import Accepted, EnvelopeBuilder, Incoming
@@ -78,7 +79,8 @@ class RequestHandler:
         )
         self.redis = redis
         self.counter = counter
-        self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns)
+        self.history = HistoryWriter(settings.history_ttl_s, settings.history_max_turns, settings.tenant_max_sessions)
+        self.refused_writes = RefusedWrites(STAGE, log)
         self.codec = get_codec()
         self._redis_down_until = 0.0
         self._system_tokens = counter.count(settings.system_prompt)
@@ -393,9 +395,9 @@ class RequestHandler:
         except (RedisError, OSError) as exc:
             self._redis_down(exc)
             return
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, Exception):  # its own key's error: forwarded, not claimed
-                log.warning("request %r not claimed: %r", item.request["request_id"][:80], result)
+        for result in results:
+            if isinstance(result, Exception):  # its own key's error (OOM, say): forwarded, not claimed
+                self.refused_writes.note("a request's claim and turns", result)
 
     async def _store_embeddings(self, items: list[Accepted]) -> None:
         try:

@@ -34,7 +34,10 @@ MINUTE_MS = 60_000
 # The buckets are members of one sorted set without a TTL, scored by their TAT, so no
 # volatile-* eviction can pick them (evicted, a bucket started full: quotas stopped);
 # a bucket whose TAT has passed is full, the same as absent, and is pruned.
-_GCRA = """
+# `allow-oom` (Redis 7): past maxmemory with nothing evictable Redis refuses writes,
+# and a quota that cannot be written stops refusing; this script's memory is two
+# members per tenant, so it may run there (tests/test_redis_claims.py).
+_GCRA = """#!lua flags=allow-oom
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local burst = tonumber(ARGV[5])

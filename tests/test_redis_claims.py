@@ -193,6 +193,32 @@ def test_a_quota_spent_in_the_old_layout_still_refuses(r: redis.Redis, redis_por
     assert not asyncio.run(decide())
 
 
+def test_past_maxmemory_with_nothing_evictable_quotas_still_decide_exactly(r: redis.Redis, redis_port: int) -> None:
+    """Redis refusing writes (OOM, nothing volatile left): the quota script still runs
+    (it may: `allow-oom`, its memory is two members per tenant), so a spent quota still
+    refuses and an unspent one passes. Before, the script's write failed, `decide`
+    raised, and the processors went on without quotas (and without history) for a
+    second at every batch."""
+    from streams.tenants import TenantPolicy, Tenants
+
+    tenants = Tenants(tenants={"metered": TenantPolicy(requests_per_minute=1)})
+    for i in range(40):
+        r.set(f"fill:{i}", b"x" * 50_000)  # no TTL: nothing volatile-lru may take
+    r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 1_000_000)
+    with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+        r.set("probe", b"x")
+
+    async def decide() -> list[bool]:
+        client = AsyncRedis(port=redis_port)
+        try:
+            quotas = Quotas(client, tenants)
+            return [d.passed for d in await quotas.decide([("metered", 1), ("metered", 1)]) if d is not None]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(decide()) == [True, False]
+
+
 # -- 3. the sessions bound, and one command's error ----------------------------------
 
 
