@@ -81,7 +81,8 @@ class LagMonitor:
         states, signature = [], []
         for stage in self.stages:
             lag = self.reader.lag(stage)
-            state = self.gauges[stage.name].update(lag.lag, lag.committed)
+            # progress as per-partition steps: a tenant's topic deleted (or re-added) moves no rate
+            state = self.gauges[stage.name].update(lag.lag, lag.done)
             states.append(self._operators_view(stage, lag, state, now))
             signature += [lag.log_end, lag.committed]
         return states, tuple(signature)
@@ -102,7 +103,7 @@ class LagMonitor:
             commit_times if self.commit_log.available else None,
         )
         statuses = health.statuses(now)
-        arrival = self.arrivals[stage.name].update(lag.log_end, now)
+        arrival = self.arrivals[stage.name].update(lag.arrived, now)
         members = self.members.count(stage)
         state.update(
             lag_seconds=round(lag.lag_seconds, 3),

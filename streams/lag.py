@@ -14,10 +14,19 @@ progress" right after a start.)
 
 A stage may read more than one topic: with TENANT_TOPICS the processors also read
 each tenant's own request topic (`<requests>.<tenant>`), so their lag counts those
-too. The reader lists the broker's topics again every `TOPICS_EVERY_S`: a tenant
-added while the monitor runs is counted from its first record (its backlog from the
-log start, since nothing has been committed there). A partition is named by its
-label (`Stage.label`): `3` on the stage's own topic, `acme/3` on tenant acme's.
+too. The reader lists the broker's topics again every `TOPICS_EVERY_S`, beside its
+caller's loop (streams/lag_topics.py): a tenant added while the monitor runs is
+counted from its first record (its backlog from the log start, since nothing has
+been committed there). A partition is named by its label (`Stage.label`): `3` on the
+stage's own topic, `acme/3` on tenant acme's. A partition dropped (its topic deleted,
+or missing from a listing) leaves no state behind.
+
+The set of partitions changes, so what a stage committed and what arrived are
+measured as sums of per-partition steps over the partitions present in both of two
+samples (`Progress`), never as differences of totals: a deleted tenant topic took its
+committed offsets out of the total, and the drain rate read from it fell to 0 (the
+seconds-cap to its floor, `queue_full` for every tenant); a partition (re-)added
+made the total jump up, a spurious rate or arrival spike.
 """
 
 from __future__ import annotations
@@ -35,13 +44,10 @@ from streams.exceptions import TidegateError
 from streams.faults import fault_armed
 from streams.kafka import connection_config
 from streams.lag_seconds import LagClock
+from streams.lag_topics import OFFSETS_TIMEOUT_S, Listing, Partition, TopicLister, wanted_partitions, watermarks
 
 log = logging.getLogger(__name__)
 
-# a partition whose leader is being elected (a topic just created, a broker just gone)
-LEADER_MOVING = frozenset(
-    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
-)
 PROCESSORS = "processors"
 WORKERS = "workers"
 TOPICS_EVERY_S = 5.0  # how often the broker's topics are listed again for stages with a pattern
@@ -88,6 +94,9 @@ class StageLag:
     log_end: int  # sum over partitions
     committed: int  # sum over partitions (log start where the group has not committed)
     partitions: dict[str, PartitionLag] = field(default_factory=dict)  # by label (Stage.label)
+    # running totals of per-partition steps (Progress): what rates are measured from
+    arrived: int = 0
+    done: int = 0
 
     @property
     def lag_seconds(self) -> float:
@@ -105,6 +114,29 @@ def pipeline_stages(settings: Settings) -> list[Stage]:
         Stage(PROCESSORS, settings.topics.requests, settings.processor_group, tenants),
         Stage(WORKERS, settings.topics.contexts, settings.worker_group),
     ]
+
+
+class Progress:
+    """Running totals of what arrived (log-end steps) and what was done (committed
+    steps) on a changing set of partitions: each sample adds, for every partition
+    present in the previous sample too, its step since then. A partition that left
+    (a tenant's topic deleted) or came (back) adds nothing, so a rate taken from the
+    totals' differences is the rate of the partitions that stayed."""
+
+    def __init__(self) -> None:
+        self.arrived = 0
+        self.done = 0
+        self._last: dict[Partition, tuple[int, int]] = {}  # per partition: (log end, committed)
+
+    def update(self, samples: dict[Partition, tuple[int, int]]) -> tuple[int, int]:
+        """Takes (log end, committed) per partition; returns (arrived, done) so far."""
+        for key, (end, done) in samples.items():
+            last = self._last.get(key)
+            if last is not None:
+                self.arrived += end - last[0]
+                self.done += done - last[1]
+        self._last = dict(samples)
+        return self.arrived, self.done
 
 
 class LagReader:
@@ -138,91 +170,103 @@ class LagReader:
             }
         )
         self._partitions: dict[str, list[TopicPartition]] = {s.name: [] for s in stages}  # by stage
-        self._end: dict[tuple[str, int], int] = {}
-        self._start: dict[tuple[str, int], int] = {}
-        self._listed_at = 0.0
+        self._end: dict[Partition, int] = {}
+        self._start: dict[Partition, int] = {}
+        # the last committed offset seen per partition: held when OffsetFetch stops
+        # answering one (a tenant's topic deleted takes its group offsets with it; until
+        # a listing drops the partition, falling back to the log start read its whole
+        # log as lag, and its committed offset as undone work)
+        self._committed: dict[Partition, int] = {}
+        self._progress = {s.name: Progress() for s in stages}
         self._error_logged_at = 0.0
         self.clock = LagClock()
+        self._lister: TopicLister | None = None
         try:
-            listed = self._tail.list_topics(timeout=10).topics
-            for stage in stages:
-                meta = listed.get(stage.topic)
-                if meta is None or meta.error is not None or not meta.partitions:
-                    raise TidegateError(f"topic {stage.topic!r} not found: create the topics first")
-            self._track(listed, watermark_timeout_s=15.0, strict=True)
+            self._track(self._first_listing())
+            if any(s.pattern for s in stages):
+                self._lister = TopicLister(settings, self._reads, TOPICS_EVERY_S)
         except BaseException:  # a caller that tries again must not leak these consumers
             self.close()
             raise
-        self._listed_at = time.monotonic()
 
-    def _track(self, listed: dict, watermark_timeout_s: float, strict: bool = False) -> None:
+    def _reads(self, topic: str) -> bool:
+        return any(stage.reads(topic) for stage in self.stages)
+
+    def _first_listing(self) -> Listing:
+        """The stages' topics and their partitions' offsets, read here at the start: the
+        stages' own topics must answer (within 15 s for a leader), a tenant's partition
+        that does not waits for the next listing."""
+        listed = self._tail.list_topics(timeout=10).topics
+        own = {stage.topic for stage in self.stages}
+        for topic in own:
+            meta = listed.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                raise TidegateError(f"topic {topic!r} not found: create the topics first")
+        partitions = wanted_partitions(listed, self._reads)
+        offsets = {}
+        for name, p in sorted(partitions):
+            try:
+                offsets[(name, p)] = watermarks(
+                    self._tail, TopicPartition(name, p), 15.0 if name in own else OFFSETS_TIMEOUT_S
+                )
+            except KafkaException as exc:
+                if name in own:
+                    raise
+                log.info("partition %s/%d not tailed yet: %s", name, p, exc)
+        return Listing(partitions, offsets)
+
+    def _track(self, listing: Listing) -> None:
         """Follows the stages' topics as listed: tails the partitions not tailed yet
-        (from their log end, their backlog counted from the log start), drops those of
-        topics gone. A partition whose leader is not known yet waits for the next list."""
-        added = []
+        whose offsets the listing read (from their log end, their backlog counted from
+        the log start), drops those of topics gone. A partition whose leader is not
+        known yet waits for the next listing."""
+        added, gone = [], []
         for stage in self.stages:
-            wanted = {
-                (name, p)
-                for name, meta in listed.items()
-                if stage.reads(name) and meta.error is None
-                for p in meta.partitions
-            }
             tracked = self._partitions[stage.name]
             # a stage's own topic is never dropped (a list that missed it is a broker's hiccup)
-            kept = [tp for tp in tracked if (tp.topic, tp.partition) in wanted or tp.topic == stage.topic]
-            gone = [tp for tp in tracked if (tp.topic, tp.partition) not in wanted and tp.topic != stage.topic]
-            if gone:
-                self._tail.incremental_unassign(gone)
-            known = {(tp.topic, tp.partition) for tp in kept}
-            for name, p in sorted(wanted - known):
-                tp = TopicPartition(name, p)
-                try:
-                    low, high = self._watermarks(tp, watermark_timeout_s)
-                except KafkaException as exc:
-                    if strict and name == stage.topic:  # at the start: as before, the stage's own topic must answer
-                        raise
-                    log.info("partition %s/%d not tailed yet: %s", name, p, exc)
+            kept = [tp for tp in tracked if (tp.topic, tp.partition) in listing.partitions or tp.topic == stage.topic]
+            kept_keys = {(tp.topic, tp.partition) for tp in kept}
+            gone += [tp for tp in tracked if (tp.topic, tp.partition) not in kept_keys]
+            for name, p in sorted(listing.partitions - kept_keys):
+                if not stage.reads(name) or (name, p) not in listing.offsets:
                     continue
+                low, high = listing.offsets[(name, p)]
                 # ListOffsets may answer early (never late): start there and read up to the true end
                 self._end[(name, p)] = high
                 self._start[(name, p)] = max(0, low)
-                kept.append(tp)
+                kept.append(TopicPartition(name, p))
                 added.append(TopicPartition(name, p, high))
             self._partitions[stage.name] = sorted(
                 kept, key=lambda tp: (tp.topic != stage.topic, tp.topic, tp.partition)
             )
+        if gone:
+            self._tail.incremental_unassign(gone)
+            for tp in gone:
+                self._drop((tp.topic, tp.partition))
         if added:
             self._tail.incremental_assign(added)
 
+    def _drop(self, key: Partition) -> None:
+        """Forgets a partition no stage reads any more (Progress forgets it at its next sample)."""
+        self._end.pop(key, None)
+        self._start.pop(key, None)
+        self._committed.pop(key, None)
+        self.clock.forget(key)
+
+    def _tailed(self) -> frozenset[Partition]:
+        return frozenset((tp.topic, tp.partition) for tps in self._partitions.values() for tp in tps)
+
     def _relist(self) -> None:
-        """Lists the topics again (every TOPICS_EVERY_S, for stages with a pattern)."""
-        if not any(s.pattern for s in self.stages) or time.monotonic() - self._listed_at < TOPICS_EVERY_S:
-            return
-        self._listed_at = time.monotonic()
-        try:
-            listed = self._tail.list_topics(timeout=2).topics
-        except KafkaException as exc:  # the broker between lives: the topics known so far stand
-            self._transient(f"topics not listed: {exc}")
-            return
-        self._track(listed, watermark_timeout_s=2.0)
+        """Applies the lister's latest listing, if one came since the last poll."""
+        listing = self._lister.take(self._tailed()) if self._lister is not None else None
+        if listing is not None:
+            self._track(listing)
 
     def _transient(self, what: str) -> None:
         now = time.monotonic()
         if now - self._error_logged_at >= ERROR_LOG_EVERY_S:
             self._error_logged_at = now
             log.warning("lag tail: %s (going on)", what)
-
-    def _watermarks(self, tp: TopicPartition, timeout_s: float = 15.0) -> tuple[int, int]:
-        """A partition's offsets; a topic created a moment ago may not have its leader
-        yet ("not leader for partition"): asked again until `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return self._tail.get_watermark_offsets(tp, timeout=min(10.0, timeout_s), cached=False)
-            except KafkaException as exc:
-                if exc.args[0].code() not in LEADER_MOVING or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
 
     def poll(self, timeout_s: float) -> None:
         """Reads whatever arrived at the tails and updates the log ends. Raises only
@@ -272,21 +316,30 @@ class LagReader:
         now = time.time()
         end_sum = done_sum = lag = 0
         partitions = {}
+        samples = {}
         for tp in self._partitions[stage.name]:
             key = (tp.topic, tp.partition)
             label = stage.label(tp.topic, tp.partition)
             end = self._end[key]
             done = committed.get(label, -1)
+            if done >= 0:
+                self._committed[key] = done
+            else:
+                done = self._committed.get(key, -1)
             if done < 0:  # nothing committed yet: the group starts from the log start
                 done = self._start[key]
             exact, interpolated = self.clock.age(key, done, end, now)
             partitions[label] = PartitionLag(tp.topic, tp.partition, end, done, max(0, end - done), exact, interpolated)
+            samples[key] = (end, done)
             end_sum += end
             done_sum += done
             lag += max(0, end - done)
-        return StageLag(stage.name, lag, end_sum, done_sum, partitions)
+        arrived, progressed = self._progress[stage.name].update(samples)
+        return StageLag(stage.name, lag, end_sum, done_sum, partitions, arrived, progressed)
 
     def close(self) -> None:
+        if self._lister is not None:
+            self._lister.close()
         self._tail.close()
         for consumer in self._offsets.values():
             consumer.close()

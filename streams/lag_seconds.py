@@ -42,6 +42,11 @@ class LagClock:
             return
         ends.append((now, log_end))
 
+    def forget(self, partition: Partition) -> None:
+        """Drops everything kept for a partition the reader no longer tails."""
+        self._stamps.pop(partition, None)
+        self._ends.pop(partition, None)
+
     def forget_below(self, partition: Partition, committed: int) -> None:
         """Drops the timestamps of records the group committed past."""
         stamps = self._stamps.get(partition)

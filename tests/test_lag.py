@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import NewTopic
 
+from streams import lag as lag_module
+from streams.kafka import admin_client
 from streams.lag import PROCESSORS, LagReader, pipeline_stages
 from tests.conftest import BROKER, SettingsFactory
 from tests.helpers import wait_for
@@ -56,5 +60,49 @@ def test_lag_is_exact_with_batched_records_and_no_live_member(settings_factory: 
         # more batched records arrive: lag follows exactly
         produce_batched(settings.bootstrap, stage.topic, 1000)
         assert wait_for(lambda: lag_now() == expected + 1000, 20, "lag after more records")
+    finally:
+        reader.close()
+
+
+@pytest.mark.skipif(BROKER == "tansu", reason="a deleted topic stays in Tansu's metadata")
+def test_a_dropped_tenant_partition_leaves_no_state(
+    settings_factory: SettingsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's topic deleted: the reader drops its partitions and forgets their log
+    ends, log starts, record timestamps and log-end samples (they were kept for good,
+    one set per deleted tenant partition). The group commits there first: its last
+    committed offsets are held per partition too."""
+    monkeypatch.setattr(lag_module, "TOPICS_EVERY_S", 0.5)
+    settings = settings_factory(tenant_topics=True)
+    stage = next(s for s in pipeline_stages(settings) if s.name == PROCESSORS)
+    topic = settings.topics.tenant_requests("acme")
+    admin = admin_client(settings)  # kept until the futures resolve
+    reader = LagReader(settings, [stage])
+    try:
+        for future in admin.create_topics([NewTopic(topic, 2, 1)], operation_timeout=10).values():
+            future.result(timeout=30)
+        produce_batched(settings.bootstrap, topic, 50)
+
+        def lag_now() -> int:
+            reader.poll(0.1)
+            return reader.lag(stage).lag
+
+        assert wait_for(lambda: lag_now() == 50, 30, "the tenant's 50 records in the lag")
+        committer = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": stage.group})
+        committer.commit(offsets=[TopicPartition(topic, p, 1) for p in (0, 1)], asynchronous=False)
+        committer.close()
+        assert wait_for(lambda: lag_now() == 48, 30, "the tenant's lag after commits")
+        for future in admin.delete_topics([topic], operation_timeout=10).values():
+            future.result(timeout=30)
+        wait_for(lambda: lag_now() == 0 and topic not in reader.topics(stage), 30, "the tenant's topic dropped")
+        tables = {
+            "log ends": reader._end,
+            "log starts": reader._start,
+            "record timestamps": reader.clock._stamps,
+            "log-end samples": reader.clock._ends,
+            "committed offsets": reader._committed,
+        }
+        left = {what: sorted(k for k in table if k[0] == topic) for what, table in tables.items()}
+        assert not any(left.values()), f"state of the dropped partitions kept: {left}"
     finally:
         reader.close()
