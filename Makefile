@@ -59,8 +59,8 @@ demo: setup model
 # the whole suite on Apache Kafka, then the integration tests again on Tansu
 test: setup model
 	$(BIN)/ruff check .
-	$(BIN)/pytest
-	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
+	$(BIN)/pytest --durations=20
+	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration --durations=10
 
 # the fault suite alone, with each case's JSON summary (also part of `make test`)
 test-faults: setup model
