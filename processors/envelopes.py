@@ -52,6 +52,7 @@ class Accepted:
     similarity: list[float] | None = None
     degraded: bool = False  # built with less than it asked for (relevance without its model)
     taken_back: bool = False  # no longer counted as admitted (processors/admission.py take_back)
+    answered: bool = False  # replied to already in this batch (over quota, failed alone)
 
 
 class EnvelopeBuilder:

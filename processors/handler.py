@@ -138,8 +138,7 @@ class RequestHandler:
             except Exception as exc:  # a step for the whole wave failed: each request not answered yet
                 log.exception("building %d envelopes failed; answering each `error`", len(wave))
                 why = f"processor error: {_why(exc)}"
-                replied = {o.key for o in wave_out}  # a reply's key is its request id
-                rest = [i for i in wave if not i.taken_back and i.request["request_id"].encode() not in replied]
+                rest = [item for item in wave if not item.taken_back and not item.answered]
                 for item in rest:
                     self.gate.take_back(item)
                 wave_out += await self.refusals.unless_claimed([self._refusal(item, "error", why) for item in rest])
@@ -250,6 +249,7 @@ class RequestHandler:
 
     def _refuse_item(self, item: Accepted, status: str, error: str, retry_after_ms: int | None, stage: str) -> Outgoing:
         """The reply that refuses `item`, its claim read (it was never claimed)."""
+        item.answered = True  # by identity: request ids are the callers' and may repeat across tenants
         return self.refusals.reply(self._refusal(item, status, error, retry_after_ms, stage))
 
     @staticmethod

@@ -126,10 +126,21 @@ def test_a_wave_failing_after_some_of_its_requests_were_answered_answers_only_th
     spent = request_record(f"a-{uuid.uuid4().hex[:6]}", tenant=tenant)
     assert replies_by_request(answered(runner, handler, [spent])) == {rid(spent): ["envelope"]}
     arm(monkeypatch, "processor.wave_fails_late")
-    over = request_record(f"b-{uuid.uuid4().hex[:6]}", tenant=tenant)
-    within = request_record(f"c-{uuid.uuid4().hex[:6]}")
-    got = replies_by_request(answered(runner, handler, [over, within]))
-    assert got == {rid(over): ["rate_limited"], rid(within): ["error"]}
+    over_session, within_session = f"b-{uuid.uuid4().hex[:6]}", f"c-{uuid.uuid4().hex[:6]}"
+    over = request_record(over_session, tenant=tenant)
+    within = request_record(within_session)
+    # another tenant's request with the same request id (ids are the callers' own)
+    other_session = f"d-{uuid.uuid4().hex[:6]}"
+    same_id = request_record(other_session, tenant=f"o{tenant}", request_id=rid(over))
+    codec = get_codec()
+    got = sorted(
+        (reply["session_id"], reply["status"])
+        for reply in (
+            codec.decode(o.value, "InferenceReply")[1] for o in answered(runner, handler, [over, within, same_id])
+        )
+    )
+    # one reply each, by session: the same id under another tenant is answered, not taken for answered
+    assert got == sorted([(over_session, "rate_limited"), (within_session, "error"), (other_session, "error")])
 
 
 def test_a_redelivered_duplicate_is_not_refused_queue_full(
