@@ -15,10 +15,12 @@ Redis unreachable: requests pass (the stage goes on degraded, as for history).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from conversation.history import KEY_PREFIX, key_part
 from streams.tenants import TenantPolicy, Tenants
@@ -70,6 +72,8 @@ if #full > 0 then redis.call('ZREM', KEYS[1], unpack(full)) end
 return {1, 0, left[1], left[2], math.ceil(reset)}
 """
 QUOTAS_KEY = f"{KEY_PREFIX}quotas"
+_GCRA_PLAIN = _GCRA.split("\n", 1)[1]  # without the shebang, for a Redis before 7 (it cannot parse one)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,7 @@ class Quotas:
         self.redis = redis
         self.tenants = tenants
         self._script: Any = redis.register_script(_GCRA)
+        self._plain: Any = redis.register_script(_GCRA_PLAIN)
 
     async def decide(self, asks: list[tuple[str, int]]) -> list[QuotaDecision | None]:
         """One decision per (tenant, tokens), in order, in one round trip; None where
@@ -111,6 +116,23 @@ class Quotas:
         limited = [i for i, (tenant, _) in enumerate(asks) if self._limited(self.tenants.policy(tenant))]
         if not limited:
             return decisions
+        try:
+            results = await self._run(asks, limited)
+        except ResponseError as exc:
+            if self._script is self._plain or not _refuses_shebang(exc):
+                raise
+            # a Redis before 7 compiles no shebang: the script without it, which Redis
+            # refuses past maxmemory (quotas then stop there: Redis 7 is the one to run)
+            log.warning("redis refuses the quota script's shebang (before Redis 7?): %s; without allow-oom", exc)
+            self._script = self._plain
+            results = await self._run(asks, limited)
+        for i, result in zip(limited, results, strict=True):
+            passed, retry, req_left, tok_left, reset = (int(x) for x in result)
+            decisions[i] = QuotaDecision(bool(passed), max(1, retry) if not passed else 0, req_left, tok_left, reset)
+        return decisions
+
+    async def _run(self, asks: list[tuple[str, int]], limited: list[int]) -> list[Any]:
+        """The script for each limited ask, in one pipeline."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in limited:
                 tenant, tokens = asks[i]
@@ -124,12 +146,14 @@ class Quotas:
                     *quota_keys(tenant),
                 ]
                 await self._script(keys=[QUOTAS_KEY, *quota_keys(tenant)], args=args, client=pipe)
-            results = await pipe.execute()
-        for i, result in zip(limited, results, strict=True):
-            passed, retry, req_left, tok_left, reset = (int(x) for x in result)
-            decisions[i] = QuotaDecision(bool(passed), max(1, retry) if not passed else 0, req_left, tok_left, reset)
-        return decisions
+            return list(await pipe.execute())
 
     @staticmethod
     def _limited(policy: TenantPolicy) -> bool:
         return bool(policy.requests_per_minute or policy.tokens_per_minute)
+
+
+def _refuses_shebang(exc: ResponseError) -> bool:
+    """Redis 6 cannot compile `#!lua ...`; Redis 7 names a flag it does not know."""
+    text = str(exc).lower()
+    return "compiling script" in text or "shebang" in text

@@ -219,6 +219,28 @@ def test_past_maxmemory_with_nothing_evictable_quotas_still_decide_exactly(r: re
     assert asyncio.run(decide()) == [True, False]
 
 
+def test_a_redis_that_cannot_parse_the_quota_scripts_shebang_still_gets_quotas(r: redis.Redis, redis_port: int) -> None:
+    """Redis before 7 cannot compile `#!lua flags=...`: before, `decide` raised and the
+    processors went degraded (no claims, no history, no quotas) after every batch with
+    a limited tenant. The quota script is then run without its shebang. (Redis 7 stands
+    in for 6 here with a flag it does not know: the same refusal of the shebang.)"""
+    from processors import quotas as quotas_module
+    from streams.tenants import TenantPolicy, Tenants
+
+    tenants = Tenants(tenants={"metered": TenantPolicy(requests_per_minute=1)})
+
+    async def decide() -> list[bool]:
+        client = AsyncRedis(port=redis_port)
+        try:
+            quotas = quotas_module.Quotas(client, tenants)
+            quotas._script = client.register_script("#!lua flags=no-such-flag\n" + quotas_module._GCRA_PLAIN)
+            return [d.passed for d in await quotas.decide([("metered", 1), ("metered", 1)]) if d is not None]
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(decide()) == [True, False]
+
+
 # -- 3. the sessions bound, and one command's error ----------------------------------
 
 
