@@ -178,8 +178,8 @@ class HistoryWriter:
     cancelled or in error counts too; the worker's `bound_sessions` moves it up after
     each answer. Past the bound the tenant's least recently used sessions lose their
     history and embeddings, as eviction would take them, but within the tenant: one
-    tenant's many sessions cannot push out another's conversations. A writer built
-    without the bound only records (the worker's next answer for the tenant applies it)."""
+    tenant's many sessions cannot push out another's conversations. Without a bound
+    (0) no index is kept."""
 
     def __init__(self, ttl_s: int, max_turns: int, max_sessions: int = 0) -> None:
         self.ttl_s = ttl_s

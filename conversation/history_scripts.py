@@ -53,13 +53,13 @@ local function mark(set, member, lasts_ms)
   redis.call('ZADD', set, now + lasts_ms, member)
 end
 -- the session takes its place in its tenant's index; sessions idle past the TTL leave
--- it (their history expired); past `bound` (0: none) the least recently used lose
+-- it (their history expired); past `limit` (0: no bound, no index) the least recently used lose
 -- their history and embeddings, at most {PRUNE_LIMIT} a call, never `session` itself
 local function bound(index, limit, ttl, session, history_prefix, embeddings_prefix)
+  if limit <= 0 then return 0 end  -- no bound: no index to keep
   redis.call('ZADD', index, now, session)
   redis.call('EXPIRE', index, ttl)
   redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl * 1000)
-  if limit <= 0 then return 0 end
   local over = redis.call('ZCARD', index) - limit
   if over <= 0 then return 0 end
   local oldest = redis.call('ZRANGE', index, 0, math.min(over, {PRUNE_LIMIT}))

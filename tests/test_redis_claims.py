@@ -283,7 +283,7 @@ def test_sessions_whose_requests_were_never_answered_count_toward_the_bound(
 ) -> None:
     """50 requests forwarded (their user turns written) that all ended expired,
     cancelled or in error, then one answer: the tenant keeps 10 histories."""
-    processors = HistoryWriter(86_400, 400)  # as the processors build it
+    processors = HistoryWriter(86_400, 400, max_sessions=10)  # as the processors build it (TENANT_MAX_SESSIONS)
     for i in range(50):
         claim(r, processors, "big", f"s{i}", uuid.uuid4().hex)
     rid = uuid.uuid4().hex
@@ -303,7 +303,15 @@ def test_a_claim_that_knows_the_bound_enforces_it(r: redis.Redis) -> None:
 
 
 def test_a_one_shot_session_stays_out_of_the_index(r: redis.Redis) -> None:
-    claim(r, HistoryWriter(86_400, 400), "acme", "once:abc", uuid.uuid4().hex)
+    claim(r, HistoryWriter(86_400, 400, max_sessions=10), "acme", "once:abc", uuid.uuid4().hex)
+    assert not r.exists(sessions_key("acme"))
+
+
+def test_without_a_bound_no_sessions_index_is_kept(r: redis.Redis) -> None:
+    """TENANT_MAX_SESSIONS=0: nothing to bound, so no index grows (before: every
+    session written was added to it)."""
+    claim(r, HistoryWriter(86_400, 400, max_sessions=0), "acme", "conv", uuid.uuid4().hex)
+    assert r.exists(history_key("acme", "conv"))
     assert not r.exists(sessions_key("acme"))
 
 
