@@ -66,7 +66,9 @@ class TenantClients:
         self.settings = settings
         self._clients: dict[str, Client] = {}
         self._backoff: dict[str, StartBackoff] = {}
-        self._lock = asyncio.Lock()
+        # one per tenant (the keys file's, a bounded set): a tenant's start that fails
+        # slowly (its listener retries for up to a minute) holds no other tenant's
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, tenant: str) -> Client:
         """The tenant's client, started on its first request.
@@ -77,7 +79,7 @@ class TenantClients:
         if client is not None:
             return client
         self._refuse_in_backoff(tenant)
-        async with self._lock:
+        async with self._locks.setdefault(tenant, asyncio.Lock()):
             if tenant in self._clients:
                 return self._clients[tenant]
             self._refuse_in_backoff(tenant)  # the start this request queued behind failed
