@@ -9,7 +9,7 @@ import uuid
 
 from processors.handler import Incoming, RequestHandler
 from schemas import get_codec
-from streams.outgoing import Outgoing
+from streams.outgoing import Outgoing, now_ms
 
 
 def request_record(
@@ -62,3 +62,16 @@ def answered(runner: asyncio.Runner, handler: RequestHandler, records: list[Inco
 
     runner.run(handler.answer(records, deliver))
     return out
+
+
+def pressure(level: str, lag: int, cap: int = 100) -> dict:
+    """A workers' PressureState as the monitor publishes it, for a PressureBoard."""
+    return {
+        "stage": "workers",
+        "lag": lag,
+        "cap": cap,
+        "state": level,
+        "drain_rate": 100.0,
+        "drain_time_ms": 0,
+        "updated_ms": now_ms(),
+    }

@@ -17,10 +17,10 @@ from processors.fairness import FairShares
 from processors.handler import Incoming, RequestHandler
 from schemas import get_codec
 from streams.config import Settings
-from streams.outgoing import Outgoing, now_ms
+from streams.outgoing import Outgoing
 from streams.pressure import FULL, OK, PressureBoard
 from streams.tenants import TenantPolicy, Tenants
-from tests.handler_support import delivered, request_record
+from tests.handler_support import delivered, pressure, request_record
 
 pytestmark = pytest.mark.same_on_any_broker  # Redis and the handler: nothing a broker does
 
@@ -42,18 +42,6 @@ def handle(runner: asyncio.Runner, handler: RequestHandler, records: list[Incomi
     return outcomes(delivered(runner, handler, records))
 
 
-def pressure(lag: int, cap: int, level: str) -> dict:
-    return {
-        "stage": "workers",
-        "lag": lag,
-        "cap": cap,
-        "state": level,
-        "drain_rate": 100.0,
-        "drain_time_ms": 0,
-        "updated_ms": now_ms(),
-    }
-
-
 def make_handler(
     redis_url: str, counter: TokenCounter, tenant: str, per_minute: int, board: PressureBoard | None = None
 ) -> RequestHandler:
@@ -69,11 +57,11 @@ def test_a_tenant_refused_queue_full_keeps_its_quota(
 ) -> None:
     tenant = f"t{uuid.uuid4().hex[:8]}"
     board = PressureBoard(stale_s=30, warn_ratio=0.8)
-    board.publish(pressure(500, 100, FULL))
+    board.publish(pressure(FULL, 500, 100))
     handler = make_handler(services[1], counter, tenant, per_minute=5, board=board)
     for _ in range(4):  # 20 refusals: a caller retrying at its retry times
         assert handle(runner, handler, [record(tenant) for _ in range(5)]) == ["queue_full"] * 5
-    board.publish(pressure(0, 100, OK))
+    board.publish(pressure(OK, 0, 100))
     assert handle(runner, handler, [record(tenant) for _ in range(6)]) == ["rate_limited"] + ["envelope"] * 5
 
 
@@ -95,7 +83,7 @@ def test_a_request_its_quota_refuses_is_not_counted_as_admitted(
 ) -> None:
     tenant = f"t{uuid.uuid4().hex[:8]}"
     board = PressureBoard(stale_s=30, warn_ratio=0.8)
-    board.publish(pressure(95, 100, OK))  # room for 5 more
+    board.publish(pressure(OK, 95, 100))  # room for 5 more
     handler = make_handler(services[1], counter, tenant, per_minute=1, board=board)
     assert sorted(handle(runner, handler, [record(tenant) for _ in range(5)])) == ["envelope"] + ["rate_limited"] * 4
     assert board.check(["workers"], "normal") is None  # 96 counted, not 100

@@ -36,7 +36,7 @@ from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL, OK, PressureBoard
 from streams.tenants import TenantPolicy, Tenants
 from tests.conftest import LOG_DIR, SettingsFactory
-from tests.handler_support import answered, request_record
+from tests.handler_support import answered, pressure, request_record
 from tests.helpers import TopicReader
 from tidegate import devstack
 from tidegate.processes import free_port, stop_pid, wait_until
@@ -61,18 +61,6 @@ def arm(monkeypatch: pytest.MonkeyPatch, name: str, nth: int = 1) -> None:
     """Arms the fault point `name` in this process for its `nth` reach."""
     monkeypatch.setitem(faults._ARMED, name, nth)
     monkeypatch.setitem(faults._REACHED, name, 0)
-
-
-def pressure(level: str, lag: int, cap: int = 100) -> dict:
-    return {
-        "stage": "workers",
-        "lag": lag,
-        "cap": cap,
-        "state": level,
-        "drain_rate": 100.0,
-        "drain_time_ms": 0,
-        "updated_ms": now_ms(),
-    }
 
 
 def make_handler(redis_url: str, counter: TokenCounter, board: PressureBoard | None = None) -> RequestHandler:
