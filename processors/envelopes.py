@@ -19,7 +19,7 @@ from schemas import AVRO, Codec, content_type_header
 from streams.config import Settings
 from streams.outgoing import Outgoing, now_ms
 
-ENVELOPE_VERSION = 3
+ENVELOPE_VERSION = 4
 
 
 @dataclass(slots=True)

@@ -46,9 +46,14 @@ SCHEMA_FILES = {
 # Schemas this version no longer writes but still reads (resolved to the current
 # one): a stage upgraded first keeps reading what the others still send.
 PREVIOUS_SCHEMA_FILES = {
-    "InferenceRequest": ["previous/inference_request.v1.avsc"],
-    "ContextEnvelope": ["previous/context_envelope.v1.avsc", "previous/context_envelope.v2.avsc"],
-    "PressureState": ["previous/pressure_state.v1.avsc"],
+    "InferenceRequest": ["previous/inference_request.v1.avsc", "previous/inference_request.v2.avsc"],
+    "ContextEnvelope": [
+        "previous/context_envelope.v1.avsc",
+        "previous/context_envelope.v2.avsc",
+        "previous/context_envelope.v3.avsc",
+    ],
+    "InferenceReply": ["previous/inference_reply.v1.avsc"],
+    "PressureState": ["previous/pressure_state.v1.avsc", "previous/pressure_state.v2.avsc"],
     "InferenceChunk": ["previous/inference_chunk.v1.avsc"],
 }
 

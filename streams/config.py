@@ -127,6 +127,14 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
+    # The fleet (streams/fleet.py): models and the pools of workers serving them;
+    # unset: one pool, `default`, serving MODEL. POOL: the pool a worker serves.
+    fleet_file: str | None = None
+    pool: str = "default"
+    # how the processors choose among a model's pools: by expected wait (lag and
+    # drain rate from the pressure topic), or round robin (the benchmark's baseline)
+    routing: Literal["pressure", "round_robin"] = "pressure"
+
     # Tenants (streams/tenants.py): quotas and fair-share weights; unset: all unlimited
     tenants_file: str | None = None
     # each tenant sends to its own request topic, `<requests>.<tenant>`, and the

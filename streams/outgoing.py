@@ -55,7 +55,9 @@ def build_reply(
     degraded: bool = False,
     timings: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """An InferenceReply for `request` (a request or an envelope); total_ms is filled in."""
+    """An InferenceReply for `request` (a request or an envelope); total_ms is filled in,
+    and an envelope's fallback (the model asked for, and why another served it)
+    is carried over."""
     if status not in REPLY_STATUSES:
         raise ValueError(f"unknown reply status {status!r}")
     replied = now_ms()
@@ -77,6 +79,8 @@ def build_reply(
         "degraded": degraded,
         "timings": stage_timings,
         "replied_ms": replied,
+        "fallback_from": request.get("fallback_from"),
+        "fallback_reason": request.get("fallback_reason"),
     }
 
 

@@ -26,7 +26,9 @@ class StageTimings:
 class Reply:
     """The answer to one request. `status` is `ok` (then `text` holds the completion),
     `queue_full` (`retry_after_ms` says when to try again), `expired`, `invalid` or
-    `error` (then `error` says why); `rate_limited` is reserved for quotas."""
+    `error` (then `error` says why); `rate_limited` is reserved for quotas. `model`
+    is the model that served it; where a fallback did, `fallback_from` names the
+    model asked for and `fallback_reason` why (`full`, `circuit_open`, `error`)."""
 
     request_id: str
     status: Status
@@ -41,6 +43,8 @@ class Reply:
     degraded: bool = False
     timings: StageTimings = dataclasses.field(default_factory=StageTimings)
     replied_ms: int = 0
+    fallback_from: str | None = None
+    fallback_reason: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -22,6 +22,8 @@ REQUEST = {
     "strategy": None,
     "metadata": {},
     "stream": False,
+    "model": "",
+    "fallbacks": [],
 }
 
 
