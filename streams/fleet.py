@@ -238,9 +238,7 @@ def _parse_models(raw: Any, settings: Settings, mistakes: list[str]) -> dict[str
     return models
 
 
-def _parse_pools(
-    raw: Any, settings: Settings, models: dict[str, ModelSpec], mistakes: list[str]
-) -> dict[str, Pool]:
+def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mistakes: list[str]) -> dict[str, Pool]:
     if not isinstance(raw, dict) or not raw:
         mistakes.append("pools: expected a mapping of pool name -> its settings, at least one")
         return {}

@@ -40,7 +40,11 @@ def test_a_fleet_file_names_each_pools_topic_group_and_stage(tmp_path: Path) -> 
     settings = Settings(topic_prefix="t.", fleet_file=str(path))
     fleet = load_fleet(settings)
     fast = fleet.pools["fast"]
-    assert (fast.contexts_topic, fast.group, fast.stage) == ("t.contexts.fast", f"{settings.worker_group}.fast", "workers.fast")
+    assert (fast.contexts_topic, fast.group, fast.stage) == (
+        "t.contexts.fast",
+        f"{settings.worker_group}.fast",
+        "workers.fast",
+    )
     assert fast.weight == 2 and fast.partitions == 4
     assert fleet.pools["spare"].workers_cap_messages == 200
     assert fleet.resolve("gpt-4o-mini").id == "smol"  # type: ignore[union-attr]
