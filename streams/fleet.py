@@ -24,6 +24,7 @@ all of them at once, so an operator fixes the file in one go.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,39 @@ def default_fleet(settings: Settings) -> Fleet:
         workers_cap_seconds=settings.workers_cap_seconds,
     )
     return Fleet({model.id: model}, {DEFAULT_POOL: pool})
+
+
+def fleet_from_states(states: Iterable[Mapping[str, Any]]) -> Fleet | None:
+    """The fleet as the pools' PressureStates carry it (their `pool` and `models`): how a
+    client or gateway without the fleet file learns it, through Kafka. None while no
+    state names a pool (no monitor has published yet, or it predates fleets)."""
+    models: dict[str, ModelSpec] = {}
+    pools: dict[str, Pool] = {}
+    for state in states:
+        name = state.get("pool") or ""
+        if not name or not state.get("models"):
+            continue
+        for entry in state["models"]:
+            models.setdefault(
+                entry["id"],
+                ModelSpec(
+                    entry["id"],
+                    entry.get("token_budget") or 0,
+                    tuple(entry.get("aliases") or ()),
+                    tuple(entry.get("fallbacks") or ()),
+                ),
+            )
+        pools[name] = Pool(
+            name,
+            "",
+            tuple(entry["id"] for entry in state["models"]),
+            "",
+            "",
+            state["stage"],
+            state.get("partitions") or 0,
+            state.get("weight") or 1.0,
+        )
+    return Fleet(models, pools) if pools else None
 
 
 def load_fleet(settings: Settings) -> Fleet:

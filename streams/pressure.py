@@ -242,6 +242,11 @@ class PressureBoard:
         with self._lock:
             return self._states.get(stage)
 
+    def states(self) -> list[dict[str, Any]]:
+        """The latest state of every stage seen (a fleet's pools among them)."""
+        with self._lock:
+            return list(self._states.values())
+
     def check(self, stages: list[str], priority: str) -> Refusal | None:
         """A Refusal for the first stage on the path that is too full for `priority`
         (its retry time is not handed out: the next refusal may get the same)."""

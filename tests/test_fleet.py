@@ -91,3 +91,32 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
     assert len(str(caught.value).splitlines()) == 1
     with pytest.raises(FleetError, match="cannot read"):
         load_fleet(Settings(fleet_file=str(tmp_path / "missing.yaml")))
+
+
+def test_clients_learn_the_fleet_from_the_pools_pressure_states() -> None:
+    from streams.fleet import fleet_from_states
+
+    states = [
+        {"stage": "processors", "pool": "", "models": []},
+        {
+            "stage": "workers.fast",
+            "pool": "fast",
+            "partitions": 4,
+            "weight": 2.0,
+            "models": [{"id": "smol", "aliases": ["gpt-4o-mini"], "token_budget": 512, "fallbacks": ["tiny"]}],
+        },
+        {
+            "stage": "workers.spare",
+            "pool": "spare",
+            "models": [
+                {"id": "smol", "aliases": ["gpt-4o-mini"], "token_budget": 512, "fallbacks": ["tiny"]},
+                {"id": "tiny", "aliases": [], "token_budget": 256, "fallbacks": []},
+            ],
+        },
+    ]
+    assert fleet_from_states(states[:1]) is None
+    fleet = fleet_from_states(states)
+    assert fleet is not None
+    assert [m.id for m in fleet.candidates("gpt-4o-mini")] == ["smol", "tiny"]
+    assert [p.stage for p in fleet.pools_of("smol")] == ["workers.fast", "workers.spare"]
+    assert fleet.pools["fast"].weight == 2.0
