@@ -41,6 +41,7 @@ SCHEMA_FILES = {
     "InferenceReply": "inference_reply.avsc",
     "PressureState": "pressure_state.avsc",
     "InferenceChunk": "inference_chunk.avsc",
+    "WorkerOutcomes": "worker_outcomes.avsc",
 }
 
 # Schemas this version no longer writes but still reads (resolved to the current

@@ -23,6 +23,9 @@ class Topics:
         self.replies = f"{prefix}replies"
         self.pressure = f"{prefix}pressure"
         self.dead_letter = f"{prefix}dead-letter"
+        # each worker's counts of its ok, error and expired replies, once per
+        # STATS_INTERVAL_S: what the lag monitor's circuit breakers judge pools by
+        self.outcomes = f"{prefix}outcomes"
 
     def tenant_requests(self, tenant: str) -> str:
         return f"{self.requests}.{tenant}"

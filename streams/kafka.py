@@ -12,6 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.fleet import load_fleet
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,23 @@ def consume_ready(consumer: Consumer, max_messages: int, timeout_s: float) -> li
 
 
 def topic_partitions(settings: Settings) -> dict[str, int]:
+    """Every topic of the deployment and its partitions: each pool of the fleet has its
+    own contexts topic (the `default` pool's is `<prefix>contexts`, kept even where the
+    fleet file names no such pool: processors of an earlier version still write there).
+
+    :raises FleetError: the fleet file is wrong (streams/fleet.py)."""
     t = settings.topics
-    return {
+    topics = {
         t.requests: settings.request_partitions,
         t.contexts: settings.context_partitions,
         t.replies: settings.reply_partitions,
         t.pressure: 1,
         t.dead_letter: 1,
+        t.outcomes: 1,
     }
+    for pool in load_fleet(settings).pools.values():
+        topics[pool.contexts_topic] = pool.partitions
+    return topics
 
 
 # the pressure topic keeps the latest state per stage: segments roll every minute so
@@ -124,8 +134,9 @@ def replication_factor(brokers: int) -> int:
 
 
 def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Creates tidegate's topics where missing: replicated three ways with
-    min.insync.replicas=2 on a cluster of three or more, the pressure topic compacted.
+    """Creates tidegate's topics where missing (every pool's contexts topic among them):
+    replicated three ways with min.insync.replicas=2 on a cluster of three or more, the
+    pressure topic compacted, the outcomes kept an hour.
 
     Retries until the broker answers, one log line per attempt.
     """
@@ -150,7 +161,7 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             name,
             num_partitions=n,
             replication_factor=replicas,
-            config={**durability, **(PRESSURE_TOPIC_CONFIG if name == settings.topics.pressure else {})},
+            config={**durability, **topic_config(settings, name)},
         )
         for name, n in wanted.items()
         if name not in existing
@@ -164,6 +175,20 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> None:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
         log.info("topic=%s replicas=%d created", name, replicas)
+
+
+# the workers' outcomes are read from their end by the lag monitor as they come: an
+# hour of them is plenty for an operator reading back (a record per worker a second)
+OUTCOMES_TOPIC_CONFIG = {"retention.ms": str(3_600_000), "cleanup.policy": "delete"}
+
+
+def topic_config(settings: Settings, name: str) -> dict[str, str]:
+    """The configuration a topic of the deployment is created with, beyond durability."""
+    if name == settings.topics.pressure:
+        return PRESSURE_TOPIC_CONFIG
+    if name == settings.topics.outcomes:
+        return OUTCOMES_TOPIC_CONFIG
+    return {}
 
 
 # A client's own reply topic: one partition, its records kept an hour (a reply
