@@ -247,6 +247,14 @@ class PressureBoard:
         with self._lock:
             return list(self._states.values())
 
+    def admitted(self, stage: str) -> int:
+        """Requests this process let through to `stage` that its latest state may not
+        count yet: the router's `admitted since` in a pool's expected wait."""
+        with self._lock:
+            admitted = self._admitted[stage]
+            _forget_before(admitted, now_ms() - ADMISSION_MEMORY_MS)
+            return len(admitted)
+
     def check(self, stages: list[str], priority: str) -> Refusal | None:
         """A Refusal for the first stage on the path that is too full for `priority`
         (its retry time is not handed out: the next refusal may get the same)."""
