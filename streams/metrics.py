@@ -31,6 +31,7 @@ from prometheus_client import disable_created_metrics
 
 from streams import health
 from streams.outgoing import REPLY_STATUSES
+from streams.routing import FALLBACK_REASONS
 from streams.validation import PRIORITIES
 
 log = logging.getLogger(__name__)
@@ -39,20 +40,52 @@ OTHER = "other"  # what a label value outside its closed set is counted as
 STAGES = ("processors", "workers")
 DEAD_LETTER_REASONS = ("processor_error", "undecodable", "unanswerable")
 BURROW_STATUSES = ("OK", "WARN", "STALL", "STOP", "REWIND")
+CIRCUIT_REASONS = ("errors", "stalled", "no_members")  # why a pool's circuit opened (ops/breaker.py)
 # a partition as the monitor labels it: `3`, or `acme/3` on tenant `acme`'s own request
 # topic (TENANT_TOPICS); a tenant's topic is created by an operator (tidegate/tenancy.py),
 # never by a caller, so these values are as many as the deployment's partitions
 PARTITION_LABEL = re.compile(r"(?:[A-Za-z0-9_-]{1,64}/)?(?:0|[1-9][0-9]{0,3})")
 ClosedSet = frozenset[str] | re.Pattern[str]
 LABEL_VALUES: dict[str, ClosedSet] = {
-    "stage": frozenset(STAGES),
+    "stage": frozenset(STAGES),  # and the fleet's pool stages (`workers.<pool>`): allow_label_values
     "priority": frozenset(PRIORITIES),
-    # refusals by reply status; dead letters by why
-    "reason": frozenset(REPLY_STATUSES) | frozenset(DEAD_LETTER_REASONS),
+    # refusals by reply status; dead letters by why; fallbacks by why the model was passed over
+    "reason": frozenset(REPLY_STATUSES)
+    | frozenset(DEAD_LETTER_REASONS)
+    | frozenset(FALLBACK_REASONS)
+    | frozenset(CIRCUIT_REASONS),
+    "model": frozenset(),  # the fleet's model ids: allow_label_values
     # replies by status; partitions by Burrow's status
     "status": frozenset(REPLY_STATUSES) | frozenset(BURROW_STATUSES),
     "partition": PARTITION_LABEL,
+    "pool": frozenset({"default"}),  # and the fleet's pools, from its fleet file: allow_label_values
 }
+
+
+# names a deployment defines itself (its fleet's pool stages and model ids) added to a
+# label's closed set, at most this many per label for the life of the process
+MAX_ALLOWED_VALUES = 256
+_allowed: dict[str, set[str]] = {}
+_over: set[str] = set()  # labels whose allowance ran out (logged once)
+
+
+def allow_label_values(name: str, values: Iterable[str]) -> None:
+    """Adds `values` to label `name`'s closed set: names the deployment itself defines,
+    the fleet's pool stages and model ids, from its fleet file or its pools' pressure
+    states (whoever may write the pressure topic), never a request's fields. Bounded all
+    the same: past MAX_ALLOWED_VALUES added to a label, the rest count as `other`."""
+    closed = LABEL_VALUES[name]
+    if not isinstance(closed, frozenset):
+        raise ValueError(f"label {name} has a pattern, not a set of values")
+    allowed = _allowed.setdefault(name, set())
+    new = [v for v in dict.fromkeys(map(str, values)) if v not in closed]
+    room = max(0, MAX_ALLOWED_VALUES - len(allowed))
+    if new[room:] and name not in _over:
+        _over.add(name)
+        log.warning("label %s: %d more values than the %d allowed count as %s", name, len(new) - room, room, OTHER)
+    if new[:room]:
+        allowed.update(new[:room])
+        LABEL_VALUES[name] = closed | frozenset(new[:room])
 
 
 def bounded_label(name: str, value: object) -> str:
@@ -131,6 +164,10 @@ DRAIN_TIME = Gauge(
 )
 GROUP_MEMBERS = Gauge("tidegate_group_members", "Members of the stage's consumer group", ["stage"])
 GROUP_PARTITIONS = Gauge("tidegate_group_partitions", "Partitions of the stage's topic", ["stage"])
+CIRCUIT_STATE = Gauge(
+    "tidegate_circuit_state", "The pool's circuit breaker: 0 closed, 1 half_open, 2 open (ops/breaker.py)", ["pool"]
+)
+CIRCUIT_OPENS = Counter("tidegate_circuit_opens", "Times the pool's circuit opened, by why", ["pool", "reason"])
 
 # -- admission: the client and the processors ---------------------------------
 REFUSALS = Counter(
@@ -138,6 +175,11 @@ REFUSALS = Counter(
 )
 RETRY_AFTER = Histogram(
     "tidegate_retry_after_seconds", "Retry-after hints given with refusals", ["stage"], buckets=RETRY_AFTER_BUCKETS
+)
+FALLBACKS = Counter(
+    "tidegate_fallbacks",
+    "Requests forwarded to a fallback model, by the model asked for and why it was passed over",
+    ["model", "reason"],
 )
 
 # -- every stage --------------------------------------------------------------
