@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import logging
+import sys
 
+from inference.pools import worker_pool
 from inference.runners import load_runner
 from inference.worker import InferenceWorker
 from streams import metrics
 from streams.config import Settings
+from streams.fleet import FleetError
 from streams.lifecycle import stop_on_signals
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = Settings()
+    try:  # TIDEGATE_POOL: its topic, group, engine (in place of MODEL) and max_batch
+        settings, pool = worker_pool(Settings())
+    except FleetError as exc:  # one line per mistake, no traceback: the file is the operator's to fix
+        for line in str(exc).splitlines():
+            print(f"worker: {line}", file=sys.stderr)
+        sys.exit(2)
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     runner = load_runner(settings.model, settings.torch_threads, settings.dtype)
-    worker = InferenceWorker(settings, runner)
+    worker = InferenceWorker(settings, runner, pool)
     worker.warm_up()
 
     stop_on_signals(worker.stopping)

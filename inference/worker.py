@@ -1,4 +1,6 @@
-"""An inference worker: one member of the workers' consumer group on tidegate.contexts.
+"""An inference worker: one member of its pool's group on the pool's contexts topic
+(TIDEGATE_POOL, inference/pools.py; without a fleet file: the workers' group on
+tidegate.contexts). Its reply counts go to the outcomes topic (inference/outcomes.py).
 
 Each record is decoded once, when it enters the batcher's pool (inference/jobs.py;
 undecodable -> dead letter); expired envelopes are answered without the model,
@@ -31,10 +33,12 @@ from inference.batcher import Batcher
 from inference.commits import ReplyCommitter
 from inference.engine import EngineStats, Request
 from inference.jobs import STAGE, Job, decode_fetched, decode_job, record_dead_letter
+from inference.outcomes import OutcomeReporter
 from inference.runners import Generation, ModelRunner, Prompt
 from inference.session_store import STATS_KEY, SessionStore
 from streams import metrics
 from streams.config import Settings
+from streams.fleet import DEFAULT_POOL, Pool, default_fleet
 from streams.kafka import consumer_config, producer_config
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing, build_reply, chunk_message, now_ms, reply_message
@@ -72,9 +76,11 @@ def consumer_settings(settings: Settings) -> dict[str, Any]:
 
 
 class InferenceWorker:
-    def __init__(self, settings: Settings, runner: ModelRunner) -> None:
+    def __init__(self, settings: Settings, runner: ModelRunner, pool: Pool | None = None) -> None:
         self.settings = settings
         self.runner = runner
+        # the pool's contexts topic (its group and engine are in `settings`: inference/pools.py)
+        self.pool = pool if pool is not None else default_fleet(settings).pools[DEFAULT_POOL]
         self.batcher = Batcher(
             settings.max_batch,
             settings.max_wait_ms,
@@ -93,6 +99,7 @@ class InferenceWorker:
         self.engine = make_engine(settings.prefix_cache_entries, settings.prefix_cache_bytes) if continuous else None
         self.stats = self.engine.stats if self.engine is not None else EngineStats()
         self.stats_key = f"{STATS_KEY}{settings.topic_prefix}{socket.gethostname()}:{os.getpid()}"
+        self.outcomes = OutcomeReporter(settings, self.pool.name, f"{socket.gethostname()}:{os.getpid()}")
         # names each streamed run of a request on its chunks (instance.attempt): a
         # redelivery, or this worker's row of a revoked partition beside the new owner's,
         # streams apart from the other run (streams/stitching.py)
@@ -118,7 +125,7 @@ class InferenceWorker:
         self.engine.stats = self.stats = EngineStats()
 
     def run(self) -> None:
-        self.consumer.subscribe([self.settings.topics.contexts], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.consumer.subscribe([self.pool.contexts_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             while not self.stopping.is_set():
                 if self.engine is None:
@@ -136,6 +143,7 @@ class InferenceWorker:
             self.replies.producer.flush(10)
             self._commit(asynchronous=False)
             self.consumer.close()
+            self.outcomes.close()
 
     def _finish_in_flight(self, grace_s: float) -> None:
         """On the way out (SIGTERM): the rows already generating run to their end, for
@@ -407,9 +415,10 @@ class InferenceWorker:
             "batch_wait_ms": max(0, job.started_ms - envelope["forwarded_ms"]),
             "inference_ms": inference_ms,
         }
-        reply = build_reply(
-            envelope, status, model=self.runner.name, degraded=envelope["degraded"], timings=timings, **fields
-        )
+        # the model by its public id where the processors named it (an older envelope: the runner's)
+        model = envelope.get("model") or self.runner.name
+        reply = build_reply(envelope, status, model=model, degraded=envelope["degraded"], timings=timings, **fields)
+        self.outcomes.count(status)
         metrics.END_TO_END.labels(status).observe(reply["timings"]["total_ms"] / 1000)
         out = reply_message(reply, envelope["reply_to"], envelope["reply_encoding"])
         out.fallback = record_dead_letter(job.record, self.settings, f"reply to {envelope['reply_to']!r} refused")
@@ -428,6 +437,7 @@ class InferenceWorker:
             log.warning("commit refused, the group has moved on: %s", exc)
 
     def _publish_stats(self) -> None:
+        self.outcomes.maybe_publish()
         if time.monotonic() - self._stats_at < self.settings.stats_interval_s:
             return
         self._stats_at = time.monotonic()
