@@ -161,6 +161,18 @@ class Settings(BaseSettings):
     warn_ratio: float = Field(0.8, gt=0, lt=1)
     pressure_interval_ms: int = Field(200, ge=50)
     pressure_stale_s: float = Field(3.0, gt=0)
+    # Circuit breakers, one per pool of a fleet file (ops/breaker.py, run by the lag
+    # monitor; without a fleet file every circuit stays closed, as before fleets): a pool
+    # opens at CIRCUIT_ERROR_RATIO of `error` replies among at least CIRCUIT_MIN_REPLIES
+    # over CIRCUIT_WINDOW_S, or stalled, or with no member and work waiting; it stays
+    # open CIRCUIT_OPEN_S (doubled each time in a row, up to CIRCUIT_OPEN_MAX_S), then
+    # lets CIRCUIT_PROBES requests per router through, and closes on as many ok replies.
+    circuit_window_s: float = Field(30.0, gt=0)
+    circuit_min_replies: int = Field(20, ge=1)
+    circuit_error_ratio: float = Field(0.5, gt=0, le=1)
+    circuit_open_s: float = Field(10.0, gt=0)
+    circuit_open_max_s: float = Field(120.0, gt=0)
+    circuit_probes: int = Field(5, ge=1)
     # Prometheus text on http://METRICS_HOST:METRICS_PORT/metrics (0: a free port);
     # unset: no endpoint. `dev up` gives every process its own port.
     metrics_port: int | None = Field(None, ge=0, le=65535)
