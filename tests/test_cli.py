@@ -101,3 +101,71 @@ def test_dev_up_send_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not state_file.exists()
     assert not any(pid_alive(pid) for pid in state["pids"].values())
+
+
+# -- a fleet: `dev up --fleet FILE` starts each pool's workers (issue 26, item 6)
+
+TWO_POOLS = """
+models:
+  talk: {token_budget: 1024}
+  sim: {token_budget: 512}
+pools:
+  quick: {engine: echo, models: [talk], partitions: 4, replicas: 1}
+  slow: {engine: "sim:5", models: [sim], partitions: 2, replicas: 1}
+"""
+
+
+def proc_env(pid: int) -> dict[str, str]:
+    """A running process's environment, as it was started."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").partition("=")[::2] for entry in raw if b"=" in entry)
+
+
+def test_a_bad_fleet_file_is_a_line_per_mistake_and_starts_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("models:\n  talk: {token_budget: 4}\npools:\n  quick: {engine: echo, models: [talk, nope]}\n")
+    result = run(["dev", "up", "--fleet", str(bad)], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"tidegate: {bad}: ") for line in lines), result.stderr
+    assert "models.talk.token_budget" in lines[0] and "'nope' is not in `models`" in lines[1]
+    missing = run(["dev", "up", "--fleet", str(tmp_path / "none.yaml")], tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "cannot read it" in missing.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(TWO_POOLS)
+    both = run(["dev", "up", "--fleet", str(good), "--workers", "2"], tmp_path)
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "replicas" in both.stderr
+    assert not (tmp_path / ".tidegate").exists()  # nothing started, nothing written
+
+
+def test_a_fleets_pools_are_roles_of_their_own_in_the_plan(tmp_path: Path) -> None:
+    """Each pool's workers: role `worker.<pool>`, its log `inference.<pool>[-N]`, told
+    its pool; the `default` pool keeps today's role and names."""
+    from streams.config import Settings
+    from tidegate.cli import _role_count
+    from tidegate.devstack import DevStack, scale_arg, worker_counts
+    from tidegate.supervisor import Plan
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(TWO_POOLS.replace("  slow:", "  default: {engine: echo, models: [talk]}\n  slow:"))
+    counts = worker_counts(Settings(), str(fleet), workers=5)
+    assert counts == {"worker.quick": 1, "worker": 1, "worker.slow": 1}
+    assert worker_counts(Settings(), None, workers=3) == {"worker": 3}
+    plan = Plan(env={}, log_dir=str(tmp_path), state_file="", counts={"monitor": 1, **counts, "worker.quick": 2})
+    stages = {s.name: s for s in plan.make_stages()}
+    assert list(stages) == ["ops", "inference", "inference.quick-1", "inference.quick-2", "inference.slow"]
+    assert {name: s.env.get("TIDEGATE_POOL") for name, s in stages.items()} == {
+        "ops": None,
+        "inference": "default",
+        "inference.quick-1": "quick",
+        "inference.quick-2": "quick",
+        "inference.slow": "slow",
+    }
+    assert {s.module for s in stages.values() if s.role.startswith("worker")} == {"inference"}
+    assert _role_count("workers.quick=3") == ("worker.quick", 3) and _role_count("workers=2") == ("worker", 2)
+    named = [scale_arg(r) for r in ("worker", "processor", "worker.slow")]
+    assert named == ["workers=N", "processors=N", "workers.slow=N"]
+    stack = DevStack("b", "r", fleet_file=str(fleet), pids={"worker": 1, "worker.slow": 2, "processor": 3})
+    assert stack.pool_roles() == {"default": "worker", "slow": "worker.slow"}
+    assert stack.env()["TIDEGATE_FLEET_FILE"] == str(fleet)
+    assert "TIDEGATE_FLEET_FILE" not in DevStack("b", "r").env()  # without a fleet: as today

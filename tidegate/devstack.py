@@ -4,6 +4,11 @@ Everything binds to loopback on free ports. `tidegate dev up` records what it
 started in `.tidegate/dev.json`; `tidegate dev down` stops those process ids,
 stages first (SIGTERM: they finish what they hold), then Redis and the brokers.
 The test fixtures use the same functions.
+
+With a fleet file (`dev up --fleet FILE`, streams/fleet.py) every process it starts
+gets TIDEGATE_FLEET_FILE, and each pool runs its `replicas` workers under a role of
+its own (`worker.<pool>`; the `default` pool's stays `worker`), with TIDEGATE_POOL
+set: the file is checked whole before anything starts.
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from streams.fleet import DEFAULT_POOL
 from streams.lifecycle import READY_MARKER
 from tidegate.kafka_broker import start_kafka
 from tidegate.processes import DevStackError, check_alive, free_port, spawn, stop_pid, wait_listening, wait_until
-from tidegate.supervisor import STAGE_MODULES, STOP_GRACE_S, Plan
+from tidegate.supervisor import STOP_GRACE_S, WORKER, Plan, ordered_roles, pool_role, role_pool
+
+if TYPE_CHECKING:
+    from streams.config import Settings
 
 STATE_DIR = Path(".tidegate")
 STATE_FILE = STATE_DIR / "dev.json"
@@ -159,6 +168,7 @@ class DevStack:
     model: str = "default"
     gateway: str | None = None  # the HTTP gateway's base URL (`dev up --gateway`)
     api_key: str | None = None  # a development API key for it (tenant `default`)
+    fleet_file: str | None = None  # `dev up --fleet FILE`, as an absolute path
 
     def save(self, path: Path = STATE_FILE) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +184,18 @@ class DevStack:
             raise DevStackError(f"{path} not found: is the dev stack up (`tidegate dev up`)?") from exc
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "TIDEGATE_BOOTSTRAP": self.bootstrap,
             "TIDEGATE_REDIS_URL": self.redis_url,
             "TIDEGATE_BROKER": self.broker,
         }
+        if self.fleet_file:
+            env["TIDEGATE_FLEET_FILE"] = self.fleet_file
+        return env
+
+    def pool_roles(self) -> dict[str, str]:
+        """pool -> the role its workers run under, for every workers' role running."""
+        return {pool: role for role in self.pids if (pool := role_pool(role)) is not None}
 
     def role_pids(self, role: str) -> list[int]:
         found = self.pids.get(role, [])
@@ -190,8 +207,11 @@ class DevStack:
         nodes all at once (one by one, the last would wait for a lost quorum)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        order = ["autoscaler", "supervisor", "monitor", "worker", "processor", "redis", "broker"]
-        roles = order + [r for r in self.pids if r not in order]
+        head = ["autoscaler", "supervisor", "monitor", WORKER]
+        pools = [r for r in self.pids if r not in head and role_pool(r) is not None]  # `worker.<pool>`
+        tail = ["redis", "broker"]
+        roles = head + pools + ["processor"]
+        roles += [r for r in self.pids if r not in roles + tail] + tail
         for role in roles:
             pids = self.role_pids(role)
             self.pids.pop(role, None)
@@ -225,22 +245,31 @@ def up(
     processors: int = 1,
     state_dir: Path = STATE_DIR / "kafka",
     state_file: Path | None = None,
+    fleet_file: str | Path | None = None,
 ) -> DevStack:
     """Starts the brokers, Redis, and the supervisor (tidegate/supervisor.py) with the
     lag monitor, `processors` processors and `workers` workers; returns when all are
     ready, with the state saved in `state_file` (default: in `log_dir`). All but the
     workers run `CONTROL_PLANE_NICE` levels nicer (on a shared machine the workers
-    stand in for the accelerator)."""
+    stand in for the accelerator).
+
+    With `fleet_file` every process gets TIDEGATE_FLEET_FILE and each pool runs its
+    `replicas` workers (`workers` is not used); the file is checked before anything
+    starts.
+
+    :raises FleetError: the fleet file is wrong (one line per mistake), nothing started."""
     from streams.config import Settings
     from streams.kafka import create_topics
 
+    base = Settings(**_settings_overrides(extra_env or {}))
+    fleet_path = str(Path(fleet_file).resolve()) if fleet_file is not None else None
+    counts = {"monitor": 1, "processor": processors, **worker_counts(base, fleet_path, workers)}
     log_dir.mkdir(parents=True, exist_ok=True)
     for f in log_dir.glob("*.log"):
         f.unlink()
     state_file = state_file or log_dir / "stack.json"
-    base = Settings(**_settings_overrides(extra_env or {}))
     nice = base.control_plane_nice
-    stack = DevStack("", "", broker=broker, log_dir=str(log_dir), model=model)
+    stack = DevStack("", "", broker=broker, log_dir=str(log_dir), model=model, fleet_file=fleet_path)
     try:
         started = start_brokers(broker, brokers, state_dir, log_dir, nice)
         stack.bootstrap = started.bootstrap
@@ -249,12 +278,12 @@ def up(
         stack.redis_url = f"redis://127.0.0.1:{rport}/0"
         stack.pids["redis"] = start_redis(rport, log_dir, nice).pid
         env = {**stack.env(), "TIDEGATE_BROKER": broker, "TIDEGATE_MODEL": model, **(extra_env or {})}
-        create_topics(Settings(**_settings_overrides(env)))
+        create_topics(Settings(**_settings_overrides(env)))  # every pool's contexts topic among them
         plan = Plan(
             env=env,
             log_dir=str(log_dir),
             state_file=str(state_file),
-            counts={"monitor": 1, "processor": processors, "worker": workers},
+            counts=counts,
             nice=nice,
             ready_timeout_s=ready_timeout_s,
         )
@@ -273,15 +302,38 @@ def up(
     return stack
 
 
+def worker_counts(settings: Settings, fleet_file: str | None, workers: int) -> dict[str, int]:
+    """role -> workers to start: `workers` of role `worker` without a fleet file; with
+    one, each pool's `replicas` under its role (a pool of 0 replicas starts none).
+
+    :raises FleetError: the fleet file is wrong (one line per mistake)."""
+    from streams.fleet import load_fleet
+
+    if fleet_file is None:
+        return {WORKER: workers}
+    fleet = load_fleet(settings.model_copy(update={"fleet_file": fleet_file}))
+    return {pool_role(pool.name): pool.replicas for pool in fleet.pools.values() if pool.replicas > 0}
+
+
+def scale_arg(role: str) -> str:
+    """How `dev scale` names a role: `workers=N`, `processors=N`, `workers.<pool>=N`."""
+    kind, dot, pool = role.partition(".")
+    return f"{kind}s{dot}{pool}=N"
+
+
 def scale(stack: DevStack, counts: Mapping[str, int], timeout_s: float = 120.0) -> DevStack:
-    """Changes how many processes each role runs (`tidegate dev scale workers=N`): the
-    supervisor re-reads its plan on SIGHUP; returns once it started or stopped them
-    and the state file lists them (a new worker joins its group a few seconds later)."""
+    """Changes how many processes each role runs (`tidegate dev scale workers=N`, or
+    `workers.<pool>=N` for a fleet's pool): the supervisor re-reads its plan on SIGHUP;
+    returns once it started or stopped them and the state file lists them (a new worker
+    joins its group a few seconds later)."""
     plan_path = Path(stack.log_dir) / "supervisor-plan.json"
     plan = Plan.load(plan_path)
-    unknown = set(counts) - set(STAGE_MODULES) - {"monitor"}
+    unknown = set(counts) - set(plan.counts) - {"monitor", "processor"}  # only the workers' roles it runs
     if unknown or any(n < 1 for n in counts.values()) or counts.get("monitor", 1) != 1:
-        raise DevStackError(f"scale takes workers=N and processors=N with N >= 1, got {dict(counts)}")
+        pools = [role for role in ordered_roles(plan.counts) if role_pool(role) not in (None, DEFAULT_POOL)]
+        roles = [WORKER] if WORKER in plan.counts else []  # a fleet may have no `default` pool
+        takes = [scale_arg(role) for role in [*roles, "processor", *pools]]
+        raise DevStackError(f"scale takes {' and '.join(takes)} with N >= 1, got {dict(counts)}")
     plan.counts.update(counts)
     plan.save(plan_path)
     os.kill(int(stack.role_pids("supervisor")[0]), signal.SIGHUP)
@@ -308,7 +360,7 @@ def start_autoscaler(stack: DevStack, limits: object, state_file: Path) -> DevSt
         str(limits.in_cooldown_s),  # type: ignore[attr-defined]
     ]
     log_path = Path(stack.log_dir) / "autoscaler.log"
-    proc = spawn([sys.executable, "-m", "tidegate.cli", "autoscale", *args], log_path)
+    proc = spawn([sys.executable, "-m", "tidegate.cli", "autoscale", *args], log_path, stack.env())
     wait_for_ready(log_path, READY_MARKER, proc, 30)
     stack = DevStack.load(state_file)
     stack.pids["autoscaler"] = proc.pid

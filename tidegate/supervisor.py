@@ -10,6 +10,12 @@ stayed up a minute), with one log line saying which stage, its exit code and the
 last line of its log. SIGHUP makes it read the plan again and start or stop stages
 until each role has the plan's count (`tidegate dev scale workers=N`). SIGTERM stops
 the stages (SIGTERM, then SIGKILL after their grace) and then the supervisor.
+
+A fleet's pools (`dev up --fleet FILE`, streams/fleet.py) are roles of their own:
+`worker.<pool>` runs `inference` with TIDEGATE_POOL=<pool> (the worker reads its
+topic, group and engine from the fleet), logs as `inference.<pool>`, and scales
+alone (`dev scale workers.<pool>=N`). The `default` pool's role stays `worker`, as
+without a fleet file.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streams.fleet import DEFAULT_POOL
 from streams.lifecycle import READY_MARKER, announce_ready, stop_on_signals
 from tidegate.processes import DevStackError, free_port, spawn, stop_pid
 
@@ -32,11 +40,45 @@ log = logging.getLogger("tidegate.supervisor")
 
 # role -> module run as `python -m MODULE`; each prints READY_MARKER once it has joined
 STAGE_MODULES = {"monitor": "ops", "processor": "processors", "worker": "inference"}
+WORKER = "worker"
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a stage up this long starts its backoff over
 STOP_GRACE_S = 15.0
 POLL_S = 0.2
+
+
+def pool_role(pool: str) -> str:
+    """The role of a pool's workers: `worker` for the `default` pool (today's role, which
+    `dev scale workers=N` and the autoscaler keep acting on), `worker.<pool>` for others."""
+    return WORKER if pool == DEFAULT_POOL else f"{WORKER}.{pool}"
+
+
+def role_pool(role: str) -> str | None:
+    """The pool a workers' role serves (`default` for `worker`); None for other roles."""
+    kind, _, pool = role.partition(".")
+    if kind != WORKER:
+        return None
+    return pool or DEFAULT_POOL
+
+
+def role_module(role: str) -> str:
+    """The module a role runs: `worker.<pool>` runs the workers' module."""
+    return STAGE_MODULES[role.partition(".")[0]]
+
+
+def role_base_name(role: str) -> str:
+    """A role's log name before any `-N`: `inference`, or `inference.<pool>` for a pool."""
+    module = role_module(role)
+    pool = role_pool(role)
+    return module if pool in (None, DEFAULT_POOL) else f"{module}.{pool}"
+
+
+def ordered_roles(roles: Iterable[str]) -> list[str]:
+    """`roles` in starting order: monitor, processors, workers, then the pools' workers
+    (in the order given: the fleet file's)."""
+    given = list(dict.fromkeys(roles))
+    return [r for r in STAGE_MODULES if r in given] + [r for r in given if r not in STAGE_MODULES]
 
 
 @dataclass
@@ -53,6 +95,7 @@ class Stage:
     backoff_s: float = BACKOFF_FIRST_S
     restart_at: float | None = None
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # its own settings on top of the plan's (TIDEGATE_POOL)
 
 
 @dataclass
@@ -77,15 +120,19 @@ class Plan:
 
     def make_stages(self) -> list[Stage]:
         stages = []
-        for role, module in STAGE_MODULES.items():
-            count = self.counts.get(role, 0)
+        for role in ordered_roles(self.counts):
+            count, base = self.counts[role], role_base_name(role)
             for n in range(count):
-                name = module if count == 1 else f"{module}-{n + 1}"
+                name = base if count == 1 else f"{base}-{n + 1}"
                 stages.append(self.stage(role, name))
         return stages
 
     def stage(self, role: str, name: str) -> Stage:
-        return Stage(role, name, STAGE_MODULES[role], 0 if role == "worker" else self.nice, free_port())
+        """A stage of `role`; workers run at normal priority (they stand in for the
+        accelerator) and are told their pool."""
+        pool = role_pool(role)
+        env = {"TIDEGATE_POOL": pool} if pool is not None else {}
+        return Stage(role, name, role_module(role), 0 if pool is not None else self.nice, free_port(), env=env)
 
 
 class Supervisor:
@@ -98,7 +145,7 @@ class Supervisor:
         self.stopping = threading.Event()
 
     def start(self, stage: Stage) -> None:
-        env = {**self.plan.env, "TIDEGATE_METRICS_PORT": str(stage.metrics_port)}
+        env = {**self.plan.env, **stage.env, "TIDEGATE_METRICS_PORT": str(stage.metrics_port)}
         stage.proc = spawn([sys.executable, "-m", stage.module], self.log_dir / f"{stage.name}.log", env, stage.nice)
         stage.started_at = time.monotonic()
         stage.restart_at = None
@@ -127,7 +174,8 @@ class Supervisor:
         if self.plan_path is None:
             return
         self.plan = Plan.load(self.plan_path)
-        for role, module in STAGE_MODULES.items():
+        for role in ordered_roles(self.plan.counts):
+            base = role_base_name(role)
             mine = [s for s in self.stages if s.role == role]
             wanted = self.plan.counts.get(role, len(mine))
             for stage in mine[wanted:][::-1]:
@@ -138,7 +186,7 @@ class Supervisor:
             taken = {s.name for s in self.stages}
             for _ in range(wanted - len(mine)):
                 n = 1 + len([s for s in self.stages if s.role == role])
-                while (name := f"{module}-{n}") in taken or (n == 1 and module in taken):
+                while (name := f"{base}-{n}") in taken or (n == 1 and base in taken):
                     n += 1
                 stage = self.plan.stage(role, name)
                 log.warning("stage=%s scaling out", stage.name)
@@ -203,7 +251,7 @@ class Supervisor:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             return
-        for role in STAGE_MODULES:
+        for role in ordered_roles([*(s.role for s in self.stages), *self.plan.counts]):
             pids = [s.proc.pid for s in self.stages if s.role == role and s.proc is not None]
             if pids:
                 state["pids"][role] = pids if len(pids) > 1 else pids[0]
