@@ -5,13 +5,16 @@ from streams.client import Client
 from streams.config import Settings
 from streams.exceptions import QueueFull, ReplyTimeout, RequestTooLarge, SendTimeout, TidegateError
 from streams.reply import Chunk, Reply, StageTimings
+from streams.request_options import InvalidRequest, RequestOptions
 
 __all__ = [
     "Chunk",
     "Client",
+    "InvalidRequest",
     "QueueFull",
     "Reply",
     "ReplyTimeout",
+    "RequestOptions",
     "RequestTooLarge",
     "SendTimeout",
     "Settings",

@@ -4,16 +4,18 @@
         reply = await client.generate(messages=[{"role": "user", "content": "hi"}], session_id="s1")
         request_id = await client.submit(messages=..., session_id="s2")
         reply = await client.reply(request_id)       # or: async for reply in client.replies()
+        reply = await client.generate(messages, "s3", model="smol", fallbacks=["tiny"], max_new_tokens=32)
 
 One background thread polls the reply consumer (streams/reply_reader.py); the
 producer serves its own delivery reports (streams/delivery.py); another thread
 keeps the latest pressure per stage (streams/pressure_feed.py), so `QueueFull` is
 raised before anything is sent, without a broker round trip (streams/client_admission.py).
-The client ties together what lives beside it, one job each: building a request
+The client ties together what lives beside it, one job each: a request's options,
+checked once (streams/request_options.py), building the request from them
 (streams/client_requests.py), the table of pending requests and its sweep
-(streams/pending.py), a streamed request's chunks (streams/streaming.py). The reply consumer is assigned (no group
-join), starting at each reply partition's end as listed before the first
-request, so no reply to this client's requests is missed.
+(streams/pending.py), a streamed request's chunks (streams/streaming.py). The reply
+consumer is assigned (no group join), starting at each reply partition's end as
+listed before the first request, so no reply to this client's requests is missed.
 
 Replies reach only their caller: each client creates its own reply topic,
 `<replies>.<tenant>.<instance>`, when it starts, so it reads its own replies and
@@ -39,7 +41,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 from schemas import get_codec
 from streams import client_admission
@@ -59,6 +61,7 @@ from streams.pending import SWEEP_INTERVAL_S, UNCLAIMED_REPLY_S, PendingRequest,
 from streams.pressure_feed import PressureListener
 from streams.reply import Chunk, Reply
 from streams.reply_reader import ReplyReader
+from streams.request_options import OptionFields, RequestOptions
 from streams.streaming import stream_chunks
 from streams.tenants import TENANT_NAME
 
@@ -167,17 +170,10 @@ class Client:
         self,
         messages: Messages,
         session_id: str,
+        options: RequestOptions | None = None,
         *,
-        tenant: str | None = None,
-        priority: str = "normal",
-        max_new_tokens: int = 64,
-        deadline_s: float = 30.0,
-        temperature: float = 0.0,
-        strategy: str | None = None,
-        request_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        wait: bool = False,
         stream: bool = False,
+        **kwargs: Unpack[OptionFields],
     ) -> str:
         """Produces a request and returns its id once the broker has it; take its
         reply with `reply(request_id)` or from `replies()` (a streamed one's chunks:
@@ -186,35 +182,22 @@ class Client:
         :param messages: the new turns, `{"role": ..., "content": ...}`; a `system`
             message replaces the configured system prompt.
         :param session_id: the conversation: its history is kept per (tenant, session).
-        :param tenant: default the client's.
-        :param priority: `low` is refused first under pressure, `high` last.
-        :param deadline_s: seconds from now after which nobody waits for the reply;
-            0: none.
-        :param strategy: context compression (`window`, `summary`, `relevance`,
-            `prefix-stable`); None: the configured default.
-        :param wait: when the path is full, retry at the refusal's retry time until the deadline
-            instead of raising QueueFull at once.
+        :param options: how to serve it (streams/request_options.py: tenant, priority,
+            max_new_tokens, deadline_s, temperature, strategy, request_id, metadata,
+            wait, model, fallbacks); keywords of the same names replace its fields.
+        :raises InvalidRequest: an unknown option, or one of a wrong type or value
+            (nothing was sent).
         :raises QueueFull: the path is full for this priority (nothing was sent).
         :raises RequestTooLarge: the broker refuses a record this large (nothing was sent).
         :raises SendTimeout: the broker did not acknowledge the request by its deadline
             (a ReplyTimeout).
         """
         assert self._loop is not None, "use `async with Client(...)`"
+        opts = RequestOptions.of(options, kwargs)
         request = build_request(
-            messages,
-            session_id,
-            tenant=tenant or self.tenant,
-            priority=priority,
-            max_new_tokens=max_new_tokens,
-            deadline_s=deadline_s,
-            temperature=temperature,
-            strategy=strategy,
-            request_id=request_id,
-            metadata=metadata,
-            reply_to=self.reply_topic,
+            messages, session_id, opts, tenant=self.tenant, reply_to=self.reply_topic, stream=stream
         )
-        request["stream"] = stream
-        await self._admit(request, wait)
+        await self._admit(request, opts.wait)
         request_id = str(request["request_id"])
         chunks: asyncio.Queue[Chunk] | None = asyncio.Queue() if stream else None
         self._pending[request_id] = PendingRequest(
@@ -246,46 +229,27 @@ class Client:
         self,
         messages: Messages,
         session_id: str,
-        *,
-        tenant: str | None = None,
-        priority: str = "normal",
-        max_new_tokens: int = 64,
-        deadline_s: float = 30.0,
-        temperature: float = 0.0,
-        strategy: str | None = None,
-        request_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        wait: bool = False,
+        options: RequestOptions | None = None,
+        **kwargs: Unpack[OptionFields],
     ) -> Reply:
         """`submit`, then `reply`: the reply (any status) once it arrives. With `wait`,
         a `queue_full` reply (a processor refused the request past its cap) is not the
         end either: the request is sent again at its `retry_after_ms` (plus up to a
         quarter, jitter), until its deadline; so is a `rate_limited` one (the tenant
-        over its quota), after exactly its `retry_after_ms`.
+        over its quota), after exactly its `retry_after_ms`. Each try keeps the
+        request's id.
 
-        :raises QueueFull: as `submit`.
+        :raises InvalidRequest, QueueFull: as `submit`.
         :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
         """
-        request_id = request_id or uuid.uuid4().hex
-        deadline = time.monotonic() + deadline_s if deadline_s else float("inf")
+        opts = RequestOptions.of(options, kwargs)
+        opts = opts.replace(request_id=opts.request_id or uuid.uuid4().hex)
+        deadline = time.monotonic() + opts.deadline_s if opts.deadline_s else float("inf")
         while True:
             remaining = deadline - time.monotonic()
-            reply = await self.reply(
-                await self.submit(
-                    messages,
-                    session_id,
-                    tenant=tenant or self.tenant,
-                    priority=priority,
-                    max_new_tokens=max_new_tokens,
-                    deadline_s=max(0.001, remaining) if deadline_s else 0,
-                    temperature=temperature,
-                    strategy=strategy,
-                    request_id=request_id,
-                    metadata=metadata,
-                    wait=wait,
-                )
-            )
-            if not (wait and reply.status in ("queue_full", "rate_limited")):
+            attempt = opts.replace(deadline_s=max(0.001, remaining)) if opts.deadline_s else opts
+            reply = await self.reply(await self.submit(messages, session_id, attempt))
+            if not (opts.wait and reply.status in ("queue_full", "rate_limited")):
                 return reply
             if reply.status == "rate_limited":  # the quota's retry time is exact: no backoff
                 delay_s = (reply.retry_after_ms or MIN_RETRY_MS) / 1000
@@ -301,16 +265,8 @@ class Client:
         self,
         messages: Messages,
         session_id: str,
-        *,
-        tenant: str | None = None,
-        priority: str = "normal",
-        max_new_tokens: int = 64,
-        deadline_s: float = 30.0,
-        temperature: float = 0.0,
-        strategy: str | None = None,
-        request_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        wait: bool = False,
+        options: RequestOptions | None = None,
+        **kwargs: Unpack[OptionFields],
     ) -> AsyncIterator[Chunk]:
         """`submit` with streaming: yields the reply's text in `Chunk`s as the worker
         generates it (with continuous batching; other runners send the whole text at
@@ -322,23 +278,10 @@ class Client:
         `reply.text` and replaces the text before it (the reply came from a run whose
         text took another turn).
 
-        :raises QueueFull: as `submit`.
+        :raises InvalidRequest, QueueFull: as `submit`.
         :raises ReplyTimeout: no reply came by the deadline plus `reply_grace_s`.
         """
-        request_id = await self.submit(
-            messages,
-            session_id,
-            tenant=tenant,
-            priority=priority,
-            max_new_tokens=max_new_tokens,
-            deadline_s=deadline_s,
-            temperature=temperature,
-            strategy=strategy,
-            request_id=request_id,
-            metadata=metadata,
-            wait=wait,
-            stream=True,
-        )
+        request_id = await self.submit(messages, session_id, RequestOptions.of(options, kwargs), stream=True)
         pending = self._pending[request_id]
         pending.claimed = True
         try:
@@ -393,6 +336,11 @@ class Client:
     def pending_count(self) -> int:
         """Requests submitted whose reply was not handed over yet."""
         return len(self._pending)
+
+    def pressure_states(self) -> list[dict[str, Any]]:
+        """The latest PressureState of every stage this client read, the fleet's pools
+        among them (streams/fleet.py fleet_from_states); [] with backpressure off."""
+        return self._pressure.board.states() if self._pressure is not None else []
 
     def pressure(self, stage: str) -> dict[str, Any] | None:
         """The latest PressureState of `stage` (`processors` or `workers`) this client

@@ -1,7 +1,8 @@
 """A request as the client sends it, built from a caller's arguments, and when to send
 one again after a refusal.
 
-Pure logic, no I/O: `Client.submit` builds each request here (streams/client.py) and
+Pure logic, no I/O: `Client.submit` builds each request here from its
+RequestOptions (streams/request_options.py, streams/client.py), and
 `Client.generate` and the client's admission (streams/client_admission.py) wait the
 retry delay between tries.
 """
@@ -14,41 +15,39 @@ from typing import Any
 
 from schemas import AVRO, content_type_header, get_codec
 from streams.outgoing import Outgoing, now_ms
+from streams.request_options import RequestOptions, check_messages
 
 Messages = list[dict[str, str]]
 MIN_RETRY_MS = 10
 
 
 def build_request(
-    messages: Messages,
-    session_id: str,
-    *,
-    tenant: str,
-    priority: str,
-    max_new_tokens: int,
-    deadline_s: float,
-    temperature: float,
-    strategy: str | None,
-    request_id: str | None,
-    metadata: dict[str, str] | None,
-    reply_to: str,
+    messages: Messages, session_id: str, options: RequestOptions, *, tenant: str, reply_to: str, stream: bool = False
 ) -> dict[str, Any]:
-    """The InferenceRequest record (a fresh id unless given); its deadline is
-    `deadline_s` from now in epoch ms, 0 (none) when `deadline_s` is 0."""
+    """The InferenceRequest record of `options` (a fresh id unless they give one; the
+    client's `tenant` unless they name one); its deadline is `deadline_s` from now in
+    epoch ms, 0 (none) when `deadline_s` is 0.
+
+    :raises InvalidRequest: `messages` or `session_id` of a wrong shape."""
+    check_messages(messages, session_id)
     created = now_ms()
+    deadline_s = options.deadline_s
     return {
-        "request_id": request_id or uuid.uuid4().hex,
+        "request_id": options.request_id or uuid.uuid4().hex,
         "session_id": session_id,
-        "tenant": tenant,
+        "tenant": options.tenant or tenant,
         "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        "priority": priority,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
+        "priority": options.priority,
+        "max_new_tokens": options.max_new_tokens,
+        "temperature": options.temperature,
         "created_ms": created,
         "deadline_ms": created + max(1, int(deadline_s * 1000)) if deadline_s else 0,
         "reply_to": reply_to,
-        "strategy": strategy,
-        "metadata": metadata or {},
+        "strategy": options.strategy,
+        "metadata": dict(options.metadata or {}),
+        "stream": stream,
+        "model": options.model,
+        "fallbacks": list(options.fallbacks),
     }
 
 
