@@ -185,3 +185,44 @@ def test_records_from_before_streaming_are_read_as_not_streamed(name: str, previ
     schemaless_writer(out, old, record)
     found, decoded = get_codec().decode(out.getvalue(), name)
     assert found == name and decoded["stream"] is False and decoded["request_id"] == record["request_id"]
+
+
+def test_a_json_request_with_a_model_and_fallbacks_decodes_and_one_without_them_still_does() -> None:
+    """The JSON request shape gains `model` and `fallbacks` (issue 26) compatibly: a
+    plain producer may name them, and one written before fleets decodes as asking for
+    the fleet's default model with its default chain."""
+    codec = get_codec()
+    fleet = {**REQUEST, "model": "gpt-4o-mini", "fallbacks": ["tiny", "smol"]}
+    record, encoding = codec.decode_message(
+        orjson.dumps(fleet), [("content-type", b"application/json")], "InferenceRequest"
+    )
+    assert encoding == "json" and record == fleet
+    before = {k: v for k, v in REQUEST.items() if k not in ("model", "fallbacks")}
+    record = codec.decode_json(orjson.dumps(before), "InferenceRequest")
+    assert record["model"] == "" and record["fallbacks"] == [] and record["request_id"] == "r1"
+    for bad in ({"model": 5}, {"fallbacks": "tiny"}, {"fallbacks": ["tiny", 7]}):
+        with pytest.raises(SerializationError, match="does not match the schema"):
+            codec.decode_json(orjson.dumps({**REQUEST, **bad}), "InferenceRequest")
+
+
+def test_a_request_written_with_the_v2_schema_is_read_as_asking_for_the_default_model() -> None:
+    """A client from before fleets (InferenceRequest v2: `stream`, no `model`) keeps
+    talking to upgraded processors: its request reads as the current schema's, with
+    `model` "" and no fallbacks."""
+    import io
+    import json
+    from importlib import resources
+
+    from fastavro import parse_schema, schemaless_writer
+    from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+    raw = json.loads(resources.files("schemas").joinpath("previous/inference_request.v2.avsc").read_text())
+    v2 = parse_schema(raw, named_schemas={})
+    record = {k: v for k, v in REQUEST.items() if k not in ("model", "fallbacks")} | {"stream": True}
+    out = io.BytesIO()
+    out.write(MARKER + bytes.fromhex(fingerprint(to_parsing_canonical_form(v2), "CRC-64-AVRO")))
+    schemaless_writer(out, v2, record)
+    assert out.getvalue()[2:10] != get_codec().fingerprint("InferenceRequest")  # another writer's schema
+    name, decoded = get_codec().decode(out.getvalue(), "InferenceRequest")
+    assert name == "InferenceRequest"
+    assert decoded == {**record, "model": "", "fallbacks": []}
