@@ -1,8 +1,8 @@
 """`tidegate gateway`: an OpenAI-compatible HTTP front on the Kafka pipeline.
 
     POST /v1/chat/completions   a chat completion (Bearer API key -> tenant)
-    GET  /v1/models             the model the workers serve
-    GET  /v1/models/{id}        that model, or 404
+    GET  /v1/models             the models of the fleet: ids, then aliases (gateway/models.py)
+    GET  /v1/models/{id}        that model, or 404 model_not_found
     GET  /healthz               the process is up
     GET  /readyz                it reaches the broker (503 until it does)
     GET  /metrics               Prometheus text
@@ -10,11 +10,15 @@
 Each tenant's requests go through a tidegate Client of that tenant (its own reply
 topic under the tenant's prefix, so the secured setup's ACLs and reply checks
 hold). OpenAI calls are stateless (each carries the whole conversation), so each
-gets a conversation of its own. How tidegate's answers become HTTP answers:
+gets a conversation of its own. A request's `model` (and `fallbacks`, a list of
+models to try after it) routes it; the response's `model` is the one that served
+it, and `x-tidegate-fallback-from`/`-reason` say where a fallback did. How
+tidegate's answers become HTTP answers:
 
     QueueFull, queue_full  429 code queue_full, retry-after-ms from the drain time
     rate_limited           429 code rate_limit_exceeded, retry-after-ms, x-ratelimit-*
     invalid                400          expired, no reply in time   504
+    an unknown model       404 code model_not_found, naming the served ones
     error                  500          broker unreachable          503
     a body over the limit  413          RequestTooLarge             413
 
@@ -29,7 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -43,10 +47,12 @@ from starlette.routing import Route
 from conversation.history import CANCEL_TTL_S, cancel_key, one_shot_session
 from gateway.clients import ClientNotStarted, TenantClients
 from gateway.keys import ApiKeys
+from gateway.models import FleetView, ServedModels, UnknownModel
 from gateway.openai_shapes import (
     BadRequest,
     completion,
     error,
+    fallback_headers,
     new_request_id,
     parse_chat_request,
     retry_headers,
@@ -54,7 +60,8 @@ from gateway.openai_shapes import (
     too_many,
     unauthorized,
 )
-from streams import Client, QueueFull, ReplyTimeout, RequestTooLarge, Settings
+from gateway.sse import sse_events
+from streams import Client, InvalidRequest, QueueFull, ReplyTimeout, RequestOptions, RequestTooLarge, Settings
 from streams.exceptions import TidegateError
 from streams.kafka import check_reachable
 from streams.reply import Chunk
@@ -101,64 +108,6 @@ async def read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _event(payload: dict[str, Any] | str) -> bytes:
-    return b"data: " + (payload.encode() if isinstance(payload, str) else orjson.dumps(payload)) + b"\n\n"
-
-
-async def sse_events(
-    first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any], abandon: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    """The chunks as OpenAI server-sent events; the last one (the reply) ends them.
-    Closed before that (the caller went away): `abandon` cancels the request."""
-    try:
-        async for event in _events(first, chunks, asked):
-            yield event
-    except BaseException:
-        abandon()
-        raise
-
-
-async def _events(first: Chunk, chunks: AsyncIterator[Chunk], asked: dict[str, Any]) -> AsyncIterator[bytes]:
-    base = {"id": f"chatcmpl-{first.request_id}", "object": "chat.completion.chunk", "created": int(time.time())}
-    base["model"] = asked["model"]
-
-    def delta(content: dict[str, str], finish: str | None = None) -> bytes:
-        return _event({**base, "choices": [{"index": 0, "delta": content, "finish_reason": finish, "logprobs": None}]})
-
-    yield delta({"role": "assistant", "content": ""})
-    chunk = first
-    while True:
-        if chunk.restart:
-            # the reply came from another run of the request than the one streamed,
-            # and its text took another turn (streams/stitching.py): SSE deltas cannot
-            # be taken back, so the caller is told instead of handed a text that is
-            # not the reply's
-            why = "the streamed text was superseded by another run of this request; retry, or ask without streaming"
-            yield _event({"error": {"message": why, "type": "server_error", "code": "stream_superseded"}})
-            break
-        if chunk.text:
-            yield delta({"content": chunk.text})
-        reply = chunk.reply
-        if reply is not None:
-            if reply.status != "ok":
-                yield _event(
-                    {"error": {"message": reply.error or reply.status, "type": "server_error", "code": reply.status}}
-                )
-                break
-            yield delta({}, "length" if reply.tokens_out >= asked["max_new_tokens"] else "stop")
-            if asked["include_usage"]:
-                usage = {"prompt_tokens": reply.tokens_in, "completion_tokens": reply.tokens_out}
-                usage["total_tokens"] = reply.tokens_in + reply.tokens_out
-                yield _event({**base, "choices": [], "usage": usage})
-            break
-        try:
-            chunk = await anext(chunks)
-        except (ReplyTimeout, TidegateError) as exc:
-            yield _event({"error": {"message": str(exc), "type": "timeout", "code": "timeout"}})
-            break
-    yield _event("[DONE]")
-
-
 async def disconnected(request: Request) -> None:
     """Returns when the HTTP caller has gone away. The body was read, so the server
     has nothing more to hand over until the connection closes: one wait per request,
@@ -187,6 +136,10 @@ def pipeline_error(exc: TidegateError) -> Response:
         return error(504, "no reply in time", "timeout", "timeout")
     if isinstance(exc, RequestTooLarge):
         return error(413, str(exc), "invalid_request_error", "request_too_large")
+    if isinstance(exc, UnknownModel):
+        return error(404, str(exc), "invalid_request_error", "model_not_found", param=exc.param)
+    if isinstance(exc, InvalidRequest):
+        return error(400, str(exc), "invalid_request_error", "invalid_request")
     if isinstance(exc, ClientNotStarted):  # logged where it failed (gateway/clients.py)
         why = "the inference pipeline cannot be reached: the gateway's Kafka client did not start; retry later"
         return error(503, why, "server_error", "unavailable", retry_headers(exc.retry_after_ms))
@@ -202,6 +155,7 @@ class Gateway:
         self.keys = keys
         self.tenants = tenants or Tenants.load(settings)
         self.clients = TenantClients(settings)
+        self.fleet = FleetView(settings)  # FLEET_FILE read here: a wrong one stops the gateway
         self.redis = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._tasks: set[asyncio.Future[Any]] = set()
         self.body_limit = body_limit(settings)
@@ -209,6 +163,29 @@ class Gateway:
     async def client(self, tenant: str) -> Client:
         """The tenant's client, started on its first request (gateway/clients.py)."""
         return await self.clients.get(tenant)
+
+    async def served(self, tenant: str, names: list[str] | None = None) -> ServedModels:
+        """The models served now (gateway/models.py). Without a fleet file they come
+        from the clients' pressure boards: with no client started yet, the tenant's
+        is (a client that does not start leaves MODEL the one served)."""
+        if self.fleet.file_fleet is None and not self.clients.started():
+            with contextlib.suppress(TidegateError):
+                await self.client(tenant)
+        return await self.fleet.served(self.clients.started(), names)
+
+    async def _options(self, tenant: str, asked: dict[str, Any]) -> RequestOptions:
+        """The request's options; `asked["served"]`: the models it was routed among.
+
+        :raises UnknownModel: a name the (strict) fleet does not serve."""
+        served = asked["served"] = await self.served(tenant, [asked["model"], *asked["fallbacks"]])
+        model, fallbacks = served.route(asked["model"], asked["fallbacks"])
+        return RequestOptions(
+            max_new_tokens=asked["max_new_tokens"],
+            temperature=asked["temperature"],
+            deadline_s=DEADLINE_S,
+            model=model,
+            fallbacks=fallbacks,
+        )
 
     async def close(self) -> None:
         await self.clients.close()
@@ -240,13 +217,9 @@ class Gateway:
             return await self.stream(request, tenant, asked)
         try:
             client = await self.client(tenant)
-            request_id = await client.submit(
-                asked["messages"],
-                one_shot_session(f"http-{new_request_id()}"),  # stateless: no history kept
-                max_new_tokens=asked["max_new_tokens"],
-                temperature=asked["temperature"],
-                deadline_s=DEADLINE_S,
-            )
+            options = await self._options(tenant, asked)
+            # stateless: no history kept
+            request_id = await client.submit(asked["messages"], one_shot_session(f"http-{new_request_id()}"), options)
             reply = await self._reply_unless_gone(request, client, tenant, request_id)
             if reply is None:
                 return Response(status_code=499)  # nobody is there to read it
@@ -297,14 +270,9 @@ class Gateway:
         request_id = new_request_id()
         try:
             client = await self.client(tenant)
-            chunks = client.stream(
-                asked["messages"],
-                one_shot_session(f"http-{new_request_id()}"),  # stateless: no history kept
-                max_new_tokens=asked["max_new_tokens"],
-                temperature=asked["temperature"],
-                deadline_s=DEADLINE_S,
-                request_id=request_id,
-            )
+            options = (await self._options(tenant, asked)).replace(request_id=request_id)
+            # stateless: no history kept
+            chunks = client.stream(asked["messages"], one_shot_session(f"http-{new_request_id()}"), options)
             first = await self._first_chunk_unless_gone(request, chunks)
         except TidegateError as exc:
             return pipeline_error(exc)
@@ -317,13 +285,15 @@ class Gateway:
         return StreamingResponse(
             sse_events(first, chunks, asked, lambda: self.cancel(tenant, first.request_id)),
             media_type="text/event-stream",
-            headers={"x-request-id": first.request_id},
+            # a first chunk that is the whole reply (a runner without streaming) tells its model
+            headers={"x-request-id": first.request_id, **(fallback_headers(first.reply) if first.reply else {})},
         )
 
     def _answer(self, reply: Any, asked: dict[str, Any], tenant: str) -> Response:
         headers = timing_headers(reply)
         if reply.status == "ok":
-            body = completion(reply, asked["model"], asked["max_new_tokens"])
+            served: ServedModels = asked["served"]  # set where the request was routed
+            body = completion(reply, served.shown(asked["model"], reply), asked["max_new_tokens"])
             return JSONResponse(body, headers=headers)
         if reply.status == "queue_full":
             return too_many(reply.error or "tidegate is at capacity", "queue_full", reply.retry_after_ms, headers)
@@ -334,6 +304,9 @@ class Gateway:
                 reply.retry_after_ms,
                 {**headers, **self._limit_headers(tenant, reply.retry_after_ms)},
             )
+        if reply.status == "invalid" and (reply.error or "").startswith("unknown model"):
+            # the processors' fleet knows less than the gateway's view of it did
+            return error(404, reply.error or "", "invalid_request_error", "model_not_found", headers, "model")
         if reply.status == "invalid":
             return error(400, reply.error or "invalid request", "invalid_request_error", "invalid_request", headers)
         if reply.status == "expired":
@@ -369,21 +342,23 @@ def create_app(settings: Settings, keys: ApiKeys) -> Starlette:
         HTTP_LATENCY.labels(str(response.status_code)).observe(time.perf_counter() - started)
         return response
 
-    served_model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "tidegate"}
-
     async def models(request: Request) -> Response:
-        if gateway.tenant_of(request) is None:
+        tenant = gateway.tenant_of(request)
+        if tenant is None:
             return unauthorized()
-        return JSONResponse({"object": "list", "data": [served_model]})
+        return JSONResponse({"object": "list", "data": (await gateway.served(tenant)).listing()})
 
     async def model(request: Request) -> Response:
-        """`GET /v1/models/{id}` (the SDKs' `models.retrieve`): the served model, else 404."""
-        if gateway.tenant_of(request) is None:
+        """`GET /v1/models/{id}` (the SDKs' `models.retrieve`): a served id or alias, else 404."""
+        tenant = gateway.tenant_of(request)
+        if tenant is None:
             return unauthorized()
-        if request.path_params["model"] != settings.model:
-            why = f"The model {request.path_params['model']!r} does not exist; this gateway serves {settings.model!r}"
-            return error(404, why, "invalid_request_error", "model_not_found")
-        return JSONResponse(served_model)
+        name = request.path_params["model"]
+        served = await gateway.served(tenant, [name])
+        entry = served.entry(name)
+        if entry is None:
+            return error(404, served.not_found(name), "invalid_request_error", "model_not_found", param="model")
+        return JSONResponse(entry)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         """Unknown paths and methods answered in OpenAI's error shape, not Starlette's text."""

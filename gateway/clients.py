@@ -103,6 +103,10 @@ class TenantClients:
             self._clients[tenant] = client
             return client
 
+    def started(self) -> list[Client]:
+        """The clients started so far: their pressure boards tell the fleet (gateway/models.py)."""
+        return list(self._clients.values())
+
     def _refuse_in_backoff(self, tenant: str) -> None:
         backoff = self._backoff.get(tenant)
         if backoff is None:

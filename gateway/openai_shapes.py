@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from streams.fleet import MAX_FALLBACKS
 from streams.reply import Reply
 
 MAX_RETRY_AFTER_MS = 120_000  # the openai SDK does not wait longer than this
@@ -26,8 +27,10 @@ class BadRequest(ValueError):
     """The body is not a chat completion request tidegate can take; says why."""
 
 
-def error(status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error(
+    status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -81,6 +84,13 @@ def parse_chat_request(body: Any) -> dict[str, Any]:
         raise BadRequest("`temperature` must be a number")
     if body.get("n", 1) not in (1, None):
         raise BadRequest("only n=1 is supported")
+    fallbacks = body.get("fallbacks") or []
+    if (
+        not isinstance(fallbacks, list)
+        or len(fallbacks) > MAX_FALLBACKS
+        or not all(isinstance(name, str) and name for name in fallbacks)
+    ):
+        raise BadRequest(f"`fallbacks` must be a list of at most {MAX_FALLBACKS} model names")
     options = body.get("stream_options") or {}
     return {
         "messages": parsed,
@@ -89,6 +99,7 @@ def parse_chat_request(body: Any) -> dict[str, Any]:
         "stream": bool(body.get("stream", False)),
         "include_usage": bool(isinstance(options, dict) and options.get("include_usage")),
         "model": body.get("model") if isinstance(body.get("model"), str) else "",
+        "fallbacks": fallbacks,
     }
 
 
@@ -104,8 +115,8 @@ def _text(content: Any, index: int) -> str:
 
 
 def completion(reply: Reply, model: str, max_new_tokens: int) -> dict[str, Any]:
-    """A `chat.completion` for an `ok` reply."""
-    return {
+    """A `chat.completion` for an `ok` reply (`tidegate`: which fallback served it)."""
+    body = {
         "id": f"chatcmpl-{reply.request_id}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -124,12 +135,31 @@ def completion(reply: Reply, model: str, max_new_tokens: int) -> dict[str, Any]:
             "total_tokens": reply.tokens_in + reply.tokens_out,
         },
     }
+    return body | fallback_field(reply)
+
+
+def fallback_field(reply: Reply) -> dict[str, Any]:
+    """`{"tidegate": {"fallback_from", "fallback_reason"}}` where a fallback served the
+    request, else nothing: the SDKs keep a field they do not know (`model_extra`)."""
+    if not reply.fallback_from:
+        return {}
+    return {"tidegate": {"fallback_from": reply.fallback_from, "fallback_reason": reply.fallback_reason}}
+
+
+def fallback_headers(reply: Reply) -> dict[str, str]:
+    """`x-tidegate-fallback-from` (the model asked for) and `-reason` (why another
+    served it: `full`, `circuit_open`, `error`), where a fallback served the request."""
+    if not reply.fallback_from:
+        return {}
+    return {"x-tidegate-fallback-from": reply.fallback_from, "x-tidegate-fallback-reason": reply.fallback_reason or ""}
 
 
 def timing_headers(reply: Reply) -> dict[str, str]:
-    """The stage timings of a reply, in ms: where the time went."""
+    """The stage timings of a reply, in ms: where the time went; where a fallback
+    served it, the model asked for and why it did not (`x-tidegate-fallback-*`)."""
     t = reply.timings
     return {
+        **fallback_headers(reply),
         "x-request-id": reply.request_id,
         "x-tidegate-queue-ms": str(t.queued_ms + t.batch_wait_ms),
         "x-tidegate-context-ms": str(t.context_ms),
