@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -77,6 +78,76 @@ def test_keda_scales_the_workers_on_a_lag_threshold_derived_from_the_cap() -> No
         assert container["envFrom"] == [{"configMapRef": {"name": "tidegate"}}]
 
 
+def manifest_settings() -> Any:
+    """Settings as config.yaml's ConfigMap gives them to every stage."""
+    from streams.config import Settings
+
+    data = k8s("config.yaml")[0]["data"]
+    return Settings(**{k.removeprefix("TIDEGATE_").lower(): v for k, v in data.items()})
+
+
+def manifest_fleet() -> Any:
+    """The fleet file fleet.yaml's ConfigMap carries, as the stages read it."""
+    from streams.fleet import parse_fleet
+
+    data = k8s("fleet.yaml")[0]["data"]
+    return parse_fleet(yaml.safe_load(data["fleet.yaml"]), manifest_settings(), "deploy/k8s/fleet.yaml")
+
+
+def container_env(deployment: dict) -> dict[str, str]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def test_every_stage_mounts_the_fleet_file_where_the_config_points() -> None:
+    """TIDEGATE_FLEET_FILE names a file of the fleet ConfigMap, mounted there in every
+    pod that reads the config; the file it carries is a valid fleet."""
+    config = k8s("config.yaml")[0]["data"]
+    fleet_map = k8s("fleet.yaml")[0]
+    folder, _, name = config["TIDEGATE_FLEET_FILE"].rpartition("/")
+    assert name in fleet_map["data"]
+    for deployment in (d for d in k8s("stages.yaml") if d["kind"] == "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        mounts = {m["mountPath"]: m for m in pod["containers"][0].get("volumeMounts", [])}
+        where = deployment["metadata"]["name"]
+        assert folder in mounts and mounts[folder]["readOnly"], where
+        assert volumes[mounts[folder]["name"]]["configMap"]["name"] == fleet_map["metadata"]["name"], where
+    assert len(manifest_fleet().pools) >= 2
+
+
+def test_each_pool_has_its_workers_deployment_and_keda_scales_it_on_the_pools_own_group() -> None:
+    """A workers' Deployment per pool (TIDEGATE_POOL), and a ScaledObject on it whose
+    group, topic and lag-seconds stage are what streams/fleet.py pool_names gives the
+    pool, its maxReplicaCount the pool's partitions, its thresholds from the pool's caps."""
+    from streams.fleet import DEFAULT_POOL, pool_names
+
+    settings, fleet = manifest_settings(), manifest_fleet()
+    workers = {
+        d["metadata"]["name"]: container_env(d).get("TIDEGATE_POOL", DEFAULT_POOL)
+        for d in k8s("stages.yaml")
+        if d["kind"] == "Deployment" and d["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker"
+    }
+    assert sorted(workers.values()) == sorted(fleet.pools), workers  # one Deployment per pool
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s["spec"] for s in k8s("keda.yaml")}
+    assert set(scaled) == set(workers)
+    for name, pool_name in workers.items():
+        pool, spec = fleet.pools[pool_name], scaled[name]
+        topic, group, stage = pool_names(settings, pool_name)
+        kafka = next(t["metadata"] for t in spec["triggers"] if t["type"] == "kafka")
+        assert (kafka["consumerGroup"], kafka["topic"]) == (group, topic) == (pool.group, pool.contexts_topic), name
+        assert kafka["bootstrapServers"] == settings.bootstrap
+        assert spec["maxReplicaCount"] == pool.partitions, name
+        assert pool.workers_cap_messages is not None, f"pool {pool_name} needs a message cap for its lag threshold"
+        assert int(kafka["lagThreshold"]) == math.ceil(
+            settings.warn_ratio * pool.workers_cap_messages / pool.partitions
+        )
+        prometheus = next(t["metadata"] for t in spec["triggers"] if t["type"] == "prometheus")
+        assert f'tidegate_lag_seconds{{stage="{stage}"}}' in prometheus["query"], name
+        assert float(prometheus["threshold"]) == pool.workers_cap_seconds, name
+    assert workers["tidegate-workers"] == DEFAULT_POOL  # today's Deployment is the default pool's
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (make setup installs it)")
 def test_the_alert_rules_pass_their_promtool_unit_tests() -> None:
     folder = ROOT / "deploy" / "prometheus"
@@ -103,7 +174,7 @@ def test_the_dashboard_and_the_rules_query_metrics_the_processes_export() -> Non
     rules = (ROOT / "deploy" / "prometheus" / "rules.yml").read_text()
     exported |= set(re.findall(r"record: (tidegate_\w+)", rules))
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "tidegate.json").read_text())
-    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]  # a row has none
     named = set(re.findall(r"tidegate_\w+", " ".join(queries) + rules))
     assert named and named <= exported, named - exported
     services = compose()["services"]
@@ -326,12 +397,15 @@ def test_the_workers_gpu_request_comes_with_the_image_that_carries_cuda_torch() 
     patch = k8s("workers-cuda.yaml")[0]["spec"]["template"]["spec"]["containers"][0]
     assert patch["name"] == container["name"] and patch["image"] == "tidegate-worker-cuda:latest"
     assert patch["resources"]["limits"]["nvidia.com/gpu"] == 1
-    light = {
-        d["spec"]["template"]["spec"]["containers"][0]["image"]
+    images = {
+        d["metadata"]["name"]: (c["args"][0], c["image"])
         for d in k8s("stages.yaml")
-        if d["kind"] == "Deployment" and d["metadata"]["name"] != "tidegate-workers"
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"][:1]
     }
+    light = {image for role, image in images.values() if role != "worker"}
     assert light == {"tidegate:latest"}
+    assert {image for role, image in images.values() if role == "worker"} == {"tidegate-worker:latest"}  # every pool
     services = compose()["services"]
     assert services["workers"]["build"]["target"] == "worker"
     assert services["workers"]["image"] == "tidegate-worker:latest" == container["image"]
