@@ -277,3 +277,37 @@ def test_a_fleet_file_that_is_wrong_stops_the_gateway(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"models": {"smol": {}}, "pools": {"fast": {"models": ["smol"]}}}))
     with pytest.raises(Exception, match=r"pools\.fast\.engine"):
         gateway.app.create_app(Settings(fleet_file=str(path)), ApiKeys({}))
+
+
+@pytest.mark.integration
+@pytest.mark.same_on_any_broker
+@pytest.mark.timeout(120)
+def test_a_gateway_without_the_fleet_file_learns_the_fleet_from_the_pressure_topic(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """On the real broker: the pools' PressureStates (as the monitor publishes them)
+    are all a gateway with no fleet file needs to list the fleet and refuse an unknown
+    model; nothing else of the pipeline runs."""
+    from confluent_kafka import Producer
+
+    from schemas import get_codec
+    from streams.kafka import producer_config
+    from streams.outgoing import now_ms
+    from tests.helpers import GatewayProcess
+
+    settings = settings_factory(model="echo")
+    producer = Producer(producer_config(settings))
+    for state in STATES[1:]:
+        record = {"lag": 0, "cap": 100, "state": "ok", "updated_ms": now_ms(), "partitions": 1, **state}
+        value = get_codec().encode("PressureState", record)
+        producer.produce(settings.topics.pressure, key=state["stage"].encode(), value=value)
+    assert producer.flush(10) == 0
+    process = GatewayProcess(settings)
+    try:
+        sdk = openai.OpenAI(base_url=process.base_url, api_key=process.key, max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == ["smol", "tiny", "gpt-4o-mini"]
+        with pytest.raises(openai.NotFoundError, match="this gateway serves 'smol', 'tiny', 'gpt-4o-mini'") as unknown:
+            sdk.chat.completions.create(model="echo", messages=user())
+        assert unknown.value.code == "model_not_found"
+    finally:
+        process.stop()
