@@ -181,6 +181,33 @@ def test_the_dashboard_and_the_rules_query_metrics_the_processes_export() -> Non
     assert {"prometheus", "grafana"} <= set(services)
 
 
+def test_the_dashboard_shows_the_pools_side_by_side() -> None:
+    """A row of panels after which each pool is a series: lag, lag seconds, drain rate,
+    members and circuit state; the stage selector matches every pool's stage as
+    streams/fleet.py names it (the default pool's `workers` too) and no other stage."""
+    import json
+    import re
+
+    from streams.config import Settings
+    from streams.fleet import DEFAULT_POOL, pool_names
+
+    panels = json.loads((ROOT / "deploy" / "grafana" / "tidegate.json").read_text())["panels"]
+    row = next(i for i, p in enumerate(panels) if p["type"] == "row" and "Pools" in p["title"])
+    pools = [t for p in panels[row + 1 :] for t in p["targets"]]
+    named = {m for t in pools for m in re.findall(r"tidegate_\w+", t["expr"])}
+    wanted = {"tidegate_lag_messages", "tidegate_lag_seconds", "tidegate_drain_rate_messages_per_second"}
+    assert wanted | {"tidegate_group_members", "tidegate_circuit_state"} <= named, named
+    stages = [pool_names(Settings(), name)[2] for name in (DEFAULT_POOL, "fast", "gpu-2")]
+    for target in pools:
+        if "tidegate_circuit_state" in target["expr"]:
+            assert "by (pool)" in target["expr"] and "{{pool}}" in target["legendFormat"]
+            continue
+        (selector,) = re.findall(r'stage=~"([^"]+)"', target["expr"])
+        assert all(re.fullmatch(selector, stage) for stage in stages), (selector, stages)
+        assert not re.fullmatch(selector, "processors")
+        assert "{{stage}}" in target["legendFormat"]
+
+
 # -- deployable as written: the images, compose and the manifests agree with the code
 
 
