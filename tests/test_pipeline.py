@@ -14,6 +14,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from processors.envelopes import ENVELOPE_VERSION
 from schemas import get_codec
 from streams import Client, Reply, Settings
 from streams.lag import PROCESSORS
@@ -55,7 +56,7 @@ def test_three_turn_conversation_keeps_history_in_order(echo_pipeline: Pipeline)
         ("assistant", turns[1]),
         ("user", turns[2]),
     ]
-    assert third["version"] == 3 and third["strategy"] == "window" and not third["degraded"]
+    assert third["version"] == ENVELOPE_VERSION and third["strategy"] == "window" and not third["degraded"]
     assert 0 < third["tokens_used"] <= third["token_budget"]
 
 
