@@ -1,9 +1,10 @@
 """Which of a batch's accepted requests go on, checked in the order that charges a
 tenant's quota only for work that is admitted.
 
-1. `downstream`: backpressure and fair share (the workers' stage near or past its
-   cap, streams/pressure.py, processors/fairness.py), decided request by request in
-   batch order and counted as each passes, so a batch cannot overshoot the cap.
+1. `downstream`: backpressure and fair share (the pools that could serve it near or
+   past their caps, streams/routing.py, processors/fairness.py), decided request by
+   request in batch order and counted on the pool it is routed to as each passes, so
+   a batch cannot overshoot a cap; the item keeps its route for its envelope.
 2. The handler reads each passed request's history, and with it whether it was
    claimed before (a redelivered duplicate: nothing to forward, nothing to charge).
 3. `within_quotas` (processors/quotas.py): one Redis round trip for the fresh ones.
@@ -28,21 +29,24 @@ from redis.exceptions import RedisError
 from processors.fairness import FairShares
 from processors.quotas import Quotas, too_large
 from streams.outgoing import Outgoing
+from streams.routing import NoRoute, Route
 
 STAGE = "processors"
 
-# (stage, lag, cap, retry_after_ms) when the request must be refused, else None;
-# a request it let through is counted until released or forgotten
-Admission = Callable[[dict[str, Any]], tuple[str, int, int, int] | None]
+# the route of a request (its pool, model, fallback), or why no pool can take it now;
+# a request it let through is counted on its pool until released or forgotten
+Admission = Callable[[dict[str, Any]], Route | NoRoute]
 # takes back an admission a later check refused: it is in no stage's lag
 Release = Callable[[dict[str, Any]], None]
-# (stage, retry_after_ms) while the workers' stage is past its warn line, else None
-NearFull = Callable[[], tuple[str, int] | None]
+# (stage, retry_after_ms) while every pool that could serve the request is past its
+# warn line, else None
+NearFull = Callable[[dict[str, Any]], tuple[str, int] | None]
 
 
 class Admissible(Protocol):
     request: dict[str, Any]
     taken_back: bool
+    route: Route | None
 
 
 Item = TypeVar("Item", bound=Admissible)
@@ -70,8 +74,8 @@ class AdmissionGate:
         self.on_redis_down = on_redis_down
 
     def downstream(self, items: list[Item], out: list[Answer], refuse: Refuse[Item, Answer]) -> list[Item]:
-        """The requests the workers' stage can take: near its cap each tenant is held
-        to its fair share, past its cap every request of the priority is refused."""
+        """The requests a pool can take, each with its route: near the caps each tenant
+        is held to its fair share, past them every request of the priority is refused."""
         if self.admission is None:
             return items
         passed = []
@@ -80,21 +84,20 @@ class AdmissionGate:
             tenant = request["tenant"]
             standing = self.fair_shares.standing(tenant) if self.fair_shares is not None else "alone"
             # asked only when it refuses: each answer hands out a retry time
-            near_full = self.near_full() if self.near_full is not None and standing == "over" else None
+            near_full = self.near_full(request) if self.near_full is not None and standing == "over" else None
             if near_full is not None:
                 stage, retry_after_ms = near_full
                 why = f"tenant {tenant!r} is past its fair share of admissions while stage {stage} is near its cap"
                 out.append(refuse(item, "queue_full", why, retry_after_ms, stage))
                 continue
             if request["priority"] == "normal" and standing == "under":
-                full = self.admission({**request, "priority": "high"})  # within its share: up to the high line
+                routed = self.admission({**request, "priority": "high"})  # within its share: up to the high line
             else:
-                full = self.admission(request)
-            if full is not None:
-                stage, lag, cap, retry_after_ms = full
-                why = f"stage {stage} lag {lag} is past its cap {cap}"
-                out.append(refuse(item, "queue_full", why, retry_after_ms, stage))
+                routed = self.admission(request)
+            if isinstance(routed, NoRoute):
+                out.append(refuse(item, "queue_full", routed.why, routed.retry_after_ms, routed.stage))
                 continue
+            item.route = routed
             if self.fair_shares is not None:
                 self.fair_shares.admitted(tenant)
             passed.append(item)

@@ -26,21 +26,26 @@ from redis.asyncio import Redis
 
 from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
-from processors.admission import STAGE, Admission, NearFull, Release
+from processors.admission import STAGE
 from processors.event_batches import take_batches
 from processors.faust_tuning import QuietWorker, set_fetch_wait_ms
 from processors.handler import Deliver, Incoming, RequestHandler
+from processors.routes import (
+    downstream_admission,  # noqa: F401  (where the handler's tests find it)
+    fleet_or_exit,
+    pool_admission,
+)
 from processors.tenant_topics import TenantTopics, listed_request_topics
 from streams import metrics
 from streams.config import Settings
 from streams.delivery import DeliveryFailed, DeliveryProducer
 from streams.kafka import producer_config
-from streams.lag import WORKERS
 from streams.lifecycle import announce_ready
 from streams.outgoing import Outgoing
-from streams.pressure import EXIT_FACTOR, FORWARD_TRANSIT_MS, OK, PressureBoard
+from streams.pressure import FORWARD_TRANSIT_MS, PressureBoard
 from streams.pressure_feed import PressureListener
 from streams.reply_topics import ReplyTopics
+from streams.routing import Router
 from streams.tenants import Tenants
 
 log = logging.getLogger(__name__)
@@ -81,41 +86,6 @@ def _incoming(event: Any) -> Incoming:
     )
 
 
-def _admission_key(request: dict[str, Any]) -> str:
-    return f"{request['tenant']}\x00{request['request_id']}"
-
-
-def downstream_admission(board: PressureBoard) -> tuple[Admission, Release]:
-    """Refuses a request while the workers' stage is past its cap for its priority:
-    producers that ignore the client-side signal are still stopped here. The second
-    callable takes an admission back (its quota refused it: never forwarded)."""
-
-    def admit(request: dict[str, Any]) -> tuple[str, int, int, int] | None:
-        refusal = board.admit([WORKERS], request["priority"], _admission_key(request))
-        return None if refusal is None else (refusal.stage, refusal.lag, refusal.cap, refusal.retry_after_ms)
-
-    def release(request: dict[str, Any]) -> None:
-        board.settle(_admission_key(request))
-
-    return admit, release
-
-
-def near_full(board: PressureBoard, warn_ratio: float) -> NearFull:
-    """(stage, retry_after_ms) while the workers' stage is past its warn line: when
-    admissions are scarce and each tenant is held to its fair share."""
-
-    def check() -> tuple[str, int] | None:
-        state = board.state(WORKERS)
-        if state is None or not state["cap"]:
-            return None
-        line = warn_ratio * state["cap"]
-        if state["state"] == OK and state["lag"] < line:
-            return None
-        return WORKERS, board.retry_after(WORKERS, state["lag"], EXIT_FACTOR * line, state["drain_rate"])
-
-    return check
-
-
 def request_topics(settings: Settings) -> list[str]:
     """The shared request topic and, with TENANT_TOPICS, the tenants' own as the
     broker lists them now (faust itself waits for a broker that does not answer:
@@ -139,6 +109,7 @@ def broker_credentials(settings: Settings) -> faust.SASLCredentials | faust.SSLC
 
 
 def create_app(settings: Settings) -> faust.App:
+    fleet = fleet_or_exit(settings)  # a wrong fleet file: one line per mistake, exit 2
     set_fetch_wait_ms(settings.fetch_wait_ms)
     # faust wants a data directory even with no tables; its default ({appid}-data in
     # the working directory) would litter wherever the processor was started
@@ -175,12 +146,20 @@ def create_app(settings: Settings) -> faust.App:
         board = PressureBoard(settings.pressure_stale_s, settings.warn_ratio, transit_ms=FORWARD_TRANSIT_MS)
         pressure = PressureListener(settings, board)
         pressure.start()
-        admission, release = downstream_admission(board)
-        fullness = near_full(board, settings.warn_ratio)
+        # every request routed among the pools that serve its model (streams/routing.py)
+        admission, release, fullness = pool_admission(Router(fleet, board, settings.routing))
     delivery = DeliveryProducer(producer_config(settings))  # started with the agent, not here
     counter = TokenCounter(load_counting_tokenizer(settings.model))
     handler = RequestHandler(
-        settings, redis, counter, admission, ReplyTopics(settings, delivery), fullness, Tenants.load(settings), release
+        settings,
+        redis,
+        counter,
+        admission,
+        ReplyTopics(settings, delivery),
+        fullness,
+        Tenants.load(settings),
+        release,
+        fleet,
     )
     wait_s = settings.processor_batch_wait_ms / 1000
 

@@ -40,6 +40,7 @@ from schemas import SerializationError, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.faults import fault_armed, fault_point
+from streams.fleet import Fleet
 from streams.outgoing import Outgoing, now_ms
 from streams.reply_topics import ReplyTopics
 from streams.tenants import Tenants
@@ -65,6 +66,7 @@ class RequestHandler:
         near_full: NearFull | None = None,
         tenants: Tenants | None = None,
         release: Release | None = None,
+        fleet: Fleet | None = None,  # the models and pools it routes to (None: FLEET_FILE's, or the default)
     ) -> None:
         self.settings = settings
         self.reply_topics = reply_topics  # None: reply_to names are not checked against the broker
@@ -85,7 +87,7 @@ class RequestHandler:
         self._redis_down_until = 0.0
         self._system_tokens = counter.count(settings.system_prompt)
         self.relevance = RelevanceScorer()
-        self.envelopes = EnvelopeBuilder(settings, counter, self.codec)
+        self.envelopes = EnvelopeBuilder(settings, counter, self.codec, fleet)
         self.refusals = Refusals(settings, redis, self.history, self._redis_unreachable, self._redis_down)
         # id -> record: the records of the batch in hand whose outputs were delivered
         # (or that yield none); the failure path answers only the others
@@ -218,7 +220,7 @@ class RequestHandler:
             return self.refusals.dead_letter(record, unanswerable, "unanswerable")
         if not request["created_ms"]:
             request["created_ms"] = started
-        reason = invalid_reason(request, self.settings)
+        reason = invalid_reason(request, self.settings, self.envelopes.fleet)
         if reason is not None:
             return Refusal(record, request, encoding, started, "invalid", reason)
         if request["deadline_ms"] and started > request["deadline_ms"]:
@@ -252,11 +254,6 @@ class RequestHandler:
         item.answered = True  # by identity: request ids are the callers' and may repeat across tenants
         return self.refusals.reply(self._refusal(item, status, error, retry_after_ms, stage))
 
-    @staticmethod
-    def _quota_tokens(item: Accepted) -> int:
-        """What a request may cost at most: its own turns and its max_new_tokens."""
-        return sum(t["tokens"] for t in item.new_turns) + item.request["max_new_tokens"]
-
     def _count_new_turns(self, accepted: list[Accepted], refusals: list[Refusal]) -> list[Accepted]:
         """Token counts of every new turn in the batch, in one tokenizer call; where
         that call fails, each request is counted alone and one that fails is answered."""
@@ -267,7 +264,7 @@ class RequestHandler:
             counted = []
             for item in accepted:
                 try:
-                    self._count_new_turns_of(item, self.counter.count_many([t["content"] for t in item.new_turns]))
+                    item.count_new_turns(self.counter.count_many([t["content"] for t in item.new_turns]))
                     counted.append(item)
                 except Exception as exc:
                     log.warning("request %r: its tokens could not be counted", item.request["request_id"][:80])
@@ -275,14 +272,9 @@ class RequestHandler:
             return counted
         position = 0
         for item in accepted:
-            self._count_new_turns_of(item, counts[position : position + len(item.new_turns)])
+            item.count_new_turns(counts[position : position + len(item.new_turns)])
             position += len(item.new_turns)
         return accepted
-
-    @staticmethod
-    def _count_new_turns_of(item: Accepted, counts: Sequence[int]) -> None:
-        for turn, count in zip(item.new_turns, counts, strict=True):
-            turn["tokens"] = count
 
     async def _build_envelopes(
         self, accepted: list[Accepted], out: list[Outgoing]
@@ -299,7 +291,7 @@ class RequestHandler:
         for item, is_fresh in zip(accepted, fresh, strict=True):
             if not is_fresh:
                 self.gate.take_back(item)
-        items = await self.gate.within_quotas(items, out, self._refuse_item, self._quota_tokens)
+        items = await self.gate.within_quotas(items, out, self._refuse_item, Accepted.quota_tokens)
         if fault_armed("processor.wave_fails_late"):  # a wave failing once some of it was answered (its test)
             raise RuntimeError("injected fault processor.wave_fails_late")
         relevant = [item for item in items if item.strategy == "relevance" and item.history]
