@@ -162,15 +162,15 @@ class Router:
             blocked: list[_Blocked] = []
             passed_over = FULL_REASON
             for index, spec in enumerate(candidates):
-                room: list[tuple[float, Pool]] = []
+                room: list[tuple[Pool, dict[str, Any] | None]] = []  # (pool, its state)
                 for pool in self.fleet.pools_of(spec.id):
                     verdict = self._look(pool, index, priority)
                     if isinstance(verdict, _Blocked):
                         blocked.append(verdict)
                     else:
-                        room.append((verdict, pool))
-                for pool in self._order(spec, room):
-                    if not count or self._count(pool, priority, request_id):
+                        room.append((pool, verdict))
+                for pool, state in self._order(spec, room):
+                    if not count or self._count(pool, state, priority, request_id):
                         if count and self.mode == ROUND_ROBIN:
                             self._turns[spec.id] += 1
                         return self._route(pool, spec, index, candidates, passed_over)
@@ -211,8 +211,8 @@ class Router:
         _, stage, state, line = soonest
         return stage, self.board.retry_after(stage, state["lag"], EXIT_FACTOR * line, state["drain_rate"])
 
-    def _look(self, pool: Pool, index: int, priority: str) -> float | _Blocked:
-        """The pool's expected wait for one more request, or why it cannot take it."""
+    def _look(self, pool: Pool, index: int, priority: str) -> dict[str, Any] | _Blocked | None:
+        """Why the pool cannot take one more request now, or its state (None: none yet)."""
         state = self.board.state(pool.stage)
         lag, cap = (int(state["lag"]), int(state["cap"])) if state is not None else (0, 0)
         if state is not None:
@@ -225,25 +225,32 @@ class Router:
         refusal = self.board.check([pool.stage], priority)
         if refusal is not None:
             return _Blocked(pool, index, refusal.lag, refusal.cap, refusal.retry_after_ms, FULL_REASON)
+        return state
+
+    def _wait(self, pool: Pool, state: dict[str, Any] | None) -> float:
+        """The pool's expected wait in seconds for one more request."""
+        lag = state["lag"] if state is not None else 0
         rate = state["drain_rate"] if state is not None and state["drain_rate"] > 0 else pool.weight
         return (lag + self.board.admitted(pool.stage) + 1) / rate
 
-    def _order(self, spec: ModelSpec, room: list[tuple[float, Pool]]) -> list[Pool]:
+    def _order(
+        self, spec: ModelSpec, room: list[tuple[Pool, dict[str, Any] | None]]
+    ) -> list[tuple[Pool, dict[str, Any] | None]]:
         """The pools that can take the request, best first: the least expected wait (the
         heavier, then the file's first, among equals), or round robin's turn."""
+        if len(room) < 2:
+            return room
         if self.mode == ROUND_ROBIN:
-            pools = [pool for _, pool in room]
-            turn = self._turns[spec.id] % len(pools) if pools else 0
-            return pools[turn:] + pools[:turn]
-        ranked = sorted(enumerate(room), key=lambda entry: (entry[1][0], -entry[1][1].weight, entry[0]))
-        return [pool for _, (_, pool) in ranked]
+            turn = self._turns[spec.id] % len(room)
+            return room[turn:] + room[:turn]
+        ranked = sorted(enumerate(room), key=lambda e: (self._wait(*e[1]), -e[1][0].weight, e[0]))
+        return [entry for _, entry in ranked]
 
-    def _count(self, pool: Pool, priority: str, request_id: str | None) -> bool:
+    def _count(self, pool: Pool, state: dict[str, Any] | None, priority: str, request_id: str | None) -> bool:
         """Counts the request on the pool's stage (False: it filled up meanwhile), and
         as a probe where the pool is half-open."""
         if self.board.admit([pool.stage], priority, request_id) is not None:
             return False
-        state = self.board.state(pool.stage)
         if state is not None and _circuit(state)[0] == HALF_OPEN:
             self._probes_sent(pool.stage, state)
             self._probes[pool.stage][1].add(request_id if request_id is not None else next(self._keys))
