@@ -169,3 +169,80 @@ def test_a_fleets_pools_are_roles_of_their_own_in_the_plan(tmp_path: Path) -> No
     assert stack.pool_roles() == {"default": "worker", "slow": "worker.slow"}
     assert stack.env()["TIDEGATE_FLEET_FILE"] == str(fleet)
     assert "TIDEGATE_FLEET_FILE" not in DevStack("b", "r").env()  # without a fleet: as today
+
+
+def test_dev_up_with_a_fleet_runs_each_pools_workers(tmp_path: Path) -> None:
+    """Two pools (echo and sim:5 engines), one replica each: each pool's worker is up in
+    its own group and answers its model; every process was told the fleet file; scale
+    advise and the autoscaler see each pool; the pools scale apart; `dev down` stops
+    everything."""
+    import asyncio
+
+    from confluent_kafka.admin import AdminClient
+
+    from streams import Client
+    from streams.config import Settings
+    from streams.fleet import load_fleet
+
+    fleet_file = tmp_path / "fleet.yaml"
+    fleet_file.write_text(TWO_POOLS)
+    # the fleet file's path relative (made absolute for the stages); the autoscaler beside
+    # (its in-cooldown past the test: it scales nothing in while the test scales)
+    up = run(["dev", "up", "--model", "echo", "--fleet", "fleet.yaml", "--autoscale", "--in-cooldown", "900"], tmp_path)
+    state_file = tmp_path / ".tidegate" / "dev.json"
+    state: dict = {}
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads(state_file.read_text())
+        assert state["fleet_file"] == str(fleet_file)
+        stages = {"monitor", "processor", "worker.quick", "worker.slow"}
+        assert set(state["pids"]) == {"broker", "redis", "supervisor", "autoscaler", *stages}
+        assert set(state["metrics"]) == stages
+        for role in ("supervisor", "autoscaler", *stages):
+            env = proc_env(state["pids"][role])
+            assert env.get("TIDEGATE_FLEET_FILE") == str(fleet_file), role
+        assert proc_env(state["pids"]["worker.quick"])["TIDEGATE_POOL"] == "quick"
+        assert proc_env(state["pids"]["worker.slow"])["TIDEGATE_POOL"] == "slow"
+        autoscaler_log = (tmp_path / ".tidegate" / "logs" / "autoscaler.log").read_text()
+        assert "workers.quick -> worker.quick, workers.slow -> worker.slow" in autoscaler_log
+
+        settings = Settings(bootstrap=state["bootstrap"], redis_url=state["redis_url"], fleet_file=str(fleet_file))
+        fleet = load_fleet(settings)
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+
+        def members(group: str) -> int:
+            described = admin.describe_consumer_groups([group])[group].result(timeout=10)
+            return len(described.members)
+
+        for pool in fleet.pools.values():  # each pool's worker is a member of the pool's own group
+            wait_for(lambda pool=pool: members(pool.group) == 1, 30, f"pool {pool.name}'s worker in {pool.group}")
+
+        async def ask_each_model() -> dict[str, object]:
+            async with Client(settings=settings, reply_grace_s=30) as client:
+                asked = {model: [{"role": "user", "content": f"hi {model}"}] for model in ("talk", "sim")}
+                return {model: await client.generate(m, f"s-{model}", model=model) for model, m in asked.items()}
+
+        replies = asyncio.run(ask_each_model())
+        for model, reply in replies.items():
+            assert reply.ok and reply.model == model, (model, reply)  # type: ignore[attr-defined]
+        assert "hi talk" in replies["talk"].text  # type: ignore[attr-defined]  # the echo pool answered it
+
+        advice = run(["scale", "advise", "--json"], tmp_path)
+        assert advice.returncode == 0, advice.stderr
+        rows = {r["stage"]: r for r in json.loads(advice.stdout)}
+        assert set(rows) == {"processors", "workers.quick", "workers.slow"}, rows
+        assert rows["workers.quick"]["recommended"] == 1 and rows["workers.slow"]["recommended"] == 1, rows
+
+        scaled = run(["dev", "scale", "workers.quick=2"], tmp_path)  # one pool scales alone
+        assert scaled.returncode == 0, scaled.stderr
+        state = json.loads(state_file.read_text())
+        assert len(state["pids"]["worker.quick"]) == 2 and isinstance(state["pids"]["worker.slow"], int)
+        assert run(["dev", "scale", "workers.nope=2"], tmp_path).returncode == 2  # not a pool it runs
+        status = run(["dev", "status"], tmp_path)
+        assert status.returncode == 0 and "worker.quick" in status.stdout and "worker.slow" in status.stdout
+    finally:
+        down = run(["dev", "down"], tmp_path)
+    assert down.returncode == 0, down.stderr
+    assert not state_file.exists()
+    pids = [pid for found in state.get("pids", {}).values() for pid in (found if isinstance(found, list) else [found])]
+    assert pids and not any(pid_alive(pid) for pid in pids)

@@ -181,6 +181,9 @@ class Autoscaler:
 
     def run(self) -> None:
         self.start_listener()
+        if not self.fleet.single:  # which stage drives which role, once
+            pools = ", ".join(f"{t.pool.stage} -> {t.role}" for t in self.tracks.values())
+            log.warning("scaling each pool on its own state: %s", pools)  # said at the level scales are
         announce_ready()
         try:
             while not self.stopping.wait(CHECK_S):

@@ -290,7 +290,7 @@ def up(
         plan_path = log_dir / "supervisor-plan.json"
         plan.save(plan_path)
         stack.save(state_file)
-        proc = spawn([sys.executable, "-m", "tidegate.supervisor", str(plan_path)], log_dir / "supervisor.log")
+        proc = spawn([sys.executable, "-m", "tidegate.supervisor", str(plan_path)], log_dir / "supervisor.log", env)
         stack.pids["supervisor"] = proc.pid
         stack.save(state_file)
         wait_for_ready(log_dir / "supervisor.log", READY_MARKER, proc, ready_timeout_s + 30)
