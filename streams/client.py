@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -354,10 +354,11 @@ class Client:
         topics = self.settings.topics
         return topics.tenant_requests(tenant) if self.settings.tenant_topics else topics.requests
 
-    def check_pressure(self, priority: str = "normal") -> None:
-        """Raises QueueFull if a request of `priority` would be refused now (nothing is counted)."""
+    def check_pressure(self, priority: str = "normal", *, model: str = "", fallbacks: Sequence[str] = ()) -> None:
+        """Raises QueueFull if a request of `priority` for `model` (with `fallbacks`) would
+        be refused now: every pool that could serve it is full (nothing is counted)."""
         if self._pressure is not None:
-            client_admission.check(self._pressure.board, priority)
+            client_admission.check(self._pressure.board, priority, model=model, fallbacks=fallbacks)
 
     def _deliver_chunk(self, chunk: Chunk) -> None:
         """On the event loop: queues a chunk for its stream (none for other requests)."""
