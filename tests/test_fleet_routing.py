@@ -8,6 +8,9 @@ PressureStates published here as the lag monitor would, and their contexts topic
 read directly (no worker needed): a request for smol goes to fast's topic at smol's
 budget; with fast full it goes to spare at tiny's budget and says so; with both full
 it is answered `queue_full` with the earliest retry; an unknown model is `invalid`.
+Last, the same through the Client with each pool's own worker (TIDEGATE_POOL): the
+reply says which model served it and why, and with every pool full the client
+refuses before sending, with the earliest retry.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from processors.routes import allow_fleet_labels, pool_admission
 from processors.validation import model_reason
 from schemas import AVRO, content_type_header, get_codec
 from streams import metrics
+from streams.client import Client
 from streams.config import Settings
+from streams.exceptions import QueueFull
 from streams.fleet import Fleet, load_fleet, parse_fleet
 from streams.kafka import admin_client, producer_config
 from streams.outgoing import Outgoing, now_ms
@@ -289,3 +294,55 @@ def test_the_processor_routes_by_the_pools_published_pressure(fleet_pipeline: Pi
     client.publish("spare", 0, OK, 100.0)
     client.publish("fast", 0, OK, 10.0)
     where, _ = client.ask_until("smol", lambda w, _: w == "fast", "back on its own pool")
+
+
+@pytest.fixture(scope="module")
+def served_pipeline(pipeline_factory: Callable[..., Pipeline], tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
+    """A processor and one worker per pool (TIDEGATE_POOL), no monitor: the pools'
+    states are this module's to publish."""
+    path = tmp_path_factory.mktemp("served") / "fleet.yaml"
+    path.write_text(yaml.safe_dump(FLEET))
+    pipeline = pipeline_factory(("processor",), fleet_file=str(path), model="echo", pressure_stale_s=600.0)
+    pipeline.start(("worker",), extra_env={"TIDEGATE_POOL": "fast"})
+    pipeline.start(("worker-spare",), extra_env={"TIDEGATE_POOL": "spare"})
+    return pipeline
+
+
+def test_through_the_client_each_reply_says_which_model_served_it_and_why(served_pipeline: Pipeline) -> None:
+    settings = served_pipeline.settings
+    states = FleetClient(settings)
+
+    async def run() -> None:
+        async with Client(settings=settings, tenant="acme") as client:
+
+            async def ask() -> Any:
+                hello = [{"role": "user", "content": "hello"}]
+                return await client.generate(hello, uuid.uuid4().hex, model="smol", max_new_tokens=8, wait=False)
+
+            def sees(stage: str, level: str) -> bool:
+                state = client.pressure(stage)
+                return state is not None and state["state"] == level
+
+            # the client learns the fleet from the pools' states, as the monitor publishes them
+            states.publish("fast", 0, OK, 10.0)
+            states.publish("spare", 0, OK, 100.0)
+            await asyncio.to_thread(wait_for, lambda: sees("workers.spare", OK), 10, "the client reading spare")
+            reply = await ask()
+            assert (reply.status, reply.model, reply.fallback_from) == ("ok", "smol", None)
+
+            states.publish("fast", 500, FULL, 10.0)
+            await asyncio.to_thread(wait_for, lambda: sees("workers.fast", FULL), 10, "the client reading fast full")
+            for _ in range(40):  # the processor reads the state within a fetch
+                reply = await ask()
+                if reply.model != "smol":
+                    break
+            assert (reply.status, reply.model) == ("ok", "tiny")
+            assert (reply.fallback_from, reply.fallback_reason) == ("smol", "full")
+
+            states.publish("spare", 110, FULL, 100.0)
+            await asyncio.to_thread(wait_for, lambda: sees("workers.spare", FULL), 10, "the client reading spare full")
+            with pytest.raises(QueueFull) as refused:  # before anything is sent
+                await ask()
+            assert refused.value.stage == "workers.spare" and refused.value.retry_after_ms <= 2000
+
+    asyncio.run(run())
