@@ -150,6 +150,8 @@ def test_a_fleets_pools_are_roles_of_their_own_in_the_plan(tmp_path: Path) -> No
     fleet.write_text(TWO_POOLS.replace("  slow:", "  default: {engine: echo, models: [talk]}\n  slow:"))
     counts = worker_counts(Settings(), str(fleet), workers=5)
     assert counts == {"worker.quick": 1, "worker": 1, "worker.slow": 1}
+    fleet.write_text(TWO_POOLS.replace("replicas: 1}\n  slow", "replicas: 0}\n  slow"))
+    assert worker_counts(Settings(), str(fleet), workers=5) == {"worker.quick": 0, "worker.slow": 1}
     assert worker_counts(Settings(), None, workers=3) == {"worker": 3}
     plan = Plan(env={}, log_dir=str(tmp_path), state_file="", counts={"monitor": 1, **counts, "worker.quick": 2})
     stages = {s.name: s for s in plan.make_stages()}

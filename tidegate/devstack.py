@@ -304,7 +304,8 @@ def up(
 
 def worker_counts(settings: Settings, fleet_file: str | None, workers: int) -> dict[str, int]:
     """role -> workers to start: `workers` of role `worker` without a fleet file; with
-    one, each pool's `replicas` under its role (a pool of 0 replicas starts none).
+    one, each pool's `replicas` under its role (a pool of 0 replicas starts none, and is
+    in the plan all the same, so `dev scale workers.<pool>=N` can start some).
 
     :raises FleetError: the fleet file is wrong (one line per mistake)."""
     from streams.fleet import load_fleet
@@ -312,7 +313,7 @@ def worker_counts(settings: Settings, fleet_file: str | None, workers: int) -> d
     if fleet_file is None:
         return {WORKER: workers}
     fleet = load_fleet(settings.model_copy(update={"fleet_file": fleet_file}))
-    return {pool_role(pool.name): pool.replicas for pool in fleet.pools.values() if pool.replicas > 0}
+    return {pool_role(pool.name): pool.replicas for pool in fleet.pools.values()}
 
 
 def scale_arg(role: str) -> str:
