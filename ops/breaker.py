@@ -16,8 +16,12 @@ Failures (the `reason` an open circuit gives):
 - `stalled`: half or more of the pool's partitions with lag are STALL or STOP by
   Burrow's rules (ops/burrow.py): its workers hang, or are gone, on most of its work
   (a timeout, in a queue's terms). One long generation on one partition is not;
-- `no_members`: its group has no member and work waits (lag > 0). On Tansu, which
-  lists no members, `stalled` stands in once the health window passed.
+- `no_members`: its group has had no member for EMPTY_S while work waits (lag > 0).
+  Held that long because a member count is asked every few seconds: a count from just
+  before the first worker joined, beside the lag of the work it was about to take,
+  opened the circuit of a pool that had just come up (the monitor asks again within a
+  second while a group with work reads empty). On Tansu, which lists no members,
+  `stalled` stands in once the health window passed.
 
 `expired` replies are no failure: a pool that queues work past its deadlines is
 full, not broken (backpressure's `full` covers it), and a pool recovering from an
@@ -29,8 +33,12 @@ CIRCUIT_OPEN_MAX_S; the run is forgotten once the circuit has stayed closed for
 CIRCUIT_OPEN_MAX_S). While open nothing is lost: requests already queued in the
 pool wait in its contexts topic for its workers (docs/design.md: never re-routed),
 and only new ones are routed elsewhere. When the cool-down ends with the group
-still empty and work waiting, the circuit opens again at once: probes would only
-queue behind the work nobody serves.
+still empty and work waiting, the circuit stays open (probes would only queue
+behind the work nobody serves) and half-opens at the first sample with a member
+back: an empty group is seen ending, so it is waited out without longer cool-downs
+(doubled each time the workers were still away, a pool down two minutes would stay
+open up to two more after they came back). Its `circuit_until_ms` then moves on by
+CIRCUIT_OPEN_S at a time, a retry hint for the routers' refusals.
 
 Half-open: routers send up to `probes` requests each. `probes` ok replies with no
 error close it; an error, or the group empty with work waiting, or no progress
@@ -54,6 +62,7 @@ CIRCUIT_CODES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # tidegate_circuit_state
 ERRORS, STALLED, NO_MEMBERS = "errors", "stalled", "no_members"
 REASONS = (ERRORS, STALLED, NO_MEMBERS)
 STALL_SHARE = 0.5  # of the partitions with lag, STALL or STOP: the pool makes no progress
+EMPTY_S = 2.0  # no member, with work waiting, for this long (two of the monitor's fresh counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,7 @@ class BreakerConfig:
     open_max_s: float = 120.0
     probes: int = 5
     half_open_stall_s: float = 30.0  # the health window: no progress that long in half-open
+    empty_s: float = EMPTY_S
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BreakerConfig:
@@ -135,6 +145,8 @@ class Breaker:
         self._window: collections.deque[tuple[float, int, int]] = collections.deque()  # (at, ok, errors)
         self._probe_ok = 0  # half-open: ok replies since it half-opened
         self._probe_errors = 0
+        self._empty_since: float | None = None  # no member with work waiting, since
+        self._waiting = False  # open past its cool-down for a member to come back
 
     def record(self, ok: int, errors: int, expired: int = 0) -> None:
         """A worker's counts for its last interval (`expired` is no failure: see above)."""
@@ -156,7 +168,7 @@ class Breaker:
 
     def update(self, signals: Signals) -> Circuit:
         now = self.clock()
-        empty = signals.members == 0 and signals.lag > 0
+        empty = self._empty(signals, now)
         if self.state == CLOSED:
             if self.opens_in_row and now - self._changed_at >= self.config.open_max_s:
                 self.opens_in_row = 0  # closed long enough: the next opening starts short again
@@ -168,12 +180,12 @@ class Breaker:
             elif replies >= self.config.min_replies and ratio >= self.config.error_ratio:
                 self._open(ERRORS, now)
         elif self.state == OPEN:
-            if now >= self.until:
-                if empty:
-                    self._open(NO_MEMBERS, now)
-                else:
-                    self._set(HALF_OPEN, now)
-                    self._probe_ok = self._probe_errors = 0
+            if now >= self.until and empty:  # cool-down over, nobody to take a probe: no opening counted
+                self.until = now + self.config.open_s
+                self._waiting = True
+            elif now >= self.until or (self._waiting and not empty):  # over, or a member is back
+                self._set(HALF_OPEN, now)
+                self._probe_ok = self._probe_errors = 0
         elif self._probe_errors:
             self._open(ERRORS, now)
         elif empty:
@@ -185,6 +197,29 @@ class Breaker:
             self.reason = ""
             self._window.clear()
         return self.circuit()
+
+    def resume(self, state: str, until: float, reason: str) -> None:
+        """Starts from the state an earlier monitor published (open until `until`, or
+        half-open), as one opening in a row: a restart neither closes a broken pool's
+        circuit nor shortens its next cool-down to nothing."""
+        if state not in (OPEN, HALF_OPEN):
+            return
+        now = self.clock()
+        self.opens_in_row = max(1, self.opens_in_row)
+        self.reason = reason
+        self.until = until
+        self._set(state, now)
+        self._probe_ok = self._probe_errors = 0
+        self._window.clear()
+
+    def _empty(self, signals: Signals, now: float) -> bool:
+        """No member, with work waiting, for `empty_s` or longer."""
+        if signals.members != 0 or signals.lag <= 0:
+            self._empty_since = None
+            return False
+        if self._empty_since is None:
+            self._empty_since = now
+        return now - self._empty_since >= self.config.empty_s
 
     def circuit(self) -> Circuit:
         if self.state == OPEN:
@@ -209,3 +244,4 @@ class Breaker:
     def _set(self, state: str, now: float) -> None:
         self.state = state
         self._changed_at = now
+        self._waiting = False  # open past its cool-down for a member to come back

@@ -14,6 +14,7 @@ from ops.breaker import (
     STALLED,
     Breaker,
     BreakerConfig,
+    Circuit,
     Signals,
     stalled,
 )
@@ -40,6 +41,13 @@ def clock() -> Clock:
 
 def breaker(clock: Clock, opened: list[str] | None = None) -> Breaker:
     return Breaker(CONFIG, clock, on_open=None if opened is None else opened.append)
+
+
+def empty_for_long(b: Breaker, clock: Clock, lag: int = 1) -> Circuit:
+    """The group empty with work waiting, at two samples EMPTY_S apart."""
+    b.update(Signals(lag=lag, members=0, stalled=False))
+    clock.now += CONFIG.empty_s
+    return b.update(Signals(lag=lag, members=0, stalled=False))
 
 
 def test_it_opens_at_half_errors_over_the_window_and_not_before_enough_replies(clock: Clock) -> None:
@@ -77,6 +85,14 @@ def test_no_members_with_work_waiting_opens_it_and_no_work_does_not(clock: Clock
     b = breaker(clock)
     assert b.update(Signals(lag=0, members=0, stalled=False)).state == CLOSED  # scaled to zero, idle
     assert b.update(Signals(lag=0, members=-1, stalled=False)).state == CLOSED  # unknown (Tansu)
+    # seen empty once: a member count asked every few seconds may predate the first join
+    assert b.update(Signals(lag=3, members=0, stalled=False)).state == CLOSED
+    clock.now += 1
+    assert b.update(Signals(lag=3, members=1, stalled=False)).state == CLOSED  # it had joined
+    assert b.update(Signals(lag=3, members=0, stalled=False)).state == CLOSED
+    clock.now += 1.9
+    assert b.update(Signals(lag=3, members=0, stalled=False)).state == CLOSED
+    clock.now += 0.1
     circuit = b.update(Signals(lag=3, members=0, stalled=False))
     assert (circuit.state, circuit.reason) == (OPEN, NO_MEMBERS)
 
@@ -97,7 +113,7 @@ def test_stalled_means_half_the_partitions_with_lag_make_no_progress() -> None:
 
 def test_it_half_opens_after_the_cool_down_and_closes_on_its_probes(clock: Clock) -> None:
     b = breaker(clock)
-    b.update(Signals(lag=3, members=0, stalled=False))
+    empty_for_long(b, clock, lag=3)
     clock.now += 9.9
     b.record(ok=100, errors=0)  # answered while open (its queued work): judged no more
     assert b.update(HEALTHY).state == OPEN
@@ -131,14 +147,14 @@ def test_a_failed_probe_opens_it_again_for_longer_up_to_the_bound(clock: Clock) 
 def test_after_staying_closed_long_enough_the_next_opening_is_short_again(clock: Clock) -> None:
     b = breaker(clock)
     for _ in range(2):  # opened twice in a row: 10 s, then 20 s
-        b.update(Signals(lag=1, members=0, stalled=False))
+        empty_for_long(b, clock)
         clock.now = b.until
         b.update(HEALTHY)
     assert b.cool_down_s() == 20 and b.state == HALF_OPEN
     b.record(ok=3, errors=0)
     assert b.update(HEALTHY).state == CLOSED
     clock.now += 5  # fails again soon after closing: longer
-    b.update(Signals(lag=1, members=0, stalled=False))
+    empty_for_long(b, clock)
     assert b.until - clock.now == 40
     clock.now = b.until
     b.update(HEALTHY)
@@ -146,19 +162,37 @@ def test_after_staying_closed_long_enough_the_next_opening_is_short_again(clock:
     b.update(HEALTHY)
     clock.now += 40  # closed for open_max_s: the run is forgotten
     b.update(HEALTHY)
-    b.update(Signals(lag=1, members=0, stalled=False))
+    empty_for_long(b, clock)
     assert b.until - clock.now == 10
 
 
-def test_a_cool_down_ending_with_the_group_still_empty_opens_it_again_at_once(clock: Clock) -> None:
+def test_a_cool_down_ending_with_the_group_still_empty_waits_for_a_member_without_counting_an_opening(
+    clock: Clock,
+) -> None:
+    """Probes would queue behind the work nobody serves; and an empty group is seen
+    ending, so it is waited out without doubling cool-downs: a pool down for minutes
+    half-opens as soon as a worker is back."""
     opened: list[str] = []
     b = breaker(clock, opened)
     empty = Signals(lag=4, members=0, stalled=True)
-    b.update(empty)
+    b.update(empty)  # stalled at once; empty not for long yet
+    for _ in range(5):  # the workers stay away for 50 s and more
+        clock.now = b.until
+        circuit = b.update(empty)
+        assert (circuit.state, circuit.reason, b.until - clock.now) == (OPEN, STALLED, 10)
+    assert opened == [STALLED] and b.opens_in_row == 1
+    clock.now += 3  # a member is back before the next hint: half-open at once
+    circuit = b.update(Signals(lag=4, members=1, stalled=True))
+    assert (circuit.state, circuit.probes) == (HALF_OPEN, 3)
+
+
+def test_an_empty_group_in_its_cool_down_half_opens_only_once_the_cool_down_is_over(clock: Clock) -> None:
+    b = breaker(clock)
+    empty_for_long(b, clock)
+    clock.now += 5
+    assert b.update(HEALTHY).state == OPEN  # a member back within the cool-down: it runs out first
     clock.now = b.until
-    circuit = b.update(empty)  # nobody would serve a probe: no half-open
-    assert (circuit.state, circuit.reason, b.until - clock.now) == (OPEN, NO_MEMBERS, 20)
-    assert opened == [NO_MEMBERS, NO_MEMBERS]
+    assert b.update(HEALTHY).state == HALF_OPEN
 
 
 def test_half_open_waits_on_a_stall_as_long_as_the_health_window(clock: Clock) -> None:
@@ -182,7 +216,7 @@ def test_half_open_opens_again_when_the_group_empties(clock: Clock) -> None:
     b.update(HEALTHY)
     clock.now = b.until
     assert b.update(Signals(lag=0, members=0, stalled=False)).state == HALF_OPEN  # nothing waits
-    circuit = b.update(Signals(lag=1, members=0, stalled=False))  # a probe, and nobody to take it
+    circuit = empty_for_long(b, clock)  # a probe, and nobody to take it
     assert (circuit.state, circuit.reason) == (OPEN, NO_MEMBERS)
 
 
@@ -190,7 +224,7 @@ def test_a_closed_circuits_window_starts_afresh() -> None:
     clock = Clock()
     b = breaker(clock)
     b.record(ok=0, errors=19)
-    b.update(Signals(lag=1, members=0, stalled=False))  # opened by no members, the errors cleared
+    empty_for_long(b, clock)  # opened by no members, the errors cleared
     clock.now = b.until
     b.update(HEALTHY)
     b.record(ok=3, errors=0)
@@ -204,3 +238,19 @@ def test_the_defaults_come_from_settings_and_the_reasons_are_metric_labels() -> 
     assert (config.window_s, config.min_replies, config.error_ratio) == (30.0, 20, 0.5)
     assert (config.open_s, config.open_max_s, config.probes, config.half_open_stall_s) == (10.0, 120.0, 5, 30.0)
     assert all(metrics.bounded_label("reason", r) == r for r in REASONS)
+
+
+def test_a_resumed_circuit_stays_open_until_its_time_and_then_half_opens(clock: Clock) -> None:
+    """A restarted monitor takes the circuit up from its last published state."""
+    b = breaker(clock)
+    b.resume(OPEN, clock.now + 4, ERRORS)
+    assert b.update(HEALTHY).state == OPEN
+    clock.now += 4
+    circuit = b.update(HEALTHY)
+    assert (circuit.state, circuit.reason) == (HALF_OPEN, ERRORS)
+    b.record(ok=0, errors=1)
+    b.update(HEALTHY)
+    assert b.until - clock.now == 20  # the resumed opening counts as one in a row
+    b = breaker(clock)
+    b.resume(CLOSED, 0, "")
+    assert b.update(HEALTHY).state == CLOSED
