@@ -11,6 +11,12 @@ advise`, Prometheus on `METRICS_PORT`): lag in seconds (exact and interpolated),
 the group's health by Burrow's rules (ops/burrow.py, from the commit log on Apache
 Kafka), the arrival rate, and the group's members against the topic's partitions.
 
+The workers are a stage per pool of the fleet (FLEET_FILE; without it the one
+`workers` stage), each with its own cap, and its state says which models the pool
+serves and its circuit: the monitor runs each pool's circuit breaker (ops/pools.py,
+ops/breaker.py) on the workers' outcomes and the group's health, so that every
+router reads one breaker through Kafka.
+
 It never exits on a transient fault (a broker restarting, a coordinator loading, a
 tail's fetch error): it measures again with backoff, and the states go stale for
 their readers meanwhile, never wrong. A monitor that starts (or restarts: the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -31,13 +38,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from ops.breaker import CIRCUIT_CODES, CLOSED
 from ops.burrow import OK, REWIND, STAGE_CODES, STALL, STOP, WARN, GroupHealth
 from ops.commit_log import CommitLog
+from ops.pools import PoolStates, pool_caps
 from ops.scaling import drain_time_s
 from schemas import AVRO, SerializationError, content_type_header, get_codec
 from streams import metrics
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.fleet import FleetError, load_fleet
 from streams.kafka import admin_client, connection_config, producer_config
 from streams.lag import LagReader, Stage, StageLag, pipeline_stages
 from streams.lifecycle import announce_ready, stop_on_signals
@@ -57,13 +67,17 @@ LAST_STATES_WAIT_S = 3.0
 class LagMonitor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.stages = pipeline_stages(settings)
+        fleet = load_fleet(settings)
+        self.stages = pipeline_stages(settings, fleet)
         self.reader = LagReader(settings, self.stages)
-        caps = stage_caps(settings)
+        caps = {**stage_caps(settings), **pool_caps(settings, fleet)}
         self.gauges = {s.name: PressureGauge(s.name, caps[s.name], settings.warn_ratio) for s in self.stages}
+        self.pools = PoolStates(settings, fleet)
         for name, state in last_states(settings).items():
             if name in self.gauges and resume_gauge(self.gauges[name], state, now_ms()):
                 log.info("stage=%s drain rate resumed at %.1f/s, cap %d", name, state["drain_rate"], state["cap"])
+            if now_ms() - state["updated_ms"] <= RESUME_MAX_AGE_S * 1000:
+                self.pools.resume(name, state)
         self.health = {s.name: GroupHealth(settings.health_window_s) for s in self.stages}
         self.arrivals = {s.name: RateMeter() for s in self.stages}
         self.commit_log = CommitLog(settings, {s.group for s in self.stages})
@@ -77,6 +91,7 @@ class LagMonitor:
         (log ends and commits) that changes whenever anything moved."""
         self.reader.poll(0)
         self.commit_log.poll()
+        self.pools.poll()
         now = time.time()
         states, signature = [], []
         for stage in self.stages:
@@ -84,7 +99,8 @@ class LagMonitor:
             # progress as per-partition steps: a tenant's topic deleted (or re-added) moves no rate
             state = self.gauges[stage.name].update(lag.lag, lag.done)
             states.append(self._operators_view(stage, lag, state, now))
-            signature += [lag.log_end, lag.committed]
+            # a circuit that changed is published at once, not at the next heartbeat
+            signature += [lag.log_end, lag.committed, CIRCUIT_CODES.get(state.get("circuit", CLOSED), 0)]
         return states, tuple(signature)
 
     def _operators_view(self, stage: Stage, lag: StageLag, state: dict[str, Any], now: float) -> dict[str, Any]:
@@ -104,7 +120,7 @@ class LagMonitor:
         )
         statuses = health.statuses(now)
         arrival = self.arrivals[stage.name].update(lag.arrived, now)
-        members = self.members.count(stage)
+        members = self.members.count(stage, lag.lag)
         state.update(
             lag_seconds=round(lag.lag_seconds, 3),
             lag_seconds_interpolated=round(lag.lag_seconds_interpolated, 3),
@@ -114,6 +130,7 @@ class LagMonitor:
             members=members,
             partitions=self.reader.partition_count(stage),
         )
+        self.pools.judge(stage.name, lag, statuses, state)
         export(state, lag, statuses)
         return state
 
@@ -158,6 +175,7 @@ class LagMonitor:
                 failures = 0
         self.reader.close()
         self.commit_log.close()
+        self.pools.close()
         self.producer.flush(5)
 
 
@@ -251,10 +269,13 @@ class RateMeter:
 
 
 class GroupMembers:
-    """Members of each stage's group (DescribeGroups), asked at most every few seconds;
-    -1 where the broker does not say (Tansu lists no members)."""
+    """Members of each stage's group (DescribeGroups), asked at most every few seconds,
+    and again within a second while a group with work waiting reads empty (the pools'
+    circuits open on an empty group: a count from before its first member joined must
+    not stand for seconds); -1 where the broker does not say (Tansu lists no members)."""
 
     EVERY_S = 5.0
+    EMPTY_EVERY_S = 1.0
 
     def __init__(self, settings: Settings, stages: list[Stage]) -> None:
         self._known = settings.broker == "kafka"
@@ -263,8 +284,10 @@ class GroupMembers:
         self._asked_at = 0.0
         self._stages = stages
 
-    def count(self, stage: Stage) -> int:
-        if self._known and time.monotonic() - self._asked_at >= self.EVERY_S:
+    def count(self, stage: Stage, lag: int = 0) -> int:
+        since = time.monotonic() - self._asked_at
+        doubtful = lag > 0 and self._counts[stage.name] == 0 and since >= self.EMPTY_EVERY_S
+        if self._known and (since >= self.EVERY_S or doubtful):
             self._asked_at = time.monotonic()
             try:
                 found = self._admin.describe_consumer_groups([s.group for s in self._stages], request_timeout=2)
@@ -314,6 +337,8 @@ def start(settings: Settings, stopping: threading.Event) -> LagMonitor | None:
     while not stopping.is_set():
         try:
             monitor = LagMonitor(settings)
+        except FleetError:  # the operator's to fix: no retry mends it
+            raise
         except (KafkaException, TidegateError) as exc:
             attempt += 1
             log.warning("attempt=%d lag monitor not started, retrying: %s", attempt, exc)
@@ -328,6 +353,12 @@ def main() -> None:
     """Runs the monitor until SIGTERM or SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings()
+    try:  # checked before anything starts: one line per mistake, no traceback
+        load_fleet(settings)
+    except FleetError as exc:
+        for line in str(exc).splitlines():
+            print(f"monitor: {line}", file=sys.stderr)
+        sys.exit(2)
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     stopping = threading.Event()
     stop_on_signals(stopping)

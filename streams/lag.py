@@ -42,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from streams.config import Settings
 from streams.exceptions import TidegateError
 from streams.faults import fault_armed
+from streams.fleet import Fleet, load_fleet
 from streams.kafka import connection_config
 from streams.lag_seconds import LagClock
 from streams.lag_topics import OFFSETS_TIMEOUT_S, Listing, Partition, TopicLister, wanted_partitions, watermarks
@@ -107,12 +108,17 @@ class StageLag:
         return max((p.lag_seconds_interpolated for p in self.partitions.values()), default=0.0)
 
 
-def pipeline_stages(settings: Settings) -> list[Stage]:
-    """The processors (with TENANT_TOPICS, the tenants' request topics too) and the workers."""
+def pipeline_stages(settings: Settings, fleet: Fleet | None = None) -> list[Stage]:
+    """The processors (with TENANT_TOPICS, the tenants' request topics too), then the
+    workers of each pool of the fleet (`fleet`, else FLEET_FILE's): a stage per pool, its
+    contexts topic in its group. Without a fleet file: the one `workers` stage.
+
+    :raises FleetError: the fleet file is wrong (streams/fleet.py)."""
     tenants = settings.topics.tenant_requests_pattern if settings.tenant_topics else None
+    pools = (fleet or load_fleet(settings)).pools.values()
     return [
         Stage(PROCESSORS, settings.topics.requests, settings.processor_group, tenants),
-        Stage(WORKERS, settings.topics.contexts, settings.worker_group),
+        *(Stage(pool.stage, pool.contexts_topic, pool.group) for pool in pools),
     ]
 
 
