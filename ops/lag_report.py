@@ -1,6 +1,9 @@
 """`tidegate lag`: each stage's lag now, with what the lag monitor last published:
-cap, pressure state, lag in seconds, health by Burrow's rules, drain and arrival
-rates, drain time, members against partitions. `--watch` keeps a live table."""
+cap, pressure state, the circuit, lag in seconds, health by Burrow's rules, drain
+and arrival rates, drain time, members against partitions. `--watch` keeps a live
+table. The workers are a row per pool of the fleet (`workers.<pool>`; `workers` for
+the `default` pool), each with its circuit: `closed`, `half_open` (and its probes)
+or `open` (and the seconds until it half-opens, and why)."""
 
 from __future__ import annotations
 
@@ -11,12 +14,40 @@ import orjson
 
 from ops.scaling import drain_time_s
 from streams.config import Settings
+from streams.fleet import fleet_from_states, pool_names
 from streams.kafka import check_reachable
-from streams.lag import LagReader, pipeline_stages
+from streams.lag import PROCESSORS, LagReader, Stage, pipeline_stages
+from streams.outgoing import now_ms
 from streams.pressure_feed import PressureListener
 
 STATE_WAIT_S = 1.5  # the monitor publishes every stage at least once a second
-COLUMNS = ("stage", "lag", "lag s", "cap", "state", "health", "drain/s", "arrive/s", "drain time", "members", "group")
+COLUMNS = (
+    "stage",
+    "lag",
+    "lag s",
+    "cap",
+    "state",
+    "circuit",
+    "health",
+    "drain/s",
+    "arrive/s",
+    "drain time",
+    "members",
+    "group",
+)
+
+
+def circuit_cell(r: dict[str, Any]) -> str:
+    """`closed`; `half_open 5 probes`; `open 7s no_members` (seconds until it half-opens)."""
+    circuit = r.get("circuit")
+    if not circuit:
+        return "-"  # not a pool's stage, or a monitor that predates circuits
+    if circuit == "open":
+        left = max(0.0, ((r.get("circuit_until_ms") or 0) - now_ms()) / 1000)
+        return f"open {left:.0f}s {r.get('circuit_reason') or ''}".rstrip()
+    if circuit == "half_open":
+        return f"half_open {r.get('probes', 0)} probes"
+    return circuit
 
 
 def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, Any]]:
@@ -45,6 +76,13 @@ def lag_rows(reader: LagReader, listener: PressureListener) -> list[dict[str, An
                 "drain_time_s": None if drain is None else drain_time_s(lag.lag, drain, arrival or 0.0),
                 "members": state.get("members"),
                 "partitions": state.get("partitions") or reader.partition_count(stage),
+                # a pool's (the workers' stages): which, serving what, and its circuit
+                "pool": state.get("pool") or None,
+                "models": [m["id"] for m in state.get("models") or []],
+                "circuit": state.get("circuit") if state.get("pool") else None,
+                "circuit_until_ms": state.get("circuit_until_ms"),
+                "circuit_reason": state.get("circuit_reason") or None,
+                "probes": state.get("probes"),
             }
         )
     return rows
@@ -62,6 +100,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
         num(r["lag_seconds"], ".1f"),
         "-" if r["cap"] is None else str(r["cap"]),
         r["state"],
+        circuit_cell(r),
         r["health"],
         num(r["drain_rate"], ".1f"),
         num(r["arrival_rate"], ".1f"),
@@ -81,15 +120,31 @@ def _rich_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     colours = {"ok": "green", "OK": "green", "warn": "yellow", "WARN": "yellow", "full": "red", "ERR": "red"}
+    circuits = {"closed": "green", "half_open": "yellow", "open": "red"}
     table = Table(title=f"tidegate lag  {time.strftime('%H:%M:%S')}", title_justify="left")
     for name in COLUMNS:
-        table.add_column(name, justify="left" if name in ("stage", "state", "health", "group") else "right")
+        table.add_column(name, justify="left" if name in ("stage", "state", "circuit", "health", "group") else "right")
     for r in rows:
         cells = _cells(r)
         cells[4] = f"[{colours.get(r['state'], 'white')}]{cells[4]}[/]"
-        cells[5] = f"[{colours.get(r['health'], 'white')}]{cells[5]}[/]"
+        cells[5] = f"[{circuits.get(r['circuit'] or '', 'white')}]{cells[5]}[/]"
+        cells[6] = f"[{colours.get(r['health'], 'white')}]{cells[6]}[/]"
         table.add_row(*cells)
     return table
+
+
+def learnt_stages(settings: Settings, listener: PressureListener, stages: list[Stage]) -> list[Stage]:
+    """Without a fleet file here, the pools as their fresh states on the pressure topic
+    name them (as a client learns the fleet): a row per pool all the same. `stages`
+    where there is a fleet file, or no state names a pool but `default`."""
+    if settings.fleet_file:
+        return stages
+    since_ms = now_ms() - settings.pressure_stale_s * 1000
+    learnt = fleet_from_states(s for s in listener.board.states() if s["updated_ms"] >= since_ms)
+    if learnt is None or learnt.single:
+        return stages
+    pools = [Stage(pool.stage, *pool_names(settings, pool.name)[:2]) for pool in learnt.pools.values()]
+    return [s for s in stages if s.name == PROCESSORS] + pools
 
 
 def report(settings: Settings, as_json: bool, watch_s: float | None) -> int:
@@ -101,6 +156,10 @@ def report(settings: Settings, as_json: bool, watch_s: float | None) -> int:
         deadline = time.monotonic() + STATE_WAIT_S
         while time.monotonic() < deadline and any(listener.board.state(s.name) is None for s in reader.stages):
             reader.poll(0.1)
+        stages = learnt_stages(settings, listener, reader.stages)
+        if stages != reader.stages:
+            reader.close()
+            reader = LagReader(settings, stages)
         if watch_s is not None and not as_json:
             from rich.live import Live
 
