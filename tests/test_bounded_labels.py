@@ -17,12 +17,13 @@ from conversation.model_files import load_counting_tokenizer
 from conversation.tokens import TokenCounter
 from processors.handler import RequestHandler
 from schemas import get_codec
-from streams import metrics
+from streams import client_admission, metrics
 from streams.client import Client
 from streams.config import Settings
 from streams.exceptions import QueueFull
 from streams.outgoing import Outgoing, now_ms
 from streams.pressure import FULL
+from streams.request_options import InvalidRequest
 from tests.handler_support import request_record
 
 CRAFTED = 10_000
@@ -93,8 +94,13 @@ def test_ten_thousand_crafted_priorities_on_the_clients_refusal_path_add_no_seri
             for i in range(-1, CRAFTED):
                 if i == 0:
                     counts.append(series_count())
-                try:
+                # the client's options refuse a crafted priority before admission; the
+                # admission's own refusal path (what the counters label) is driven alone
+                with pytest.raises(InvalidRequest):
                     await client.submit([{"role": "user", "content": "hi"}], "s", priority=crafted_priority(i))
+                request = {"request_id": f"r{i}", "priority": crafted_priority(i), "deadline_ms": 0}
+                try:
+                    await client_admission.admit(client._pressure.board, request, wait=False)
                 except QueueFull:
                     refused += 1
             return refused
