@@ -56,11 +56,16 @@ model: setup
 demo: setup model
 	$(BIN)/tidegate demo
 
-# the whole suite on Apache Kafka, then the integration tests again on Tansu
+# the whole suite on Apache Kafka, then the integration tests again on Tansu. Two
+# pytest workers (each with its own broker and Redis) keep both cores busy: a test
+# mostly waits on a group, a broker or a deadline. The `serial` cases measure a
+# capacity and hold the pipeline to it, so they run alone, after the others.
+XDIST := -n 2 --dist loadfile
 test: setup model
 	$(BIN)/ruff check .
-	$(BIN)/pytest --durations=20
-	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration --durations=10
+	$(BIN)/pytest $(XDIST) -m "not serial" --durations=20
+	$(BIN)/pytest -m serial --durations=5
+	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest $(XDIST) -m "integration and not serial" --durations=10
 
 # the fault suite alone, with each case's JSON summary (also part of `make test`)
 test-faults: setup model

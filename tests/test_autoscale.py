@@ -18,6 +18,8 @@ from streams.pressure_feed import PressureListener
 from tests.helpers import offer_load, wait_for
 from tests.test_cli import run
 
+pytestmark = pytest.mark.serial  # a load step sized to one worker's measured rate
+
 # sim:80, batches of 16 short prompts (a conversation per request, so no history
 # grows and the batch token budget never binds), 8 new tokens each: 16 / 0.64 s
 ONE_WORKER_RPS = 25.0

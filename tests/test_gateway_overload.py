@@ -31,7 +31,7 @@ import pytest
 from tests.conftest import Pipeline
 from tests.helpers import GatewayProcess as Gateway
 
-pytestmark = [pytest.mark.integration, pytest.mark.kafka_only]
+pytestmark = [pytest.mark.integration, pytest.mark.kafka_only, pytest.mark.serial]
 
 CAPACITY_S = 12.0
 WARM_UP_S = 3.0  # the first batches fill the pipeline: left out of both rates

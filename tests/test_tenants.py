@@ -92,6 +92,7 @@ ONE_WORKER_RPS = 40.0  # sim:50, batches of 16 one-turn prompts of 8 new tokens:
 
 
 @pytest.mark.kafka_only  # load on two cores: Tansu's own CPU makes its figures another test
+@pytest.mark.serial
 @pytest.mark.timeout(240)
 def test_a_flooding_tenant_cannot_take_the_light_tenants_share(pipeline_factory: Callable[..., Pipeline]) -> None:
     pipeline = pipeline_factory(model="sim:50")
