@@ -38,6 +38,7 @@ from inference.runners import Generation, ModelRunner, Prompt
 from inference.session_store import STATS_KEY, SessionStore
 from streams import metrics
 from streams.config import Settings
+from streams.faults import fault_armed
 from streams.fleet import DEFAULT_POOL, Pool, default_fleet
 from streams.kafka import consumer_config, producer_config
 from streams.lifecycle import announce_ready
@@ -249,6 +250,8 @@ class InferenceWorker:
     def _generate_static(self, jobs: list[Job]) -> list[tuple[Message, Outgoing]]:
         started = time.monotonic()
         try:
+            if fault_armed("worker.model_error"):  # a pool whose model fails (tests/test_fleet_pools.py)
+                raise RuntimeError("injected by TIDEGATE_FAULTS")
             generated = self.runner.generate([j.prompt for j in jobs if j.prompt is not None])
         except Exception as exc:
             log.exception("model %s failed on a batch of %d", self.runner.name, len(jobs))

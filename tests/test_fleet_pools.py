@@ -50,6 +50,9 @@ HEALTH_WINDOW_S = 6.0  # Burrow's window: on Tansu (no members listed) STOP is t
 # SIGKILL to open: the session timeout (6 s) for the group to lose its member, the
 # monitor's DescribeGroups (every 5 s), a sample; on Tansu the health window, a sample
 OPEN_BOUND_S = 25.0
+# failing replies to open: a second's outcomes (20+ replies, all errors), a sample; 3.4 s
+# on Apache Kafka, 17 s seen on Tansu after the worker's restart in the module's run
+ERRORS_OPEN_BOUND_S = 40.0
 CLOSE_BOUND_S = 60.0  # restart (the echo model loads in seconds), cool-down, probes answered
 SPARE_ENV = {"TIDEGATE_POOL": "spare"}
 
@@ -62,6 +65,7 @@ def fleet(pipeline_factory: Callable[..., Pipeline], tmp_path_factory: pytest.Te
         roles=(),
         fleet_file=str(path),
         circuit_open_s=OPEN_S,
+        circuit_open_max_s=2 * OPEN_S,  # the tests' openings in a row stay short
         circuit_probes=PROBES,
         health_window_s=HEALTH_WINDOW_S,
     )
@@ -262,6 +266,41 @@ def test_a_pool_whose_worker_is_killed_opens_and_closes_and_its_queue_waits(flee
         f"FLEET circuit: open {opened_s:.1f}s after the kill ({opened['circuit_reason']}), "
         f"closed {closed_s:.1f}s after the restart; {len(queued)} queued while open, all answered; states {seen}"
     )
+
+
+def test_a_pool_whose_model_fails_opens_on_its_error_replies_and_closes_once_it_answers(fleet: Pipeline) -> None:
+    """The workers' outcomes, through Kafka: every batch of the spare pool's worker
+    fails (fault point worker.model_error), its `error` replies open the circuit with
+    reason `errors`; a worker that answers closes it through its probes."""
+    settings = fleet.settings
+    topic = f"{settings.topics.contexts}.spare"
+    envelopes, replies, watch = Envelopes(settings), Replies(settings), CircuitWatch(settings, SPARE)
+    fleet.stop(("worker-spare",))
+    fleet.start(("worker-spare",), extra_env={**SPARE_ENV, "TIDEGATE_FAULTS": "worker.model_error@1+"})
+    try:
+        sent_at = time.monotonic()
+        while watch.poll()[-1:] != ["open"]:  # 20 a second until it opens
+            elapsed = time.monotonic() - sent_at
+            assert elapsed < ERRORS_OPEN_BOUND_S, f"no open circuit after {elapsed:.0f}s: {watch.poll()}"
+            envelopes.send(topic, model="smol", pool="spare")
+            time.sleep(0.05)
+        opened_s = time.monotonic() - sent_at
+        assert watch.last()["circuit_reason"] == "errors"
+        failed = replies.wait(envelopes.sent, 30, "the failing pool's replies")
+        assert {failed[r]["status"] for r in envelopes.sent} == {"error"}  # answered, never lost
+        assert all("injected" in (failed[r]["error"] or "") for r in envelopes.sent)
+
+        fleet.stop(("worker-spare",))
+        fleet.start(("worker-spare",), extra_env=SPARE_ENV)  # the model mended
+        wait_for(lambda: watch.poll()[-1:] == ["half_open"], CLOSE_BOUND_S, "the circuit to half-open")
+        probes = [envelopes.send(topic, model="smol", pool="spare") for _ in range(PROBES)]
+        envelopes.flush()
+        wait_for(lambda: watch.poll()[-1:] == ["closed"], CLOSE_BOUND_S, "the circuit to close")
+        assert {replies.wait(probes, 10, "the probes' replies")[r]["status"] for r in probes} == {"ok"}
+    finally:
+        envelopes.flush()
+        watch.close()
+    print(f"FLEET errors: open {opened_s:.1f}s after the failing worker's first request; states {folded(watch.states)}")
 
 
 def folded(states: list[dict[str, Any]]) -> list[str]:
