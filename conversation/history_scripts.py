@@ -113,13 +113,23 @@ CLAIM_APPEND = (
     + """
 local ttl, max_turns = tonumber(ARGV[1]), tonumber(ARGV[2])
 if held(KEYS[1], ARGV[3], KEYS[4]) then return 0 end
-mark(KEYS[1], ARGV[3], tonumber(ARGV[4]) * 1000)
+-- Lua keeps the writes made before an error: whatever can fail is checked first,
+-- and the parked answer is deleted only once it is in the history
+local kind = redis.call('TYPE', KEYS[2])
+if type(kind) == 'table' then kind = kind['ok'] end
+if ARGV[5] ~= '0' and kind ~= 'none' and kind ~= 'list' then
+  return redis.error_reply('WRONGTYPE the session history is a ' .. tostring(kind) .. ', not a list')
+end
 local early = redis.call('LRANGE', KEYS[3], 0, -1)
-if #early > 0 then redis.call('DEL', KEYS[3]) end
-if ARGV[5] == '0' then return 1 end
+mark(KEYS[1], ARGV[3], tonumber(ARGV[4]) * 1000)
+if ARGV[5] == '0' then
+  if #early > 0 then redis.call('DEL', KEYS[3]) end
+  return 1
+end
 if #ARGV > 9 or #early > 0 then
   if #ARGV > 9 then redis.call('RPUSH', KEYS[2], unpack(ARGV, 10)) end
   if #early > 0 then redis.call('RPUSH', KEYS[2], unpack(early)) end
+  if #early > 0 then redis.call('DEL', KEYS[3]) end
   redis.call('LTRIM', KEYS[2], -max_turns, -1)
   redis.call('EXPIRE', KEYS[2], ttl)
   bound(KEYS[5], tonumber(ARGV[6]), ttl, ARGV[7], ARGV[8], ARGV[9])

@@ -140,6 +140,27 @@ def test_an_answer_before_its_claim_still_waits_for_it(redis_port: int, r: redis
     assert roles(r, "acme", "conv") == ["user", "assistant"]
 
 
+def test_a_claim_whose_append_fails_loses_no_parked_answer_and_claims_nothing(
+    redis_port: int, r: redis.Redis, runner: EchoRunner
+) -> None:
+    """The session's history key changed type between the read and the claim: the
+    claim's append fails. Before, the script had marked the claim and deleted the
+    parked answer first (Lua keeps the writes before an error): the answer was lost,
+    and the claim held, so a redelivery could not put the question back either."""
+    writer = HistoryWriter(86_400, 400)
+    rid = uuid.uuid4().hex
+    answer(store_of(redis_port, runner), job("acme", "conv", rid))
+    assert r.keys(f"tidegate:early:acme:*{rid}*") or r.keys("tidegate:early:acme:*")
+    r.set(history_key("acme", "conv"), "not a list")
+    with pytest.raises(redis.ResponseError):
+        claim(r, writer, "acme", "conv", rid)
+    assert r.keys("tidegate:early:acme:*"), "the parked answer was lost"
+    assert r.zscore(CLAIMS_KEY, claim_member("acme", rid)) is None, "claimed with nothing appended"
+    r.delete(history_key("acme", "conv"))  # mended: the redelivered request claims and appends both
+    assert claim(r, writer, "acme", "conv", rid) == 1
+    assert roles(r, "acme", "conv") == ["user", "assistant"]
+
+
 # -- 2. a rolling upgrade: the old layout is read ------------------------------------
 
 
