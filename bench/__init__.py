@@ -66,4 +66,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         write_json(args.json_path, run_rebalance(["classic", "consumer"]))
         return 0
+    if args.name == "fleet":
+        from bench.fleet import run as run_fleet
+
+        write_json(args.json_path, run_fleet())
+        return 0
     raise AssertionError(args.name)
