@@ -9,6 +9,14 @@ messages later (`encode_item`, `encode_with_items`): a ContextEnvelope's turns a
 kept in Redis in their Avro form, so a processor neither parses nor re-encodes
 history it forwards. An Avro record is its fields' encodings back to back, so the
 fields around the array are written by fastavro and the stored items go between.
+
+`encode_readable` writes a record that uses nothing its schema's current version
+added (those fields all hold their defaults) as the previous version: the stages and
+callers a message goes between are upgraded on their own schedules, and a reader
+not yet upgraded then reads every such record. A request naming no model and a reply
+no fallback served are what a client and processors from before fleets wrote: each
+side reads the other's whichever is upgraded first (issue 26's InferenceRequest v3
+and InferenceReply v2 made each side need the other upgraded first).
 """
 
 from __future__ import annotations
@@ -129,6 +137,25 @@ def _load_previous() -> list[_Schema]:
     ]
 
 
+def _older_writers(
+    current: dict[str, _Schema], previous: list[_Schema]
+) -> dict[str, list[tuple[_Schema, dict[str, Any]]]]:
+    """Per schema, its previous versions a record can be written as without loss, newest
+    first, each with the defaults of the fields added since: a version each of whose
+    fields the current one has, of the same type, and whose missing fields have
+    defaults (a reader of the current version fills them in)."""
+    older: dict[str, list[tuple[_Schema, dict[str, Any]]]] = {}
+    for old in reversed(previous):  # PREVIOUS_SCHEMA_FILES lists each schema's oldest first
+        fields = {f["name"]: f for f in current[old.name].raw["fields"]}
+        kept = {f["name"] for f in old.raw["fields"]}
+        if any(f["name"] not in fields or fields[f["name"]]["type"] != f["type"] for f in old.raw["fields"]):
+            continue
+        added = [f for name, f in fields.items() if name not in kept]
+        if all("default" in f for f in added):
+            older.setdefault(old.name, []).append((old, {f["name"]: f["default"] for f in added}))
+    return older
+
+
 class Codec:
     """Parses every `.avsc` once; encodes records and decodes bytes by fingerprint."""
 
@@ -136,8 +163,10 @@ class Codec:
         self.schemas = _load_schemas()
         # fingerprint -> (writer, reader): a previous writer is read as its current schema
         self._by_fingerprint = {s.fingerprint: (s, s) for s in self.schemas.values()}
-        for old in _load_previous():
+        previous = _load_previous()
+        for old in previous:
             self._by_fingerprint[old.fingerprint] = (old, self.schemas[old.name])
+        self._older = _older_writers(self.schemas, previous)
 
     def fingerprint(self, name: str) -> bytes:
         return self.schemas[name].fingerprint
@@ -151,6 +180,38 @@ class Codec:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SerializationError(f"cannot encode {name}: {exc}") from exc
         return out.getvalue()
+
+    def encode_readable(self, name: str, record: Mapping[str, Any]) -> bytes:
+        """encode(name, record), as the newest previous version of the schema that
+        carries every value of `record` where there is one (the fields added since hold
+        their defaults): readers of either version read it, and lose nothing."""
+        older = self._older_fit(name, record)
+        if older is None:
+            return self.encode(name, record)
+        out = io.BytesIO()
+        out.write(older[0].prefix)
+        try:
+            schemaless_writer(out, older[0].parsed, dict(record))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SerializationError(f"cannot encode {name}: {exc}") from exc
+        return out.getvalue()
+
+    def encode_readable_as(self, name: str, record: Mapping[str, Any], encoding: str) -> bytes:
+        """encode_readable in `encoding`: in JSON, the fields added since the version it
+        fits are left out (a reader from before refuses fields it does not know; one
+        from now fills in their defaults)."""
+        if encoding != JSON:
+            return self.encode_readable(name, record)
+        older = self._older_fit(name, record)
+        if older is None:
+            return self.encode_json(name, record)
+        return self.encode_json(name, {k: v for k, v in record.items() if k not in older[1]})
+
+    def _older_fit(self, name: str, record: Mapping[str, Any]) -> tuple[_Schema, dict[str, Any]] | None:
+        for older, added in self._older.get(name, ()):
+            if all(record.get(field, default) == default for field, default in added.items()):
+                return older, added
+        return None
 
     def encode_item(self, name: str, field: str, item: Mapping[str, Any]) -> bytes:
         """The Avro body of one item of array `field` of schema `name`, to store and splice later."""

@@ -53,8 +53,10 @@ def build_request(
 
 def request_record(request: dict[str, Any], topic: str) -> Outgoing:
     """The request as the record for `topic`, Avro, keyed by its session (one session's
-    requests stay in order, on one partition)."""
-    value = get_codec().encode("InferenceRequest", request)
+    requests stay in order, on one partition). One naming no model and no fallbacks in
+    the schema from before fleets (Codec.encode_readable): processors not upgraded yet
+    read it."""
+    value = get_codec().encode_readable("InferenceRequest", request)
     return Outgoing(topic, request["session_id"].encode(), value, [content_type_header(AVRO)])
 
 

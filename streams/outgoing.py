@@ -85,8 +85,10 @@ def build_reply(
 
 
 def reply_message(reply: Mapping[str, Any], reply_to: str, encoding: str = AVRO) -> Outgoing:
-    """The reply as a record for `reply_to`, in the encoding the request came in."""
-    value = get_codec().encode_as("InferenceReply", reply, encoding)
+    """The reply as a record for `reply_to`, in the encoding the request came in; one no
+    fallback served in the schema from before fleets (Codec.encode_readable): a caller's
+    client not upgraded yet reads it."""
+    value = get_codec().encode_readable_as("InferenceReply", reply, encoding)
     return Outgoing(reply_to, str(reply["request_id"]).encode(), value, [content_type_header(encoding)])
 
 
