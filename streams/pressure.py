@@ -242,6 +242,13 @@ class PressureBoard:
         with self._lock:
             return self._states.get(stage)
 
+    def fresh(self, stage: str) -> bool:
+        """Whether the stage's latest state came within PRESSURE_STALE_S: a stale one
+        says nothing of now (its monitor is gone, or cut off from this process)."""
+        with self._lock:
+            at = self._received_at.get(stage)
+            return at is not None and time.monotonic() - at <= self.stale_s
+
     def states(self) -> list[dict[str, Any]]:
         """The latest state of every stage seen (a fleet's pools among them)."""
         with self._lock:

@@ -18,7 +18,10 @@ pools as its own admissions lengthen each one's wait. A pool can take a request 
 the PressureBoard lets its priority in (`low` shed at warn, `normal` at full, `high`
 past 1.25 x cap; a pool with no state, or a stale one, passes normal and high) and
 its circuit (ops/breaker.py, published in the pool's state) is not open. Half-open,
-a pool takes at most `probes` requests from this router per published state.
+a pool takes at most `probes` requests from this router per published state. A stale
+state holds no circuit: the monitor that judges it is gone, and an allowance per
+published state would have let one probe through and refused the pool until the
+monitor came back; backpressure's rule for a stale state (normal and high pass) stands.
 
 When the winner is not the first candidate the route says why the first was passed
 over: `circuit_open` when every pool of it was open-circuited, else `full`. When no
@@ -196,7 +199,7 @@ class Router:
         for spec in self.fleet.candidates(model, fallbacks):
             for pool in self.fleet.pools_of(spec.id):
                 state = self.board.state(pool.stage)
-                if state is not None and _circuit(state)[0] == OPEN:
+                if state is not None and self._circuit(pool, state)[0] == OPEN:
                     continue
                 if state is None or not state["cap"]:
                     return None
@@ -216,7 +219,7 @@ class Router:
         state = self.board.state(pool.stage)
         lag, cap = (int(state["lag"]), int(state["cap"])) if state is not None else (0, 0)
         if state is not None:
-            circuit, until_ms, probes = _circuit(state)
+            circuit, until_ms, probes = self._circuit(pool, state)
             if circuit == OPEN:
                 wait = until_ms - now_ms() if until_ms else DEFAULT_RETRY_AFTER_MS
                 return _Blocked(pool, index, lag, cap, _bounded(wait), CIRCUIT_OPEN)
@@ -251,10 +254,14 @@ class Router:
         as a probe where the pool is half-open."""
         if self.board.admit([pool.stage], priority, request_id) is not None:
             return False
-        if state is not None and _circuit(state)[0] == HALF_OPEN:
+        if state is not None and self._circuit(pool, state)[0] == HALF_OPEN:
             self._probes_sent(pool.stage, state)
             self._probes[pool.stage][1].add(request_id if request_id is not None else next(self._keys))
         return True
+
+    def _circuit(self, pool: Pool, state: dict[str, Any]) -> tuple[str, int, int]:
+        """The pool's circuit as its state says, closed where that state is stale."""
+        return _circuit(state) if self.board.fresh(pool.stage) else (CLOSED, 0, 0)
 
     def _probes_sent(self, stage: str, state: dict[str, Any]) -> int:
         """Probes this router sent to a half-open pool under its current state: a newer

@@ -153,6 +153,29 @@ def test_half_open_admits_at_most_its_probes_per_published_state() -> None:
     assert [isinstance(router.route("smol", request_id=f"o{i}"), Route) for i in range(2)] == [True, False]
 
 
+def test_a_stale_state_holds_no_circuit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor gone (its states stale past PRESSURE_STALE_S), the circuits it left
+    are not held: a stale state says nothing of now, so backpressure's rule for it
+    applies (normal and high pass). Held, an open circuit past its cool-down let one
+    probe through per router and then refused the model until the monitor came back:
+    its half-open allowance is per published state, and none was published."""
+    b = board(
+        state("workers.spare", 0, circuit="open", circuit_until_ms=now_ms() - 1, circuit_reason="errors"),
+        state("workers.fast", 0, circuit="open", circuit_until_ms=now_ms() + 60_000),
+        state("workers.slow", 0, circuit="open", circuit_until_ms=now_ms() + 60_000),
+    )
+    router = Router(fleet(), b)
+    # fresh: smol's pools open, its fallback's past its cool-down takes one probe
+    assert routed(router.route("smol", request_id="f1")).fallback_reason == CIRCUIT_OPEN
+    assert isinstance(router.route("tiny", request_id="f2"), NoRoute)
+    later = pressure_module.time.monotonic() + 60  # the states are a minute old: stale
+    monkeypatch.setattr(pressure_module.time, "monotonic", lambda: later)
+    assert [routed(router.route("tiny", request_id=f"t{i}")).pool.name for i in range(3)] == ["spare"] * 3
+    route = routed(router.route("smol", request_id="s"))
+    assert (route.model.id, route.fallback_from) == ("smol", None)
+    assert router.near_full("tiny") is None
+
+
 def test_round_robin_rotates_among_the_admitting_pools() -> None:
     b = board(state("workers.fast", 0), state("workers.slow", 90, WARN))  # slow's wait is far longer
     router = Router(fleet(), b, mode=ROUND_ROBIN)
