@@ -50,6 +50,7 @@ SCHEMA_FILES = {
     "PressureState": "pressure_state.avsc",
     "InferenceChunk": "inference_chunk.avsc",
     "WorkerOutcomes": "worker_outcomes.avsc",
+    "PoolPause": "pool_pause.avsc",
 }
 
 # Schemas this version no longer writes but still reads (resolved to the current

@@ -33,6 +33,7 @@ import yaml
 
 from streams.config import Settings
 from streams.exceptions import TidegateError
+from streams.fleet_remote import OPENAI_ENGINE, REMOTE_KEYS, RemoteSpec, parse_remote
 
 DEFAULT_POOL = "default"
 WORKERS_STAGE = "workers"
@@ -52,6 +53,7 @@ POOL_KEYS = {
     "workers_cap_seconds",
     "max_batch",
     "replicas",
+    *REMOTE_KEYS,  # engine: openai (streams/fleet_remote.py)
 }
 MODEL_KEYS = {"aliases", "token_budget", "fallbacks"}
 
@@ -87,6 +89,7 @@ class Pool:
     workers_cap_seconds: float = 4.0
     max_batch: int | None = None  # None: MAX_BATCH
     replicas: int = 1  # workers `dev up --fleet` starts
+    remote: RemoteSpec | None = None  # engine: openai, its provider (streams/fleet_remote.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +294,11 @@ def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mis
             mistakes.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(POOL_KEYS))})")
         engine = body.get("engine")
         if not isinstance(engine, str) or not engine:
-            mistakes.append(f"{where}.engine: expected a runner name (echo, sim:STEP_MS, default, a model path)")
+            mistakes.append(
+                f"{where}.engine: expected a runner name (echo, sim:STEP_MS, default, a model path) or {OPENAI_ENGINE}"
+            )
             engine = ""
+        remote = parse_remote(body, where, engine, mistakes)
         served = _names_list(body.get("models"), f"{where}.models", mistakes)
         if not served:
             mistakes.append(f"{where}.models: expected the ids of the models it serves, at least one")
@@ -313,7 +319,9 @@ def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mis
         elif name == DEFAULT_POOL:
             cap = settings.workers_cap_messages
         max_batch = body.get("max_batch")
-        if max_batch is not None:
+        if remote is not None:  # its requests at once: the caps' floor and the worker's prefetch
+            max_batch = remote.max_in_flight
+        elif max_batch is not None:
             max_batch = _number(body, "max_batch", where, mistakes, int, 1, None)
         topic, group, stage = pool_names(settings, name)
         pools[name] = Pool(
@@ -329,6 +337,7 @@ def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mis
             float(numbers["workers_cap_seconds"]),
             max_batch,
             int(numbers["replicas"]),
+            remote,
         )
     return pools
 

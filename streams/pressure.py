@@ -46,6 +46,7 @@ from typing import Any
 
 from streams.config import Settings
 from streams.outgoing import now_ms
+from streams.pauses import PoolPauses
 
 OK, WARN, FULL = "ok", "warn", "full"
 HIGH_PRIORITY_FACTOR = 1.25
@@ -224,6 +225,9 @@ class PressureBoard:
         self._admissions = itertools.count()  # ids for admissions made without one
         self._last_retry_ms: dict[str, float] = {}  # per stage: the latest retry time handed out
         self._lock = threading.Lock()
+        # pools their provider asked to wait (PoolPause records, streams/pauses.py): the
+        # routers treat them as full until then
+        self.pauses = PoolPauses()
 
     def publish(self, state: dict[str, Any]) -> None:
         """Takes a PressureState read from the pressure topic (older ones are ignored)."""

@@ -1,4 +1,5 @@
-"""Keeps a PressureBoard current from the pressure topic, in a background thread.
+"""Keeps a PressureBoard current from the pressure topic, in a background thread: the
+stages' PressureStates, and the pools' PoolPauses (streams/pauses.py) in `board.pauses`.
 
 Assigned (no group join) near the topic's end: Tansu never compacts (Kafka does),
 so the topic is not replayed from the start; the monitor republishes every stage at
@@ -100,9 +101,14 @@ class PressureListener:
                         log.warning("pressure listener: %s", message.error())
                     continue
                 try:
-                    self.board.publish(codec.decode(message.value(), "PressureState")[1])
+                    name, record = codec.decode(message.value())
                 except SerializationError as exc:
                     log.warning("undecodable pressure state skipped: %s", exc)
+                    continue
+                if name == "PressureState":
+                    self.board.publish(record)
+                elif name == "PoolPause":  # a pool's provider asked it to wait (streams/pauses.py)
+                    self.board.pauses.note(record)
 
     def close(self) -> None:
         self._stop.set()

@@ -23,6 +23,11 @@ state holds no circuit: the monitor that judges it is gone, and an allowance per
 published state would have let one probe through and refused the pool until the
 monitor came back; backpressure's rule for a stale state (normal and high pass) stands.
 
+A pool its provider paused (a 429's wait, shared as a PoolPause: streams/pauses.py)
+is full until the pause ends: `low` and `normal` requests are refused there with a
+retry time of the pause left plus, where its backlog is past the line too, its drain
+time; `high` ones pass as they pass a full pool (up to 1.25 x cap), and wait in it.
+
 When the winner is not the first candidate the route says why the first was passed
 over: `circuit_open` when every pool of it was open-circuited, else `full`. When no
 pool of any candidate can take it, the refusal carries the EARLIEST retry among all
@@ -57,6 +62,10 @@ from streams.pressure import (
 
 FULL_REASON = "full"
 CIRCUIT_OPEN = "circuit_open"
+PAUSED = "paused"  # a pool's provider asked it to wait: full until then (a fallback's reason: `full`)
+# a paused pool's retry time is the provider's wait, not capped at the drain hints' 30 s
+# (inference/rate_limits.py MAX_PAUSE_S bounds the wait itself)
+MAX_PAUSED_RETRY_MS = 600_000
 # why a fallback served a request; `error` is kept for the engines that fail over
 FALLBACK_REASONS = (FULL_REASON, CIRCUIT_OPEN, "error")
 OPEN, HALF_OPEN, CLOSED = "open", "half_open", "closed"
@@ -98,6 +107,8 @@ class NoRoute:
         """The `queue_full` reply's error text (one pool: as before fleets)."""
         if self.reason == CIRCUIT_OPEN:
             text = f"stage {self.stage} has its circuit open"
+        elif self.reason == PAUSED:
+            text = f"stage {self.stage} is paused: its provider asked to wait {self.retry_after_ms} ms"
         else:
             text = f"stage {self.stage} lag {self.lag} is past its cap {self.cap}"
         if self.pools > 1:
@@ -226,6 +237,10 @@ class Router:
             if circuit == HALF_OPEN and self._probes_sent(pool.stage, state) >= probes:
                 return _Blocked(pool, index, lag, cap, PROBES_SPENT_RETRY_MS, CIRCUIT_OPEN)
         refusal = self.board.check([pool.stage], priority)
+        paused_ms = self.board.pauses.remaining_ms(pool.name) if priority != "high" else 0
+        if paused_ms > 0:  # full until its provider's wait ends, then its backlog's drain time
+            behind = refusal.retry_after_ms if refusal is not None else 0
+            return _Blocked(pool, index, lag, cap, min(MAX_PAUSED_RETRY_MS, paused_ms + behind), PAUSED)
         if refusal is not None:
             return _Blocked(pool, index, refusal.lag, refusal.cap, refusal.retry_after_ms, FULL_REASON)
         return state

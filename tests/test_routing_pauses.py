@@ -1,0 +1,132 @@
+"""A pool its provider paused (streams/pauses.py) is full to the routers
+(streams/routing.py) until the pause ends: new requests go to another pool of the
+model, or are refused with a retry time that includes the provider's wait; `high`
+passes as at a full pool; a later, shorter pause never cuts a longer one short; the
+listener's records reach the board."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from schemas import get_codec
+from streams.config import Settings
+from streams.fleet import Fleet, parse_fleet
+from streams.outgoing import now_ms
+from streams.pauses import PAUSE_KEY_PREFIX, PoolPauses, pause_message
+from streams.pressure import FULL, OK, PressureBoard
+from streams.routing import FULL_REASON, PAUSED, NoRoute, Route, Router
+
+FLEET = {
+    "models": {"smol": {"token_budget": 512}, "tiny": {"token_budget": 256}, "big": {}},
+    "pools": {
+        "local": {"engine": "echo", "models": ["smol"]},
+        "hosted": {
+            "engine": "openai",
+            "base_url": "http://127.0.0.1:1/v1",
+            "provider_model": "m",
+            "models": ["smol", "big"],
+        },
+        "spare": {"engine": "echo", "models": ["tiny"]},
+    },
+}
+
+
+_clock = itertools.count(now_ms())
+
+
+def state(stage: str, lag: int, level: str = OK, cap: int = 100, rate: float = 100.0) -> dict[str, Any]:
+    """A pool's PressureState as the monitor publishes it; each newer than the last."""
+    return {
+        "stage": stage,
+        "lag": lag,
+        "cap": cap,
+        "state": level,
+        "drain_rate": rate,
+        "drain_time_ms": 0,
+        "updated_ms": next(_clock),
+    }
+
+
+def board(*states: dict[str, Any]) -> PressureBoard:
+    b = PressureBoard(stale_s=30, warn_ratio=0.8)
+    for s in states:
+        b.publish(s)
+    return b
+
+
+def fleet() -> Fleet:
+    return parse_fleet(FLEET, Settings(topic_prefix="t."))
+
+
+def pause(b: PressureBoard, pool: str, for_ms: int, **extra: Any) -> None:
+    b.pauses.note({"pool": pool, "until_ms": now_ms() + for_ms, "reason": "429", "member": "w:1", **extra})
+
+
+def test_a_paused_pool_is_passed_over_for_another_pool_of_its_model() -> None:
+    # the hosted pool is idle and would win on expected wait, but its provider asked to wait
+    b = board(state("workers.local", 50, cap=1000, rate=10), state("workers.hosted", 0, cap=1000, rate=100))
+    router = Router(fleet(), b)
+    assert isinstance(r := router.route("smol", count=False), Route) and r.pool.name == "hosted"
+    pause(b, "hosted", 5000)
+    route = router.route("smol", request_id="r1")
+    assert isinstance(route, Route) and route.pool.name == "local" and route.fallback_from is None
+
+
+def test_with_no_other_room_the_refusal_waits_out_the_provider() -> None:
+    b = board(
+        state("workers.local", 2000, FULL, cap=1000, rate=100),  # drains below its line in ~11 s
+        state("workers.hosted", 10, cap=1000, rate=100),
+    )
+    router = Router(fleet(), b)
+    pause(b, "hosted", 5000)
+    refused = router.route("smol", request_id="r1")
+    assert isinstance(refused, NoRoute) and refused.reason == PAUSED and refused.stage == "workers.hosted"
+    assert 4500 <= refused.retry_after_ms <= 5000, refused  # the earliest: the provider's wait
+    assert "paused: its provider asked to wait" in refused.why and "pools that could serve" in refused.why
+    # the other pool frees first: its time wins
+    pause(b, "hosted", 40_000)
+    sooner = router.route("smol", request_id="r2")
+    assert isinstance(sooner, NoRoute) and sooner.reason == FULL_REASON and sooner.stage == "workers.local"
+
+
+def test_a_pause_longer_than_the_drain_hints_cap_is_told_in_full_and_a_full_backlog_adds_its_drain() -> None:
+    b = board(state("workers.hosted", 10, cap=1000, rate=100))
+    router = Router(fleet(), b)
+    pause(b, "hosted", 107_000)  # LiteLLM slept 9 s where 107 s was asked
+    refused = router.route("big", request_id="r1")  # only the hosted pool serves it
+    assert isinstance(refused, NoRoute) and 106_000 <= refused.retry_after_ms <= 107_000
+    b.publish(state("workers.hosted", 1500, FULL, cap=1000, rate=100))  # and past its cap: ~6 s to drain
+    behind = router.route("big", request_id="r2")
+    assert isinstance(behind, NoRoute) and 112_000 <= behind.retry_after_ms <= 114_000, behind
+
+
+def test_high_priority_passes_a_paused_pool_as_it_passes_a_full_one_and_the_pause_ends() -> None:
+    b = board(state("workers.local", 2000, FULL, cap=1000, rate=100), state("workers.hosted", 10, cap=1000))
+    router = Router(fleet(), b)
+    pause(b, "hosted", 5000)
+    assert isinstance(router.route("smol", priority="low", request_id="l"), NoRoute)
+    high = router.route("smol", priority="high", request_id="h")
+    assert isinstance(high, Route) and high.pool.name == "hosted"  # it waits in the pool for the pause
+    b.pauses.note({"pool": "hosted", "until_ms": now_ms() - 1, "member": "w:2"})  # older news: ignored
+    assert b.pauses.remaining_ms("hosted") > 4000
+    later = PoolPauses()
+    later.note({"pool": "hosted", "until_ms": now_ms() - 1})
+    assert later.remaining_ms("hosted") == 0 and later.current("hosted") is None
+
+
+def test_a_second_shorter_pause_keeps_the_first_longer_one() -> None:
+    pauses = PoolPauses()
+    at = now_ms()
+    pauses.note({"pool": "hosted", "until_ms": at + 60_000, "member": "w:1"})
+    kept = pauses.note({"pool": "hosted", "until_ms": at + 1_000, "member": "w:2"})
+    assert kept.until_ms == at + 60_000 and kept.member == "w:1"
+    longer = pauses.note({"pool": "hosted", "until_ms": at + 90_000, "member": "w:2"})
+    assert longer.member == "w:2" and pauses.remaining_ms("hosted", at) == 90_000
+
+
+def test_the_pause_record_is_keyed_by_pool_on_the_pressure_topic() -> None:
+    out = pause_message("t.pressure", "hosted", 123, "429 retry-after-ms: 1500", "host:1")
+    assert out.topic == "t.pressure" and out.key == f"{PAUSE_KEY_PREFIX}hosted".encode()
+    name, record = get_codec().decode(out.value)
+    assert name == "PoolPause" and record["until_ms"] == 123 and record["member"] == "host:1"
