@@ -14,10 +14,12 @@ can take the request wins; among that candidate's pools, the least expected wait
 (the wait for the request itself: what is queued ahead of it, what this process sent
 since, and itself). A pool with no measured drain rate yet has its weight stand in
 for the rate, so idle pools are tried heaviest first, and a burst spreads over the
-pools as its own admissions lengthen each one's wait. A pool can take a request when
-the PressureBoard lets its priority in (`low` shed at warn, `normal` at full, `high`
-past 1.25 x cap; a pool with no state, or a stale one, passes normal and high) and
-its circuit (ops/breaker.py, published in the pool's state) is not open. Half-open,
+pools as its own admissions lengthen each one's wait. A pool whose group has no
+member (its fresh state's `members` 0) drains nothing and comes last, so work waits
+there for workers only where no other pool of the model has room. A pool can take a
+request when the PressureBoard lets its priority in (`low` shed at warn, `normal` at
+full, `high` past 1.25 x cap; a pool with no state, or a stale one, passes normal and
+high) and its circuit (ops/breaker.py, published in the pool's state) is not open. Half-open,
 a pool takes at most `probes` requests from this router per published state. A stale
 state holds no circuit: the monitor that judges it is gone, and an allowance per
 published state would have let one probe through and refused the pool until the
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -246,7 +249,11 @@ class Router:
         return state
 
     def _wait(self, pool: Pool, state: dict[str, Any] | None) -> float:
-        """The pool's expected wait in seconds for one more request."""
+        """The pool's expected wait in seconds for one more request; without end where
+        its fresh state says its group has no member (nobody drains it: it takes a
+        request only where no other pool of the model has room)."""
+        if state is not None and state.get("members") == 0 and self.board.fresh(pool.stage):
+            return math.inf
         lag = state["lag"] if state is not None else 0
         rate = state["drain_rate"] if state is not None and state["drain_rate"] > 0 else pool.weight
         return (lag + self.board.admitted(pool.stage) + 1) / rate

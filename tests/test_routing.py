@@ -83,6 +83,26 @@ def test_idle_pools_without_a_measured_rate_go_heaviest_first_and_share_a_burst(
     assert pools.count("fast") == 4 and pools.count("slow") == 2  # in proportion to the weights
 
 
+def test_a_pool_whose_group_has_no_member_is_the_last_choice() -> None:
+    """A pool no worker consumes (its group empty: `replicas: 0`, its workers not
+    deployed or all gone) drains nothing: its wait is not its weight's. Ranked by the
+    weight, an idle empty pool beat a busy pool with workers, and its requests waited
+    for workers that might never come (its circuit opens only once work has waited
+    there 2 s). It still takes a request no other pool of the model has room for."""
+    b = board(
+        state("workers.fast", 500, cap=1000, rate=10, members=2),  # 50 s of backlog, drained
+        state("workers.slow", 0, cap=1000, rate=0, members=0),  # idle, nobody there
+    )
+    router = Router(fleet(), b)
+    assert [routed(router.route("smol", request_id=f"r{i}")).pool.name for i in range(3)] == ["fast"] * 3
+    b.publish(state("workers.fast", 1000, FULL, cap=1000, rate=10, members=2))
+    assert routed(router.route("smol", request_id="s")).pool.name == "slow"
+    # a member count unknown (-1: Tansu lists none) is no empty group
+    b.publish(state("workers.fast", 500, cap=1000, rate=10, members=2))
+    b.publish(state("workers.slow", 0, cap=1000, rate=0, members=-1))
+    assert routed(router.route("smol", request_id="t")).pool.name == "slow"
+
+
 def test_a_full_primary_falls_back_with_reason_full() -> None:
     b = board(state("workers.fast", 120, FULL), state("workers.slow", 130, FULL), state("workers.spare", 3, rate=50))
     route = routed(Router(fleet(), b).route("smol", priority="normal", request_id="r"))
