@@ -6,8 +6,9 @@ restarted monitor resumes each circuit from its last published state instead). A
 topic not there yet (a deployment whose topics predate it: `tidegate dev up` or
 create_topics makes it) is looked for again every LIST_AGAIN_S, one log line the
 first time; meanwhile the breakers judge by the groups alone (members, Burrow's
-STALL and STOP). A record that does not decode is skipped, logged at most every
-LOG_EVERY_S: the outcomes are advisory, and one bad record must not blind a pool.
+STALL and STOP). A record that does not decode, or one no worker sends (a negative
+count), is skipped, logged at most every LOG_EVERY_S: the outcomes are advisory, and
+one bad record must not blind a pool.
 """
 
 from __future__ import annotations
@@ -79,10 +80,19 @@ class OutcomesTail:
                     self._log(f"outcomes tail: {error}")
                 continue
             try:
-                found.append(self._codec.decode(message.value(), "WorkerOutcomes")[1])
+                found.append(self._outcomes(message.value()))
             except SerializationError as exc:
                 self._log(f"outcomes record at {message.partition()}/{message.offset()} skipped: {exc}")
         return found
+
+    def _outcomes(self, value: bytes | None) -> dict[str, Any]:
+        """The WorkerOutcomes record, or SerializationError: one that does not decode, or
+        that no worker sends (a negative count: in a half-open circuit's tally it kept
+        the circuit from ever closing; in a closed one's window it hid the errors)."""
+        record = self._codec.decode(value, "WorkerOutcomes")[1]
+        if min(record["ok"], record["errors"], record["expired"]) < 0:
+            raise SerializationError(f"negative counts from pool {record['pool'][:64]!r}")
+        return record
 
     def _log(self, message: str) -> None:
         if time.monotonic() - self._logged_at >= LOG_EVERY_S:

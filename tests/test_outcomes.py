@@ -1,6 +1,7 @@
 """A worker's outcome reports (inference/outcomes.py) and the pool it serves
-(inference/pools.py), without a broker: the producer is a fake that records, refuses
-or fails deliveries as a test needs."""
+(inference/pools.py), and the monitor's tail of them (ops/outcomes_tail.py), without
+a broker: the producer is a fake that records, refuses or fails deliveries as a test
+needs; the tail's consumer a fake that hands over the records a test writes."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from confluent_kafka import KafkaError
 
 from inference.outcomes import OutcomeReporter
 from inference.pools import worker_pool
+from ops.breaker import CLOSED, HALF_OPEN, OPEN, Signals
+from ops.outcomes_tail import OutcomesTail
+from ops.pools import PoolStates
 from schemas import get_codec
 from streams.config import Settings
-from streams.fleet import FleetError
+from streams.fleet import FleetError, parse_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET = """
@@ -153,3 +158,59 @@ def test_a_worker_of_no_pool_or_a_bad_fleet_file_exits_with_one_line(
     assert "Traceback" not in done.stderr
     assert expected in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+class FakeMessage:
+    def __init__(self, value: bytes, offset: int) -> None:
+        self._value, self._offset = value, offset
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+
+class FakeConsumer:
+    def __init__(self, values: list[bytes]) -> None:
+        self.values = values
+
+    def consume(self, _n: int, _timeout: float) -> list[FakeMessage]:
+        values, self.values = self.values, []
+        return [FakeMessage(v, i) for i, v in enumerate(values)]
+
+    def close(self) -> None:
+        pass
+
+
+def outcomes(**counts: int) -> bytes:
+    record = {"pool": "fast", "member": "x:1", "ok": 0, "errors": 0, "expired": 0, "interval_ms": 1000}
+    return get_codec().encode("WorkerOutcomes", {**record, **counts, "updated_ms": 1})
+
+
+def test_a_crafted_outcomes_record_is_skipped_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Any client may write <prefix>outcomes: a record that does not decode, or whose
+    counts are negative (no worker sends one), is skipped with a log line. Taken, a
+    count of -10**18 ok replies in a half-open circuit's tally kept it from ever
+    closing (5 ok replies close it), and in a closed one's window hid its errors."""
+    settings = Settings(fleet_file="fleet.yaml")
+    pools = PoolStates(settings, parse_fleet(yaml.safe_load(FLEET), settings))
+    assert isinstance(pools.tail, OutcomesTail)
+    pools.tail.close()
+    pools.tail._consumer = FakeConsumer(  # type: ignore[assignment]
+        [outcomes(ok=-(10**18)), b"\xc3\x01garbage", outcomes(errors=-5, ok=3), outcomes(ok=5)]
+    )
+    pools.tail._assigned = True
+    breaker = pools.breakers["fast"]
+    breaker.resume(OPEN, 0, "errors")  # its cool-down over: half-open at the next sample
+    assert breaker.update(Signals(0, 1, False)).state == HALF_OPEN
+    with caplog.at_level("WARNING", "ops.outcomes_tail"):
+        pools.poll()
+    assert "negative" in caplog.text and "skipped" in caplog.text
+    assert breaker.update(Signals(0, 1, False)).state == CLOSED  # the 5 ok replies of the good record
