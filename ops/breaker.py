@@ -201,13 +201,15 @@ class Breaker:
     def resume(self, state: str, until: float, reason: str) -> None:
         """Starts from the state an earlier monitor published (open until `until`, or
         half-open), as one opening in a row: a restart neither closes a broken pool's
-        circuit nor shortens its next cool-down to nothing."""
+        circuit nor shortens its next cool-down to nothing. `until` is another host's
+        wall clock (or whoever wrote the pressure topic's): at most the longest
+        cool-down from now."""
         if state not in (OPEN, HALF_OPEN):
             return
         now = self.clock()
         self.opens_in_row = max(1, self.opens_in_row)
         self.reason = reason
-        self.until = until
+        self.until = min(until, now + self.config.open_max_s)
         self._set(state, now)
         self._probe_ok = self._probe_errors = 0
         self._window.clear()

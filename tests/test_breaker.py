@@ -254,3 +254,15 @@ def test_a_resumed_circuit_stays_open_until_its_time_and_then_half_opens(clock: 
     b = breaker(clock)
     b.resume(CLOSED, 0, "")
     assert b.update(HEALTHY).state == CLOSED
+
+
+def test_a_resumed_circuit_opens_no_longer_than_the_longest_cool_down(clock: Clock) -> None:
+    """The state a restarted monitor resumes from is read off the pressure topic, its
+    `circuit_until_ms` the wall clock of whichever host published it (or of whoever
+    wrote the topic): one a day ahead kept the pool open for a day. At most the
+    longest cool-down from now, it half-opens then."""
+    b = breaker(clock)
+    b.resume(OPEN, clock.now + 86_400, STALLED)
+    assert b.update(HEALTHY).until_ms <= int((clock.now + CONFIG.open_max_s) * 1000)
+    clock.now += CONFIG.open_max_s
+    assert b.update(HEALTHY).state == HALF_OPEN
