@@ -13,9 +13,9 @@ model id nor an alias is answered 404 `model_not_found`, naming the served model
 before anything is sent; the response's `model` is the one that served it (the
 reply's). The default fleet is *lenient*, as the gateway was before fleets: any
 `model` is served by the one model (SDK code written for `gpt-4o-mini` keeps
-working), a name the fleet does not know is sent as "" (the fleet's default, which
-the processors serve without question) and the response's `model` is the one asked
-for. `GET /v1/models/{id}` is 404 for an unknown name either way, as before.
+working), every request is sent as asking for the fleet's default ("", which the
+processors serve without question, and processors from before fleets read) and the
+response's `model` is the one asked for. `GET /v1/models/{id}` is 404 for an unknown name either way, as before.
 """
 
 from __future__ import annotations
@@ -73,13 +73,13 @@ class ServedModels:
 
     def route(self, model: str, fallbacks: Sequence[str]) -> tuple[str, tuple[str, ...]]:
         """The request's (`model`, `fallbacks`): as asked where strict (an unknown name
-        raises UnknownModel); where lenient, the names the fleet knows ("" for an
-        unknown `model`: the fleet's default).
+        raises UnknownModel); where lenient ("", ()): the fleet has one model, its
+        default, whatever is asked, and a request naming no model is one processors
+        from before fleets read (one naming a model is a schema they do not know).
 
         :raises UnknownModel: strict, and a name is neither an id nor an alias."""
         if not self.strict:
-            known = tuple(name for name in fallbacks if self.fleet.resolve(name) is not None)
-            return (model if self.fleet.resolve(model) is not None else ""), known
+            return "", ()
         if model and self.fleet.resolve(model) is None:
             raise UnknownModel(self.not_found(model), "model")
         for name in fallbacks:
