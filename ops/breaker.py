@@ -41,8 +41,10 @@ open up to two more after they came back). Its `circuit_until_ms` then moves on 
 CIRCUIT_OPEN_S at a time, a retry hint for the routers' refusals.
 
 Half-open: routers send up to `probes` requests each. `probes` ok replies with no
-error close it; an error, or the group empty with work waiting, or no progress
-(`stalled`) for as long as the health window, opens it again. Burrow's STOP and
+error close it, once the pool is not `stalled` (closed while stalled, it opened again
+at the next sample: a flap, its cool-down doubled); an error, or the group empty with
+work waiting, or no progress (`stalled`) for as long as the health window, opens it
+again. Burrow's STOP and
 STALL are not judged at once here: they clear only with the pool's first commit
 after it came back.
 """
@@ -192,7 +194,7 @@ class Breaker:
             self._open(NO_MEMBERS, now)
         elif signals.stalled and now - self._changed_at >= self.config.half_open_stall_s:
             self._open(STALLED, now)
-        elif self._probe_ok >= self.config.probes:
+        elif self._probe_ok >= self.config.probes and not signals.stalled:
             self._set(CLOSED, now)
             self.reason = ""
             self._window.clear()

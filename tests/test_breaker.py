@@ -266,3 +266,22 @@ def test_a_resumed_circuit_opens_no_longer_than_the_longest_cool_down(clock: Clo
     assert b.update(HEALTHY).until_ms <= int((clock.now + CONFIG.open_max_s) * 1000)
     clock.now += CONFIG.open_max_s
     assert b.update(HEALTHY).state == HALF_OPEN
+
+
+def test_half_open_does_not_close_while_the_pool_is_stalled(clock: Clock) -> None:
+    """Probes answered ok while half the pool's partitions with work still make no
+    progress (some of its workers hang): closed then, the next sample opened it again
+    (counted as an opening in a row, its cool-down doubled), and for that sample every
+    router sent it all it had. It closes once the stall clears, or opens again once the
+    stall has lasted the health window."""
+    b = breaker(clock)
+    b.update(Signals(lag=4, members=2, stalled=True))
+    clock.now = b.until
+    still = Signals(lag=4, members=2, stalled=True)
+    assert b.update(still).state == HALF_OPEN
+    b.record(ok=CONFIG.probes, errors=0)
+    clock.now += 1
+    assert b.update(still).state == HALF_OPEN
+    assert b.opens_in_row == 1
+    circuit = b.update(Signals(lag=4, members=2, stalled=False))  # the stall cleared: its probes stand
+    assert circuit.state == CLOSED
