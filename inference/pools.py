@@ -8,6 +8,8 @@ pool, `default`, is today's topic, group and MODEL: nothing changes.
 
 from __future__ import annotations
 
+import os
+
 from streams.config import Settings
 from streams.fleet import FleetError, Pool, load_fleet
 
@@ -26,3 +28,18 @@ def worker_pool(settings: Settings) -> tuple[Settings, Pool]:
     if pool.max_batch is not None:
         update["max_batch"] = pool.max_batch
     return settings.model_copy(update=update), pool
+
+
+def provider_key(pool: Pool) -> str | None:
+    """A remote pool's API key, from the variable its `api_key_env` names (None: the
+    pool needs none, or is not remote). The key is never logged nor repeated.
+
+    :raises FleetError: the variable is not set in the worker's environment."""
+    if pool.remote is None or pool.remote.api_key_env is None:
+        return None
+    key = os.environ.get(pool.remote.api_key_env, "")
+    if not key:
+        raise FleetError(
+            f"pools.{pool.name}.api_key_env: {pool.remote.api_key_env} is not set in the worker's environment"
+        )
+    return key
