@@ -69,7 +69,7 @@ class ServedModels:
 
     def not_found(self, name: str, what: str = "model") -> str:
         served = ", ".join(repr(n) for n in self.fleet.names())
-        return f"The {what} {name!r} does not exist; this gateway serves {served}"
+        return f"The {what} {name[:80]!r} does not exist; this gateway serves {served}"
 
     def route(self, model: str, fallbacks: Sequence[str]) -> tuple[str, tuple[str, ...]]:
         """The request's (`model`, `fallbacks`): as asked where strict (an unknown name

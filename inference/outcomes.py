@@ -62,14 +62,19 @@ class Counts:
 
 
 class OutcomeReporter:
-    """Counts a worker's replies by status and publishes them every `interval_s`."""
+    """Counts a worker's replies by status and publishes them every `interval_s`.
+
+    Only with a fleet file: without one no breaker reads them (ops/pools.py), and a
+    deployment whose topics predate the outcomes topic would be warned at every
+    interval about a topic it never needed (nothing changes without a fleet)."""
 
     def __init__(self, settings: Settings, pool: str, member: str, producer: Producer | None = None) -> None:
         self.topic = settings.topics.outcomes
         self.pool = pool
         self.member = member
         self.interval_s = settings.stats_interval_s
-        self.producer = producer if producer is not None else outcomes_producer(settings)
+        self.enabled = producer is not None or settings.fleet_file is not None
+        self.producer = producer if producer is not None else (outcomes_producer(settings) if self.enabled else None)
         self.counts = Counts()
         self._since = time.monotonic()
         self._since_ms = now_ms()
@@ -88,6 +93,8 @@ class OutcomeReporter:
     def maybe_publish(self, now: float | None = None) -> None:
         """Publishes the counts when `interval_s` has passed and there are any; serves
         the delivery reports that arrived. Never raises, never waits."""
+        if self.producer is None:
+            return
         now = time.monotonic() if now is None else now
         self._serve()
         if now - self._since < self.interval_s or not self.counts:
@@ -122,6 +129,8 @@ class OutcomeReporter:
 
     def close(self) -> None:
         """Publishes what is counted (the interval not over yet) and waits briefly."""
+        if self.producer is None:
+            return
         try:
             self.maybe_publish(now=self._since + self.interval_s)
             self.producer.flush(CLOSE_FLUSH_S)

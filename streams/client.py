@@ -58,6 +58,7 @@ from streams.kafka import (
 )
 from streams.outgoing import now_ms
 from streams.pending import SWEEP_INTERVAL_S, UNCLAIMED_REPLY_S, PendingRequest, PendingRequests, give_up_at
+from streams.pressure import FORGET_STAGE_S
 from streams.pressure_feed import PressureListener
 from streams.reply import Chunk, Reply
 from streams.reply_reader import ReplyReader
@@ -339,8 +340,9 @@ class Client:
 
     def pressure_states(self) -> list[dict[str, Any]]:
         """The latest PressureState of every stage this client read, the fleet's pools
-        among them (streams/fleet.py fleet_from_states); [] with backpressure off."""
-        return self._pressure.board.states() if self._pressure is not None else []
+        among them (streams/fleet.py fleet_from_states), that came within the last
+        FORGET_STAGE_S (a pool removed from the fleet is forgotten); [] with backpressure off."""
+        return self._pressure.board.states(FORGET_STAGE_S) if self._pressure is not None else []
 
     def pressure(self, stage: str) -> dict[str, Any] | None:
         """The latest PressureState of `stage` (`processors` or `workers`) this client

@@ -31,7 +31,7 @@ from streams.exceptions import QueueFull
 from streams.fleet import fleet_from_states
 from streams.lag import PROCESSORS, WORKERS
 from streams.outgoing import now_ms
-from streams.pressure import PressureBoard, Refusal
+from streams.pressure import FORGET_STAGE_S, PressureBoard, Refusal
 from streams.routing import NoRoute, Router, UnknownModel
 
 PATH = [PROCESSORS, WORKERS]  # the stages every request passes without a fleet
@@ -47,7 +47,7 @@ _routers_lock = threading.Lock()
 def router_of(board: PressureBoard) -> Router | None:
     """The router over the fleet the board's pool states describe, or None while no
     state names a pool."""
-    states = [state for state in board.states() if state.get("pool")]
+    states = [state for state in board.states(FORGET_STAGE_S) if state.get("pool")]
     if not states:
         return None
     seen = tuple(sorted((state["stage"], state["updated_ms"]) for state in states))

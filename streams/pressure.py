@@ -69,6 +69,10 @@ FORWARD_TRANSIT_MS = 50
 # an admission older than this is in the lag by now, or was refused downstream:
 # the monitor measures at least every pressure interval while anything changes
 ADMISSION_MEMORY_MS = 600
+# a pool whose state has not come for this long is no longer part of the fleet a client
+# or gateway learns from the states (removed from the fleet file); far longer than a
+# monitor's restart, so a hiccup never drops a pool
+FORGET_STAGE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +257,15 @@ class PressureBoard:
             at = self._received_at.get(stage)
             return at is not None and time.monotonic() - at <= self.stale_s
 
-    def states(self) -> list[dict[str, Any]]:
-        """The latest state of every stage seen (a fleet's pools among them)."""
+    def states(self, within_s: float | None = None) -> list[dict[str, Any]]:
+        """The latest state of every stage seen (a fleet's pools among them); with
+        `within_s`, only those received that recently (a pool removed from the fleet
+        is published no more, and is forgotten after it)."""
         with self._lock:
-            return list(self._states.values())
+            if within_s is None:
+                return list(self._states.values())
+            now = time.monotonic()
+            return [s for stage, s in self._states.items() if now - self._received_at[stage] <= within_s]
 
     def admitted(self, stage: str) -> int:
         """Requests this process let through to `stage` that its latest state may not

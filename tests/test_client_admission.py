@@ -88,3 +88,17 @@ def test_a_request_naming_no_model_is_refused_only_when_every_pool_of_the_fleet_
     with pytest.raises(QueueFull) as refused:
         client_admission.check(board, "normal")
     assert refused.value.stage == "workers.spare"  # the earliest retry of the two
+
+
+def test_a_pool_removed_from_the_fleet_is_forgotten_once_its_state_stops_coming() -> None:
+    """Before, the router learnt the fleet from every state ever seen: a pool removed
+    from the fleet file (no longer published) stayed in the client's check, and in the
+    gateway's models, for the client's whole life."""
+    from streams.pressure import FORGET_STAGE_S
+
+    board = fleet_board()
+    router = client_admission.router_of(board)
+    assert router is not None and sorted(router.fleet.pools) == ["fast", "spare"]
+    board._received_at["workers.spare"] -= FORGET_STAGE_S + 1  # its last state, a minute ago
+    router = client_admission.router_of(board)
+    assert router is not None and sorted(router.fleet.pools) == ["fast"]

@@ -214,3 +214,17 @@ def test_a_crafted_outcomes_record_is_skipped_with_a_log_line(caplog: pytest.Log
         pools.poll()
     assert "negative" in caplog.text and "skipped" in caplog.text
     assert breaker.update(Signals(0, 1, False)).state == CLOSED  # the 5 ok replies of the good record
+
+
+def test_without_a_fleet_file_a_worker_publishes_no_outcomes() -> None:
+    """No breaker reads them without a fleet (ops/pools.py); before, every worker made a
+    producer for the outcomes topic and, on a deployment whose topics predate it, was
+    warned every interval about a topic nothing needed."""
+    from inference.outcomes import OutcomeReporter
+    from streams.config import Settings
+
+    reporter = OutcomeReporter(Settings(bootstrap="127.0.0.1:1"), "default", "m")
+    assert not reporter.enabled and reporter.producer is None
+    reporter.count("error")
+    reporter.maybe_publish(now=10**9)
+    reporter.close()
