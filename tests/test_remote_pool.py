@@ -36,6 +36,7 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from conversation.history import cancel_key
 from gateway.keys import digest, new_key
 from inference.session_store import STATS_KEY
 from schemas import AVRO, content_type_header, get_codec
@@ -60,6 +61,7 @@ REMOTE = "workers.remote"
 FLEET = """
 models:
   smol: {{token_budget: 512}}
+  big: {{token_budget: 512}}  # served by the remote pool alone
 pools:
   local: {{engine: "sim:20", models: [smol], partitions: 2, workers_cap_messages: 500}}
   remote:
@@ -68,7 +70,7 @@ pools:
     api_key_env: {key_env}
     provider_model: tiny
     max_in_flight: {max_in_flight}
-    models: [smol]
+    models: [smol, big]
     partitions: 4
     replicas: 2
     workers_cap_messages: 500
@@ -94,12 +96,15 @@ class ProviderGateway:
 
     def refused(self) -> int:
         """The 429s it answered so far (its Prometheus text)."""
+        return self._counter('tidegate_gateway_requests_total{code="429"}')
+
+    def cancelled(self) -> int:
+        """Requests it cancelled because their HTTP caller went away."""
+        return self._counter("tidegate_gateway_cancelled_total")
+
+    def _counter(self, name: str) -> int:
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
-        return sum(
-            int(float(line.rsplit(" ", 1)[1]))
-            for line in text.splitlines()
-            if line.startswith('tidegate_gateway_requests_total{code="429"}')
-        )
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith(name))
 
     def stop(self) -> None:
         stop_pid(self.proc.pid)
@@ -252,7 +257,40 @@ def test_a_local_and_a_remote_pool_serve_one_model_and_the_providers_429s_pause_
     rate_limited = sum(int(s["rate_limited"]) for s in stats)
     assert stacks.gateway.refused() - refused_before >= rate_limited > 0, stats
     assert sum(int(s["pauses_own"]) + int(s["pauses_joined"]) for s in stats) > 0
+    # the key is read from the variable the fleet file names, and written nowhere
+    key = stacks.gateway.keys[stacks.fast]
+    assert not [p.name for p in stacks.fleet.log_dir.glob("*.log") if key in p.read_text(errors="replace")]
     print("REMOTE", {"local": len(local), "remote": len(remote), "stats": stats})
+
+
+def test_a_caller_who_cancels_is_cancelled_at_the_provider(stacks: Stacks) -> None:
+    """The caller goes away mid-stream (its cancel key, as the gateway sets it): the call
+    to the provider is closed, which the provider's own gateway counts as a caller gone,
+    and the request is answered `expired`, once."""
+    settings = stacks.fleet.settings
+    cancelled_before = stacks.gateway.cancelled()
+    store = redis.Redis.from_url(settings.redis_url)
+
+    async def cancel_midway() -> list[Any]:
+        async with Client(settings=settings, tenant="acme") as client:
+            chunks = client.stream(
+                [{"role": "user", "content": "tell me a long story"}],
+                "c-1",
+                model="big",
+                max_new_tokens=1000,
+                deadline_s=60,
+            )
+            got = [await anext(chunks)]  # text is coming from the provider
+            store.set(cancel_key("acme", got[0].request_id), 1, ex=60)
+            got += [c async for c in chunks]
+            return got
+
+    got = asyncio.run(cancel_midway())
+    final = got[-1].reply
+    assert final is not None and final.status == "expired", final
+    assert (final.error or "").startswith("cancelled by the caller after"), final.error
+    assert final.tokens_out < 1000
+    wait_for(lambda: stacks.gateway.cancelled() > cancelled_before, 15, "the provider to see its caller go away")
 
 
 def test_a_providers_rate_limit_pauses_both_workers_and_a_caller_is_told_the_providers_wait(stacks: Stacks) -> None:
