@@ -48,6 +48,7 @@ from inference.provider import Delta, Done, Event, Failed, Provider, RateLimited
 from inference.remote import Pacer, RemoteRunner, RemoteStats, estimate_tokens
 from inference.runners import Generation
 from inference.worker import CANCEL_CHECK_S, COMMIT_INTERVAL_S, InferenceWorker
+from streams import metrics
 from streams.config import Settings
 from streams.fleet import Pool
 from streams.outgoing import Outgoing, chunk_message, now_ms
@@ -61,6 +62,7 @@ IDLE_POLL_S = 0.2
 NO_WAIT_BACKOFF_S = (1.0, 60.0)  # a 429 that says no wait: 1 s, doubling in a row, up to 60 s
 REPUBLISH_MS = 50  # a pause this much longer than the one known is published again
 FINISH_POLL_S = 0.05
+CALL_ENDS = ("ok", "rate_limited", "error", "invalid", "expired")  # tidegate_provider_calls{status}
 
 
 @dataclass(slots=True)
@@ -72,6 +74,10 @@ class Call:
 
 
 class RemoteWorker(InferenceWorker):
+    """A worker whose generation is the provider's: InferenceWorker's consuming,
+    decoding (`_take`), replies (`_reply`, `_ok`, `_finished`), commits and rebalance
+    handling, with a loop of its own in place of batching."""
+
     def __init__(self, settings: Settings, runner: RemoteRunner, pool: Pool, api_key: str | None) -> None:
         assert pool.remote is not None
         super().__init__(settings, runner, pool)
@@ -89,6 +95,9 @@ class RemoteWorker(InferenceWorker):
         self._paused_since: float | None = None
         self._no_wait_s = 0.0
         self.window = float(self.spec.max_in_flight)  # calls out at most now (AIMD)
+        metrics.allow_label_values("pool", [pool.name])
+        self._calls_ended = {s: metrics.PROVIDER_CALLS.labels(pool.name, s) for s in CALL_ENDS}
+        self._paused_gauge = metrics.POOL_PAUSED.labels(pool.name)
 
     def warm_up(self) -> None:
         """Nothing to load: the model is at the provider."""
@@ -153,6 +162,7 @@ class RemoteWorker(InferenceWorker):
             self._paused_since = time.monotonic()
             own = pause.member == self.member
             self.window = max(1.0, self.window / 2)
+            self._paused_gauge.set(1)
             if own:
                 self.remote_stats.pauses_own += 1
             else:
@@ -167,6 +177,7 @@ class RemoteWorker(InferenceWorker):
         elif pause is None and self._paused_since is not None:
             self.remote_stats.paused_ms += int((time.monotonic() - self._paused_since) * 1000)
             self._paused_since = None
+            self._paused_gauge.set(0)
             log.info("pool=%s resumed", self.pool.name)
         return pause is not None
 
@@ -279,6 +290,7 @@ class RemoteWorker(InferenceWorker):
                     self._pause(event.exhausted_s, "its limit is spent (x-ratelimit-remaining: 0)")
             elif isinstance(event, RateLimited):
                 self.remote_stats.rate_limited += 1
+                self._calls_ended["rate_limited"].inc()
                 self._pause(self._wait_of(event), event.why)
                 self.waiting.appendleft(call.job)  # sent again after the wait, first
             elif isinstance(event, Failed):
@@ -309,9 +321,11 @@ class RemoteWorker(InferenceWorker):
             self._finished([j for j, _, _ in done], [g for _, g, _ in done])
             replies += [(j.record, self._ok(j, g, inference_ms=ms)) for j, g, ms in done]
             self.remote_stats.ok += len(done)
+            self._calls_ended["ok"].inc(len(done))
         for job, status, why in failed:
             self.remote_stats.errors += status == "error"
             self.remote_stats.invalid += status == "invalid"
+            self._calls_ended[status].inc()
             replies.append((job.record, self._reply(job, status, error=why)))
         if replies:
             self.replies.send(replies)  # type: ignore[arg-type]
@@ -345,6 +359,7 @@ class RemoteWorker(InferenceWorker):
         """Closes a call at the provider; what it posts from now on is dropped."""
         self.provider.cancel(call_id)
         self.remote_stats.cancelled += 1
+        self._calls_ended["expired"].inc()
         return self.calls.pop(call_id).job
 
     def _send_deltas(self) -> None:

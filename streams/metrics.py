@@ -213,6 +213,15 @@ DECODE_STEPS = Counter("tidegate_decode_steps", "Decode steps run")
 REPEATED_REQUESTS = Counter(
     "tidegate_repeated_requests", "Requests generated again after a redelivery (their reply went out twice)"
 )
+# the workers of a remote pool (`engine: openai`, inference/remote_worker.py)
+PROVIDER_CALLS = Counter(
+    "tidegate_provider_calls",
+    "Calls to a remote pool's provider, by how they ended (rate_limited: its 429s; expired: closed, caller gone)",
+    ["pool", "status"],
+)
+POOL_PAUSED = Gauge(
+    "tidegate_pool_paused", "1 while the pool's provider asked it to wait (streams/pauses.py)", ["pool"]
+)
 
 STATUS_CODES = {"ok": 0, "warn": 1, "full": 2}
 
