@@ -10,6 +10,11 @@ fallbacks: how a client without the fleet file learns the fleet), `weight` and t
 circuit (ops/breaker.py). Without a fleet file the one pool is `default`, today's
 `workers` stage with today's cap, and its circuit stays closed: a deployment that
 has nowhere else to send a request gains no refusals from a breaker.
+
+A remote pool its provider paused (streams/pauses.py, read from the pressure topic)
+commits nothing while it waits, which Burrow's rules call STALL or STOP: during a
+pause, and for a health window after it, such a pool is not `stalled` (it is full:
+the routers refuse it with the provider's wait). Its errors still count.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from streams import metrics
 from streams.config import Settings
 from streams.fleet import Fleet, Pool
 from streams.lag import StageLag
+from streams.outgoing import now_ms
+from streams.pauses import PoolPauses
 from streams.pressure import FLOOR_BATCHES, StageCap
+from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +64,7 @@ def pool_fields(fleet: Fleet, pool: Pool) -> dict[str, Any]:
 class PoolStates:
     """The pools' breakers, fed by the workers' outcomes, and their fields in the states."""
 
-    def __init__(self, settings: Settings, fleet: Fleet) -> None:
+    def __init__(self, settings: Settings, fleet: Fleet, pauses: PoolPauses | None = None) -> None:
         self.fleet = fleet
         self.by_stage = {pool.stage: pool for pool in fleet.pools.values()}
         # circuits open only where a fleet file gives routers somewhere else to go
@@ -64,6 +72,15 @@ class PoolStates:
         config = BreakerConfig.from_settings(settings)
         self.breakers = {name: Breaker(config, on_open=self._opened(name)) for name in fleet.pools}
         self.tail = OutcomesTail(settings) if self.enabled else None
+        # remote pools' pauses, where the fleet has a remote pool: a paused pool is not stalled
+        self.health_window_ms = int(settings.health_window_s * 1000)
+        self.listener: PressureListener | None = None
+        remote = any(pool.remote is not None for pool in fleet.pools.values())
+        if pauses is None and self.enabled and remote:
+            self.listener = PressureListener(settings)
+            self.listener.start()
+            pauses = self.listener.board.pauses
+        self.pauses = pauses
         metrics.allow_label_values("pool", fleet.pools)
         metrics.allow_label_values("stage", self.by_stage)
 
@@ -102,13 +119,21 @@ class PoolStates:
             return
         if self.enabled:
             lags = {label: p.lag for label, p in lag.partitions.items()}
-            signals = Signals(lag.lag, state["members"], stalled(statuses, lags))
+            signals = Signals(lag.lag, state["members"], stalled(statuses, lags) and not self._paused_lately(pool))
             circuit = self.breakers[pool.name].update(signals)
         else:
             circuit = Circuit(CLOSED)
         state.update(pool_fields(self.fleet, pool), **circuit.fields())
         metrics.CIRCUIT_STATE.labels(pool.name).set(CIRCUIT_CODES[circuit.state])
 
+    def _paused_lately(self, pool: Pool) -> bool:
+        """Paused by its provider now, or within a health window (the window Burrow
+        judges commits over still holds the pause)."""
+        ended = self.pauses.ended_ms(pool.name) if self.pauses is not None else 0
+        return bool(ended) and now_ms() - ended < self.health_window_ms
+
     def close(self) -> None:
         if self.tail is not None:
             self.tail.close()
+        if self.listener is not None:
+            self.listener.close()

@@ -70,6 +70,12 @@ class PoolPauses:
         at_ms = now_ms() if at_ms is None else at_ms
         return pause if pause is not None and pause.until_ms > at_ms else None
 
+    def ended_ms(self, pool: str) -> int:
+        """When the pool's latest pause ends or ended (0: never paused)."""
+        with self._lock:
+            pause = self._pauses.get(pool)
+        return pause.until_ms if pause is not None else 0
+
     def remaining_ms(self, pool: str, at_ms: int | None = None) -> int:
         """How long the pool stays paused (0: it is not)."""
         at_ms = now_ms() if at_ms is None else at_ms

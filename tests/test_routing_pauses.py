@@ -1,17 +1,23 @@
 """A pool its provider paused (streams/pauses.py) is full to the routers
 (streams/routing.py) until the pause ends: new requests go to another pool of the
 model, or are refused with a retry time that includes the provider's wait; `high`
-passes as at a full pool; a later, shorter pause never cuts a longer one short; the
-listener's records reach the board."""
+passes as at a full pool; a later, shorter pause never cuts a longer one short; and
+the monitor's breaker (ops/pools.py) does not take the pause for a stall."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from ops.burrow import STOP
+from ops.pools import PoolStates
 from schemas import get_codec
 from streams.config import Settings
-from streams.fleet import Fleet, parse_fleet
+from streams.fleet import Fleet, load_fleet, parse_fleet
+from streams.lag import PartitionLag, StageLag
 from streams.outgoing import now_ms
 from streams.pauses import PAUSE_KEY_PREFIX, PoolPauses, pause_message
 from streams.pressure import FULL, OK, PressureBoard
@@ -130,3 +136,34 @@ def test_the_pause_record_is_keyed_by_pool_on_the_pressure_topic() -> None:
     assert out.topic == "t.pressure" and out.key == f"{PAUSE_KEY_PREFIX}hosted".encode()
     name, record = get_codec().decode(out.value)
     assert name == "PoolPause" and record["until_ms"] == 123 and record["member"] == "host:1"
+
+
+def test_a_paused_pool_is_not_stalled_for_the_breaker_while_it_waits_and_a_health_window_after(
+    tmp_path: Path,
+) -> None:
+    """Paused, a remote pool commits nothing (Burrow: STOP on its partitions with lag);
+    that is its provider's wait, not a hang: the circuit stays closed, and a pool that is
+    not paused and stalls still opens."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(FLEET))
+    settings = Settings(fleet_file=str(path), health_window_s=30.0)
+    fleet = load_fleet(settings)
+    pauses = PoolPauses()
+    pools = PoolStates(settings, fleet, pauses)
+    try:
+        partitions = {"0": PartitionLag("t", 0, 9, 0, 9, 0.0, 0.0), "1": PartitionLag("t", 1, 4, 0, 4, 0.0, 0.0)}
+        lag = StageLag("workers.hosted", 13, 13, 0, partitions)
+        pauses.note({"pool": "hosted", "until_ms": now_ms() + 60_000, "member": "w:1"})
+        state: dict[str, Any] = {"stage": "workers.hosted", "members": 2}
+        pools.judge("workers.hosted", lag, {"0": STOP, "1": STOP}, state)
+        assert state["circuit"] == "closed"
+        # after the pause, for a health window: Burrow's window still holds the paused commits
+        for ended_s_ago, lately in ((10, True), (40, False)):
+            pools.pauses = PoolPauses()
+            pools.pauses.note({"pool": "hosted", "until_ms": now_ms() - ended_s_ago * 1000})
+            assert pools._paused_lately(fleet.pools["hosted"]) is lately
+        local = {"stage": "workers.local", "members": 1}
+        pools.judge("workers.local", StageLag("workers.local", 13, 13, 0, partitions), {"0": STOP, "1": STOP}, local)
+        assert local["circuit"] == "open" and local["circuit_reason"] == "stalled"
+    finally:
+        pools.close()
