@@ -24,7 +24,7 @@ all of them at once, so an operator fixes the file in one go.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ WORKERS_STAGE = "workers"
 POOL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # public model ids as callers write them (`gpt-4o-mini`, `org/model:tag`)
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}")
+MODEL_NAME_RULE = "a model id is 1-128 letters, digits or ._:/@-"
+POOL_NAME_RULE = "a pool name is 1-32 lowercase letters, digits, '_' or '-'"
 MAX_POOLS = 32
 MAX_MODELS = 64
 MAX_FALLBACKS = 8  # a request's own list and a model's default chain alike
@@ -246,17 +248,7 @@ def _parse_models(raw: Any, settings: Settings, mistakes: list[str]) -> dict[str
         mistakes.append(f"models: {len(raw)} models, at most {MAX_MODELS}")
     models: dict[str, ModelSpec] = {}
     names: set[str] = set()
-    for model_id, body in raw.items():
-        where = f"models.{model_id}"
-        body = {} if body is None else body
-        if not isinstance(model_id, str) or not MODEL_ID.fullmatch(model_id):
-            mistakes.append(f"{where}: a model id is 1-128 letters, digits or ._:/@-")
-            continue
-        if not isinstance(body, dict):
-            mistakes.append(f"{where}: expected a mapping")
-            continue
-        for key in sorted(set(body) - MODEL_KEYS, key=str):
-            mistakes.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(MODEL_KEYS))})")
+    for model_id, body, where in _entries(raw, "models", MODEL_ID, MODEL_KEYS, MODEL_NAME_RULE, mistakes):
         aliases = _names_list(body.get("aliases", []), f"{where}.aliases", mistakes)
         fallbacks = _names_list(body.get("fallbacks", []), f"{where}.fallbacks", mistakes)
         if len(fallbacks) > MAX_FALLBACKS:
@@ -282,16 +274,7 @@ def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mis
     if len(raw) > MAX_POOLS:
         mistakes.append(f"pools: {len(raw)} pools, at most {MAX_POOLS}")
     pools: dict[str, Pool] = {}
-    for name, body in raw.items():
-        where = f"pools.{name}"
-        if not isinstance(name, str) or not POOL_NAME.fullmatch(name):
-            mistakes.append(f"{where}: a pool name is 1-32 lowercase letters, digits, '_' or '-'")
-            continue
-        if not isinstance(body, dict):
-            mistakes.append(f"{where}: expected a mapping")
-            continue
-        for key in sorted(set(body) - POOL_KEYS, key=str):
-            mistakes.append(f"{where}.{key}: unknown key (known: {', '.join(sorted(POOL_KEYS))})")
+    for name, body, where in _entries(raw, "pools", POOL_NAME, POOL_KEYS, POOL_NAME_RULE, mistakes):
         engine = body.get("engine")
         if not isinstance(engine, str) or not engine:
             mistakes.append(
@@ -340,6 +323,25 @@ def _parse_pools(raw: Any, settings: Settings, models: dict[str, ModelSpec], mis
             remote,
         )
     return pools
+
+
+def _entries(
+    raw: dict[Any, Any], section: str, name: re.Pattern[str], keys: set[str], rule: str, mistakes: list[str]
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(name, body, where) of each entry of `section` with a valid name and a mapping
+    (an empty body: all defaults); the others, and unknown keys, are mistakes."""
+    for key, body in raw.items():
+        where = f"{section}.{key}"
+        body = {} if body is None else body
+        if not isinstance(key, str) or not name.fullmatch(key):
+            mistakes.append(f"{where}: {rule}")
+            continue
+        if not isinstance(body, dict):
+            mistakes.append(f"{where}: expected a mapping")
+            continue
+        for unknown in sorted(set(body) - keys, key=str):
+            mistakes.append(f"{where}.{unknown}: unknown key (known: {', '.join(sorted(keys))})")
+        yield key, body, where
 
 
 def _names_list(raw: Any, where: str, mistakes: list[str]) -> list[str]:
