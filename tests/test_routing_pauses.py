@@ -6,7 +6,6 @@ the monitor's breaker (ops/pools.py) does not take the pause for a stall."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ from streams.fleet import Fleet, load_fleet, parse_fleet
 from streams.lag import PartitionLag, StageLag
 from streams.outgoing import now_ms
 from streams.pauses import PAUSE_KEY_PREFIX, PoolPauses, pause_message
-from streams.pressure import FULL, OK, PressureBoard
+from streams.pressure import FULL, PressureBoard
 from streams.routing import FULL_REASON, PAUSED, NoRoute, Route, Router
+from tests.test_routing import board, state
 
 FLEET = {
     "models": {"smol": {"token_budget": 512}, "tiny": {"token_budget": 256}, "big": {}},
@@ -36,29 +36,6 @@ FLEET = {
         "spare": {"engine": "echo", "models": ["tiny"]},
     },
 }
-
-
-_clock = itertools.count(now_ms())
-
-
-def state(stage: str, lag: int, level: str = OK, cap: int = 100, rate: float = 100.0) -> dict[str, Any]:
-    """A pool's PressureState as the monitor publishes it; each newer than the last."""
-    return {
-        "stage": stage,
-        "lag": lag,
-        "cap": cap,
-        "state": level,
-        "drain_rate": rate,
-        "drain_time_ms": 0,
-        "updated_ms": next(_clock),
-    }
-
-
-def board(*states: dict[str, Any]) -> PressureBoard:
-    b = PressureBoard(stale_s=30, warn_ratio=0.8)
-    for s in states:
-        b.publish(s)
-    return b
 
 
 def fleet() -> Fleet:
