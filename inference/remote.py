@@ -6,7 +6,8 @@ code, the pace its provider's rpm and tpm allow, and its counters.
   reply records) and generates nothing locally.
 - `Pacer`: token buckets for the pool's `rpm` and `tpm`, at this worker's share (the
   limit over the pool's members): a call goes out only when both have room, so a pool
-  keeps to its limits before its provider has to refuse it. A call's token cost is an
+  keeps to its limits before its provider has to refuse it (from its first call: a
+  bucket starts with room for one call, not a burst). A call's token cost is an
   estimate known before it is sent (its prompt at ~4 characters a token, plus its
   max_tokens), the way providers count it against tpm.
 - `RemoteStats`: calls, their outcomes and the pauses, published to Redis with the
@@ -53,24 +54,33 @@ class RemoteRunner:
 class Bucket:
     """A per-minute limit as a token bucket holding BURST_S of its rate (at least one
     unit). A cost larger than the bucket passes when the bucket is full and leaves it
-    in debt, so one large call is paced, never refused for good."""
+    in debt, so one large call is paced, never refused for good.
+
+    A bucket starts with room for its first call alone, not full: a worker starts (a
+    restart, a scale-out) while its peers may keep the provider at its limit, and a
+    full bucket sent BURST_S of its share at once into it, every call but the first
+    refused (`tidegate bench provider`: those were all the 429s of a pool paced to
+    its provider's limit). It fills while the worker has nothing to send, as the
+    provider's own limit does."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self.level: float | None = None  # full until first used
+        self.level: float | None = None  # until first used: then room for that call alone
         self.at = 0.0
 
     def _refill(self, share: int, now: float) -> tuple[float, float]:
         rate = self.per_minute / 60 / max(1, share)
         capacity = max(1.0, rate * BURST_S)
-        self.level = capacity if self.level is None else min(capacity, self.level + (now - self.at) * rate)
+        if self.level is not None:
+            self.level = min(capacity, self.level + (now - self.at) * rate)
         self.at = now
         return rate, capacity
 
     def wait_s(self, cost: float, share: int, now: float) -> float:
         rate, capacity = self._refill(share, now)
-        assert self.level is not None
         need = min(cost, capacity)
+        if self.level is None:
+            self.level = need
         return 0.0 if self.level >= need else (need - self.level) / rate
 
     def spend(self, cost: float) -> None:

@@ -86,6 +86,24 @@ def test_rpm_is_paced_at_this_workers_share() -> None:
     assert Pacer(None, None).wait_s(10**6, share=1, now=0.0) == 0  # no limits: no pace
 
 
+def test_a_worker_starts_with_room_for_one_call_not_a_burst_and_fills_while_idle() -> None:
+    """A fresh worker whose peers keep the provider at its limit (a restart, a scale-out,
+    `tidegate bench provider`'s start) sends one call, then its pace: a bucket that
+    started full sent BURST_S of its share at once, and every one but the first met a
+    429 (the only 429s of a pool paced to its provider's limit)."""
+    pacer = Pacer(rpm=600, tpm=None)  # 10 a second for the pool, 5 for each of two workers
+    assert pacer.wait_s(10, share=2, now=0.0) == 0
+    pacer.spend(10)
+    assert pacer.wait_s(10, share=2, now=0.0) == pytest.approx(0.2)  # the second waits its turn
+    assert pacer.wait_s(10, share=2, now=0.2) == 0
+    pacer.spend(10)
+    idle = 5.0  # the pool idle for a while: its bucket fills to BURST_S of its share, as the provider's does
+    for _ in range(5):
+        assert pacer.wait_s(10, share=2, now=idle) == 0
+        pacer.spend(10)
+    assert pacer.wait_s(10, share=2, now=idle) > 0
+
+
 def test_a_call_larger_than_the_tpm_bucket_goes_when_it_is_full_and_leaves_a_debt() -> None:
     pacer = Pacer(rpm=None, tpm=600)  # 10 tokens a second
     assert pacer.wait_s(50, share=1, now=0.0) == 0  # larger than the bucket (10): it is full, so it goes
