@@ -71,4 +71,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         write_json(args.json_path, run_fleet())
         return 0
+    if args.name == "provider":
+        from bench.provider import run as run_provider
+
+        write_json(args.json_path, run_provider())
+        return 0
     raise AssertionError(args.name)

@@ -16,9 +16,10 @@ A 429 pauses the pool: the worker reads the wait from its headers
 (inference/rate_limits.py; none given: 1 s, doubling to 60 s), publishes a PoolPause
 to the pressure topic (streams/pauses.py) and stops sending; every worker of the pool
 reads the pressure topic and stops with it, until the latest end any of them was
-told. Meanwhile its partitions are paused and the consumer still polled (the group
-keeps its members), the requests in hand wait, and a request past its deadline is
-answered `expired`; after the wait the refused request is sent again, answered once.
+told (SHARED_POOL_PAUSES=false, the benchmark's baseline: its own pauses alone,
+unpublished). Meanwhile its partitions are paused and the consumer still polled (the
+group keeps its members), the requests in hand wait, and a request past its deadline
+is answered `expired`; after the wait the refused request is sent again, answered once.
 The routers treat the paused pool as full with a retry time that includes the wait.
 5xx, timeouts and refused connections are answered `error`, which the outcomes
 reporter counts toward the pool's circuit breaker (ops/breaker.py).
@@ -52,7 +53,7 @@ from streams import metrics
 from streams.config import Settings
 from streams.fleet import Pool
 from streams.outgoing import Outgoing, chunk_message, now_ms
-from streams.pauses import pause_message
+from streams.pauses import PoolPauses, pause_message
 from streams.pressure_feed import PressureListener
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class RemoteWorker(InferenceWorker):
         self.member = self.outcomes.member
         self.provider = Provider(self.spec, api_key)
         self.listener = PressureListener(settings)  # the pool's pauses and its members
-        self.pauses = self.listener.board.pauses
+        # the pool's pauses as every worker of it knows them; SHARED_POOL_PAUSES off
+        # (the benchmark's baseline): this worker's own alone, never published
+        self.shared_pauses = settings.shared_pool_pauses
+        self.pauses = self.listener.board.pauses if self.shared_pauses else PoolPauses()
         self.pacer = Pacer(self.spec.rpm, self.spec.tpm)
         self.remote_stats = RemoteStats()
         self.calls: dict[int, Call] = {}
@@ -187,7 +191,7 @@ class RemoteWorker(InferenceWorker):
         until_ms = now_ms() + int(wait_s * 1000)
         known = self.pauses.current(self.pool.name)
         self.pauses.note({"pool": self.pool.name, "until_ms": until_ms, "reason": why, "member": self.member})
-        if known is not None and until_ms <= known.until_ms + REPUBLISH_MS:
+        if not self.shared_pauses or (known is not None and until_ms <= known.until_ms + REPUBLISH_MS):
             return
         out = pause_message(self.settings.topics.pressure, self.pool.name, until_ms, why, self.member)
         try:  # the outcomes' producer: quick, never fatal (inference/outcomes.py)

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     # how the processors choose among a model's pools: by expected wait (lag and
     # drain rate from the pressure topic), or round robin (the benchmark's baseline)
     routing: Literal["pressure", "round_robin"] = "pressure"
+    # a remote pool's worker told by its provider to wait (a 429) pauses every worker
+    # of the pool through the pressure topic (streams/pauses.py). false is the
+    # benchmark's baseline only (`tidegate bench provider`), not for production: each
+    # worker keeps its pauses to itself, neither publishing them nor honouring the
+    # others' (so no router sees them either), and finds its provider's limit alone
+    shared_pool_pauses: bool = True
 
     # Tenants (streams/tenants.py): quotas and fair-share weights; unset: all unlimited
     tenants_file: str | None = None

@@ -156,7 +156,17 @@ def _parser() -> argparse.ArgumentParser:
     scale_advise.add_argument("--json", action="store_true", help="one JSON array")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    benchmarks = ["latency", "overload", "compression", "batching", "rebalance", "scale", "gateway", "fleet"]
+    benchmarks = [
+        "latency",
+        "overload",
+        "compression",
+        "batching",
+        "rebalance",
+        "scale",
+        "gateway",
+        "fleet",
+        "provider",
+    ]
     bench.add_argument("name", choices=benchmarks)
     bench.add_argument("--json", dest="json_path", help="also write the results to this file")
     bench.add_argument("--models", default="echo,tiny,default", help="comma-separated, for `latency`")
