@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 KAFKA_VERSION := 4.4.0
 KAFKA_LIBS := $(HOME)/.cache/tidegate/kafka-$(KAFKA_VERSION)/libs
 
-.PHONY: setup system-packages kafka redis-server model demo test test-faults test-tansu lint bench clean
+.PHONY: setup system-packages kafka redis-server model demo test test-faults test-tansu test-engines llama-cpp lint bench clean
 
 setup: $(STAMP) system-packages kafka
 
@@ -74,6 +74,19 @@ test-faults: setup model
 
 test-tansu: setup model
 	TIDEGATE_TEST_BROKER=tansu $(BIN)/pytest -m integration
+
+# llama.cpp's OpenAI-compatible server (llama-cpp-python[server], pinned in
+# tidegate/llamacpp.py), compiled from PyPI's source once into a venv of its own under
+# ~/.cache/tidegate: 16 minutes on two shared cores (9 of CPU), which is why neither
+# `make setup` nor `make test` builds it (its test skips there until it is built)
+llama-cpp: setup
+	@command -v g++ >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends g++)
+	$(BIN)/python -m tidegate.llamacpp install
+
+# the tier of tests against real engine servers: the remote pool in front of llama.cpp's
+# server (a minute once built; `make test` runs it too where the build is cached)
+test-engines: setup model llama-cpp
+	$(BIN)/pytest tests/test_llamacpp_pool.py --durations=5
 
 bench: setup model
 	$(BIN)/tidegate bench latency --json bench-results/latency.json

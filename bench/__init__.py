@@ -76,4 +76,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
         write_json(args.json_path, run_provider())
         return 0
+    if args.name == "engines":
+        from bench.engines import run as run_engines
+
+        write_json(args.json_path, run_engines(args.requests or 8))
+        return 0
     raise AssertionError(args.name)

@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         "scale",
         "gateway",
         "fleet",
+        "engines",
         "provider",
     ]
     bench.add_argument("name", choices=benchmarks)
