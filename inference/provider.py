@@ -170,6 +170,7 @@ class Provider:
         whole text with the usage of the last chunk (stream_options.include_usage)."""
         parts: list[str] = []
         usage: dict[str, Any] = {}
+        finished = False  # a choice said why it ended: the answer is whole
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -181,10 +182,14 @@ class Provider:
                 return Failed(call, "error", f"provider failed mid-stream: {message_of(chunk)}")
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
+                finished = finished or bool(choice.get("finish_reason"))
                 text = (choice.get("delta") or {}).get("content")
                 if text:
                     parts.append(text)
                     self.events.put(Delta(call, text))
+        if not finished:  # cut short ([DONE] or the connection ended first): not an answer
+            # llama-cpp-python's server ends a stream so when another request waits
+            return Failed(call, "error", f"the stream ended without a finish_reason after {len(parts)} pieces")
         return Done(
             call,
             "".join(parts),

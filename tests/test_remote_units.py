@@ -118,3 +118,29 @@ def test_the_runner_encodes_nothing_and_counts_the_providers_tokens() -> None:
     assert runner.name == "gpt-4o-mini" and runner.encode(prompt) == ([], 0)
     assert runner.count_turn_tokens(Generation("ok", 5, 3)) > 3
     assert 100 <= estimate_tokens(prompt) <= 110
+
+
+def test_a_stream_cut_short_without_a_finish_reason_is_an_error_not_an_answer() -> None:
+    """llama-cpp-python's server (its default `interrupt_requests`) ends a stream with an
+    empty [DONE] and no finish_reason when another request waits; a connection that
+    closes early reads the same. Before, that was a whole answer: `ok` with the text cut
+    short (or empty)."""
+    import asyncio
+    import queue
+    import types
+
+    import httpx
+
+    from inference.provider import Done, Failed, Provider
+
+    def sse(*chunks: str) -> httpx.Response:
+        body = "".join(f"data: {c}\n\n" for c in chunks).encode()
+        return httpx.Response(200, stream=httpx.ByteStream(body))
+
+    piece = '{"choices": [{"index": 0, "delta": {"content": "hel"}, "finish_reason": null}]}'
+    last = '{"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}'
+    holder = types.SimpleNamespace(events=queue.Queue())
+    cut = asyncio.run(Provider._streamed(holder, 1, sse(piece, "[DONE]")))  # type: ignore[arg-type]
+    assert isinstance(cut, Failed) and cut.status == "error" and "finish_reason" in cut.why
+    whole = asyncio.run(Provider._streamed(holder, 2, sse(piece, last, "[DONE]")))  # type: ignore[arg-type]
+    assert isinstance(whole, Done) and whole.text == "hello"
