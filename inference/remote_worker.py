@@ -52,7 +52,7 @@ from inference.worker import CANCEL_CHECK_S, COMMIT_INTERVAL_S, InferenceWorker
 from streams import metrics
 from streams.config import Settings
 from streams.fleet import Pool
-from streams.outgoing import Outgoing, chunk_message, now_ms
+from streams.outgoing import Outgoing, now_ms
 from streams.pauses import PoolPauses, pause_message
 from streams.pressure_feed import PressureListener
 
@@ -376,22 +376,7 @@ class RemoteWorker(InferenceWorker):
                 continue
             if now - job.chunked_at < self.settings.stream_interval_ms / 1000:
                 continue
-            assert job.envelope is not None
-            envelope = job.envelope
-            o = chunk_message(
-                envelope["request_id"],
-                job.chunks_sent,
-                call.text[len(job.streamed) :],
-                call.deltas,
-                envelope["reply_to"],
-                generation=job.generation,
-            )
-            try:
-                self.replies.producer.produce(o.topic, o.value, o.key, headers=o.headers)
-            except (BufferError, KafkaException) as exc:  # a chunk lost is text the reply still carries
-                log.warning("chunk for %s not sent: %s", envelope["request_id"], exc)
-                continue
-            job.streamed, job.chunks_sent, job.chunked_at = call.text, job.chunks_sent + 1, now
+            self._send_chunk(job, call.text, call.deltas, now)
 
     # -- the way out, and stats --------------------------------------------------
 

@@ -345,23 +345,24 @@ class InferenceWorker:
             text = self.runner.finish(row.out, 0).text  # type: ignore[attr-defined]
             if len(text) <= len(job.streamed) or not text.startswith(job.streamed) or text.endswith("\ufffd"):
                 continue
-            assert job.envelope is not None
-            envelope = job.envelope
             job.generation = job.generation or f"{self.instance}.{next(self._attempts)}"
-            o = chunk_message(
-                envelope["request_id"],
-                job.chunks_sent,
-                text[len(job.streamed) :],
-                len(row.out),
-                envelope["reply_to"],
-                generation=job.generation,
-            )
-            try:
-                self.replies.producer.produce(o.topic, o.value, o.key, headers=o.headers)
-            except (BufferError, KafkaException) as exc:  # a chunk lost is text the reply still carries
-                log.warning("chunk for %s not sent: %s", envelope["request_id"], exc)
-                continue
-            job.streamed, job.chunks_sent, job.chunked_at = text, job.chunks_sent + 1, now
+            self._send_chunk(job, text, len(row.out), now)
+
+    def _send_chunk(self, job: Job, text: str, tokens_out: int, now: float) -> None:
+        """What `text` adds to the job's stream, as its next chunk (local and remote pools);
+        a chunk refused is text the reply still carries: logged only."""
+        assert job.envelope is not None
+        envelope = job.envelope
+        new_text = text[len(job.streamed) :]
+        o = chunk_message(
+            envelope["request_id"], job.chunks_sent, new_text, tokens_out, envelope["reply_to"], job.generation
+        )
+        try:
+            self.replies.producer.produce(o.topic, o.value, o.key, headers=o.headers)
+        except (BufferError, KafkaException) as exc:
+            log.warning("chunk for %s not sent: %s", envelope["request_id"], exc)
+            return
+        job.streamed, job.chunks_sent, job.chunked_at = text, job.chunks_sent + 1, now
 
     def _request(self, job: Job) -> Request:
         assert job.prompt is not None
